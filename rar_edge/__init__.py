@@ -1,0 +1,1 @@
+"""rar_edge: RAR retrieval + ranking for edge devices."""

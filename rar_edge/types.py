@@ -1,0 +1,121 @@
+"""Result dataclasses: one return type per function, frozen, with per-stage timings in milliseconds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One class proposed for an image.
+
+    Attributes:
+        label: the class name.
+        score: retrieval: best cosine similarity among the class's memory entries;
+            ranking: the ranker's probability for this class (sums to 1 over the candidates).
+    """
+
+    label: str
+    score: float
+
+
+def _frozen_timings(t: Mapping[str, float]) -> Mapping[str, float]:
+    return MappingProxyType({str(k): float(v) for k, v in t.items()})
+
+
+@dataclass(frozen=True)
+class Classification:
+    """The answer for one image.
+
+    Attributes:
+        label: the prediction (the first of ``candidates``); always one of the retrieved classes.
+        score: the score of ``label`` in ``candidates``.
+        candidates: the final ranking, best first (the ranker's when it ran, else retrieval's).
+        retrieved: the k distinct classes in retrieval order with their similarity scores.
+        ranker_ran: whether the MLLM ranker was called for this image.
+        ranker_fallback: the ranker ran but its answer could not be used; retrieval order was kept.
+        timings_ms: milliseconds per stage (decode, preprocess, encode, search, rank, total).
+    """
+
+    label: str
+    score: float
+    candidates: tuple[Candidate, ...]
+    retrieved: tuple[Candidate, ...]
+    ranker_ran: bool = False
+    ranker_fallback: bool = False
+    timings_ms: Mapping[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "candidates", tuple(self.candidates))
+        object.__setattr__(self, "retrieved", tuple(self.retrieved))
+        object.__setattr__(self, "timings_ms", _frozen_timings(self.timings_ms))
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict."""
+        return {
+            "label": self.label,
+            "score": self.score,
+            "candidates": [{"label": c.label, "score": c.score} for c in self.candidates],
+            "retrieved": [{"label": c.label, "score": c.score} for c in self.retrieved],
+            "ranker_ran": self.ranker_ran,
+            "ranker_fallback": self.ranker_fallback,
+            "timings_ms": dict(self.timings_ms),
+        }
+
+
+@dataclass(frozen=True)
+class Detection:
+    """The answer for one box of an image.
+
+    Attributes:
+        box: (x1, y1, x2, y2) in pixels of the original image, as given (before enlarging).
+        label, score, candidates, retrieved, ranker_ran, ranker_fallback: as in `Classification`.
+        timings_ms: this box's share of each stage in milliseconds.
+    """
+
+    box: tuple[float, float, float, float]
+    label: str
+    score: float
+    candidates: tuple[Candidate, ...]
+    retrieved: tuple[Candidate, ...]
+    ranker_ran: bool = False
+    ranker_fallback: bool = False
+    timings_ms: Mapping[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "box", tuple(float(v) for v in self.box))
+        object.__setattr__(self, "candidates", tuple(self.candidates))
+        object.__setattr__(self, "retrieved", tuple(self.retrieved))
+        object.__setattr__(self, "timings_ms", _frozen_timings(self.timings_ms))
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict."""
+        return {
+            "box": list(self.box),
+            "label": self.label,
+            "score": self.score,
+            "candidates": [{"label": c.label, "score": c.score} for c in self.candidates],
+            "retrieved": [{"label": c.label, "score": c.score} for c in self.retrieved],
+            "ranker_ran": self.ranker_ran,
+            "ranker_fallback": self.ranker_fallback,
+            "timings_ms": dict(self.timings_ms),
+        }
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """What a ranker returns for one image and its candidates.
+
+    Attributes:
+        labels: every candidate exactly once, best first.
+        scores: one score per label (probabilities summing to 1 in score mode).
+        fallback: the model's answer was unusable and retrieval order was returned instead.
+        raw: the model's raw text (generate mode) or an empty string.
+    """
+
+    labels: tuple[str, ...]
+    scores: tuple[float, ...]
+    fallback: bool = False
+    raw: str = ""
