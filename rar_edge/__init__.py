@@ -1,1 +1,51 @@
-"""rar_edge: RAR retrieval + ranking for edge devices."""
+"""rar_edge: RAR (retrieve, then rank with a small MLLM) for visual recognition on edge devices."""
+
+from .encoders import Encoder, EncoderConfig, ProviderFallbackWarning
+from .errors import (
+    CorruptFileError,
+    DatasetError,
+    EmptyMemoryError,
+    ExportError,
+    ImageDecodeError,
+    InvalidBoxError,
+    InvalidInputError,
+    ManifestError,
+    MemoryMismatchError,
+    MissingDependencyError,
+    RankerError,
+    RarEdgeError,
+)
+from .memory import HnswParams, Memory
+from .pipeline import Pipeline, PipelineConfig, classify, detect
+from .types import Candidate, Classification, Detection, Ranking
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Candidate",
+    "Classification",
+    "CorruptFileError",
+    "DatasetError",
+    "Detection",
+    "EmptyMemoryError",
+    "Encoder",
+    "EncoderConfig",
+    "ExportError",
+    "HnswParams",
+    "ImageDecodeError",
+    "InvalidBoxError",
+    "InvalidInputError",
+    "ManifestError",
+    "Memory",
+    "MemoryMismatchError",
+    "MissingDependencyError",
+    "Pipeline",
+    "PipelineConfig",
+    "ProviderFallbackWarning",
+    "RankerError",
+    "Ranking",
+    "RarEdgeError",
+    "__version__",
+    "classify",
+    "detect",
+]

@@ -1,0 +1,195 @@
+"""Dataset readers: image folders (one sub-folder per class), YOLO txt and COCO json boxes."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DatasetError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def _is_image(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+
+
+def read_image_folder(folder: str | os.PathLike) -> dict[str, list[Path]]:
+    """Lists a class-per-sub-folder dataset.
+
+    Returns:
+        class name -> sorted image paths, classes in sorted order.
+
+    Raises:
+        DatasetError: the folder is missing, has no class sub-folders, or a class has no images.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise DatasetError(f"no such folder: {root}")
+    classes = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DatasetError(f"{root} has no class sub-folders (expected one folder of images per class)")
+    out: dict[str, list[Path]] = {}
+    for d in classes:
+        imgs = sorted(p for p in d.iterdir() if _is_image(p))
+        if not imgs:
+            raise DatasetError(f"class folder {d} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        out[d.name] = imgs
+    return out
+
+
+@dataclass(frozen=True)
+class FewShotSplit:
+    """A seeded few-shot split of an image folder.
+
+    Attributes:
+        support: class -> the sampled shots (the memory's entries).
+        queries: (path, class) of every image not sampled, in a stable order.
+    """
+
+    support: dict[str, list[Path]]
+    queries: list[tuple[Path, str]]
+
+
+def few_shot_split(folder: str | os.PathLike, *, shots: int | None, seed: int = 0) -> FewShotSplit:
+    """Samples ``shots`` images per class at random (seeded); the rest are queries.
+
+    Args:
+        folder: class-per-sub-folder dataset.
+        shots: images per class for the memory; None takes every image (no queries).
+        seed: the sampling seed; the same (folder, shots, seed) always gives the same split.
+
+    Raises:
+        DatasetError: as `read_image_folder`, or shots < 1.
+    """
+    data = read_image_folder(folder)
+    if shots is not None and shots < 1:
+        raise DatasetError(f"shots must be >= 1, got {shots}")
+    rng = np.random.default_rng(seed)
+    support: dict[str, list[Path]] = {}
+    queries: list[tuple[Path, str]] = []
+    for cls, paths in data.items():
+        if shots is None or shots >= len(paths):
+            chosen = set(range(len(paths)))
+        else:
+            chosen = set(int(i) for i in rng.choice(len(paths), size=shots, replace=False))
+        support[cls] = [paths[i] for i in sorted(chosen)]
+        queries.extend((paths[i], cls) for i in range(len(paths)) if i not in chosen)
+    return FewShotSplit(support=support, queries=queries)
+
+
+def read_class_names(path: str | os.PathLike) -> list[str]:
+    """One class name per line (blank lines and # comments skipped); refuses duplicates."""
+    p = Path(path)
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise DatasetError(f"cannot read class list {p}: {e}") from e
+    names = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+    if not names:
+        raise DatasetError(f"{p} lists no class names")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise DatasetError(f"{p} lists these class names more than once: {dup}")
+    return names
+
+
+@dataclass(frozen=True)
+class BoxImage:
+    """One image of a detection dataset with its boxes in pixels (x1, y1, x2, y2) and class names."""
+
+    path: Path
+    width: int
+    height: int
+    boxes: np.ndarray  # (M, 4) float64
+    labels: tuple[str, ...]
+
+
+def read_yolo_dataset(folder: str | os.PathLike) -> tuple[list[str], list[BoxImage]]:
+    """Reads a YOLO folder: images/, labels/ (``class cx cy w h`` normalised), classes.txt.
+
+    Returns:
+        (class names, images with their boxes in pixels); images without a label file have no boxes.
+    """
+    from PIL import Image
+
+    root = Path(folder)
+    names = read_class_names(root / "classes.txt")
+    img_dir, lab_dir = root / "images", root / "labels"
+    if not img_dir.is_dir():
+        raise DatasetError(f"{root} has no images/ folder (YOLO layout: images/, labels/, classes.txt)")
+    out: list[BoxImage] = []
+    for ip in sorted(p for p in img_dir.iterdir() if _is_image(p)):
+        with Image.open(ip) as im:
+            w, h = im.size
+        lp = lab_dir / (ip.stem + ".txt")
+        boxes, labels = [], []
+        if lp.is_file():
+            for n, line in enumerate(lp.read_text(encoding="utf-8").splitlines(), 1):
+                parts = line.split()
+                if not parts:
+                    continue
+                if len(parts) < 5:
+                    raise DatasetError(f"{lp}:{n}: expected 'class cx cy w h', got {line!r}")
+                try:
+                    c = int(parts[0])
+                    cx, cy, bw, bh = (float(v) for v in parts[1:5])
+                except ValueError as e:
+                    raise DatasetError(f"{lp}:{n}: not numbers: {line!r}") from e
+                if not 0 <= c < len(names):
+                    raise DatasetError(f"{lp}:{n}: class {c} not in classes.txt ({len(names)} classes)")
+                boxes.append(((cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h))
+                labels.append(names[c])
+        out.append(BoxImage(ip, w, h, np.asarray(boxes, np.float64).reshape(-1, 4), tuple(labels)))
+    if not out:
+        raise DatasetError(f"{img_dir} holds no images")
+    return names, out
+
+
+def read_coco_json(path: str | os.PathLike, *, images_dir: str | os.PathLike | None = None) -> tuple[list[str], list[BoxImage]]:
+    """Reads COCO instances json (``bbox`` = x, y, w, h in pixels).
+
+    Args:
+        path: the annotation file.
+        images_dir: where ``file_name`` paths are relative to (default: the json's folder).
+    """
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+        cats = {int(c["id"]): str(c["name"]) for c in data["categories"]}
+        imgs = {int(i["id"]): i for i in data["images"]}
+        anns = data.get("annotations", [])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DatasetError(f"cannot read COCO json {p}: {e}") from e
+    base = Path(images_dir) if images_dir is not None else p.parent
+    per: dict[int, list[tuple[tuple[float, ...], str]]] = {i: [] for i in imgs}
+    for a in anns:
+        x, y, w, h = (float(v) for v in a["bbox"])
+        per.setdefault(int(a["image_id"]), []).append(((x, y, x + w, y + h), cats[int(a["category_id"])]))
+    out = []
+    for iid, info in sorted(imgs.items()):
+        items = per.get(iid, [])
+        out.append(
+            BoxImage(
+                base / info["file_name"],
+                int(info.get("width", 0)),
+                int(info.get("height", 0)),
+                np.asarray([b for b, _ in items], np.float64).reshape(-1, 4),
+                tuple(lbl for _, lbl in items),
+            )
+        )
+    return [cats[k] for k in sorted(cats)], out
+
+
+def read_detection_dataset(path: str | os.PathLike) -> tuple[list[str], list[BoxImage]]:
+    """A YOLO folder or a COCO json file, whichever ``path`` is."""
+    p = Path(path)
+    if p.is_file() and p.suffix.lower() == ".json":
+        return read_coco_json(p)
+    if p.is_dir():
+        return read_yolo_dataset(p)
+    raise DatasetError(f"{p} is neither a YOLO folder (images/, labels/, classes.txt) nor a COCO .json file")

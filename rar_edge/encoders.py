@@ -1,0 +1,264 @@
+"""Image and text encoders over ONNX Runtime, configured entirely by the model folder's manifest.
+
+Provider choice is honest: the providers a session really uses are exposed, and a requested
+accelerator that fell back to the CPU raises a `ProviderFallbackWarning`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import InvalidInputError, ManifestError, MissingDependencyError
+from .manifest import Manifest, load_manifest
+from .preprocess import ImageLike, draft_size, load_image, normalize, resize_for_model
+
+log = logging.getLogger("rar_edge")
+
+PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+class ProviderFallbackWarning(RuntimeWarning):
+    """A requested execution provider (CUDA, TensorRT) is not in use; the model runs on the CPU."""
+
+
+def _ort():
+    try:
+        import onnxruntime as ort
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise MissingDependencyError("onnxruntime", "cpu", "running encoders") from e
+    return ort
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Settings of an encoder's ONNX Runtime sessions.
+
+    Attributes:
+        provider: "cpu", "cuda" or "tensorrt".
+        threads: intra-op threads per session (None: ONNX Runtime's default, all cores).
+        batch_size: images or texts per model call.
+    """
+
+    provider: str = "cpu"
+    threads: int | None = None
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.provider not in PROVIDERS:
+            raise InvalidInputError(f"provider must be one of {sorted(PROVIDERS)}, not {self.provider!r}")
+        if self.threads is not None and self.threads < 1:
+            raise InvalidInputError("threads must be >= 1 or None")
+        if self.batch_size < 1:
+            raise InvalidInputError("batch_size must be >= 1")
+
+
+def _session(path: Path, config: EncoderConfig):
+    ort = _ort()
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if config.threads is not None:
+        opts.intra_op_num_threads = config.threads
+        opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3  # ORT's own fallback errors would be noise; we report it ourselves below
+    wanted = PROVIDERS[config.provider]
+    available = ort.get_available_providers()
+    providers = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
+    sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    in_use = sess.get_providers()
+    if wanted[0] not in in_use:
+        msg = (
+            f"requested provider {config.provider!r} ({wanted[0]}) is not in use for {path.name}; "
+            f"running on {in_use} (available: {available}). Install the 'gpu' extra and a matching CUDA."
+        )
+        log.warning(msg)
+        warnings.warn(msg, ProviderFallbackWarning, stacklevel=3)
+    return sess
+
+
+class Encoder:
+    """The image (and, for CLIP, text) tower of one exported model folder.
+
+    Args:
+        model_dir: a folder written by ``rar-edge export`` (holds manifest.json).
+        config: provider, threads, batch size.
+        verify: check the model files' sha256 against the manifest on load.
+    """
+
+    def __init__(self, model_dir: str | os.PathLike, *, config: EncoderConfig | None = None, verify: bool = True) -> None:
+        self.config = config or EncoderConfig()
+        self.manifest: Manifest = load_manifest(model_dir, verify=verify)
+        if self.manifest.kind not in ("clip", "image_embedder"):
+            raise ManifestError(f"{model_dir} holds a {self.manifest.kind!r} model, not an image encoder")
+        self.image_spec = self.manifest.image
+        self.text_spec = self.manifest.text
+        self._image_sess = _session(self.manifest.path("image_model"), self.config)
+        inp = self._image_sess.get_inputs()[0]
+        self._image_input = inp.name if self.image_spec.input_name not in {i.name for i in self._image_sess.get_inputs()} else self.image_spec.input_name
+        batch_dim = inp.shape[0] if inp.shape else None
+        self._image_fixed_batch = isinstance(batch_dim, int) and batch_dim > 0
+        out_names = [o.name for o in self._image_sess.get_outputs()]
+        self._image_output = self.image_spec.output_name if self.image_spec.output_name in out_names else out_names[0]
+        self._text_sess = None
+        self._tokenizer = None
+        dim = self.manifest.embedding_dim
+        if dim is None:
+            raise ManifestError(f"{model_dir}: manifest has no embedding_dim")
+        self.dim = dim
+
+    # -- identity -------------------------------------------------------------------------------
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the exact model files; a memory records it to refuse another encoder."""
+        return self.manifest.fingerprint
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def path(self) -> Path:
+        return self.manifest.root
+
+    @property
+    def has_text(self) -> bool:
+        return self.manifest.has_file("text_model") and self.text_spec is not None
+
+    @property
+    def providers(self) -> dict[str, list[str]]:
+        """The execution providers each loaded session really uses."""
+        out = {"image": list(self._image_sess.get_providers())}
+        if self._text_sess is not None:
+            out["text"] = list(self._text_sess.get_providers())
+        return out
+
+    def describe(self) -> dict:
+        """What a user should see about this encoder: name, kind, dim, files' fingerprint, providers."""
+        return {
+            "name": self.name,
+            "kind": self.manifest.kind,
+            "path": str(self.path),
+            "embedding_dim": self.dim,
+            "fingerprint": self.fingerprint,
+            "quantization": self.manifest.data.get("quantization"),
+            "providers": self.providers,
+        }
+
+    # -- images ---------------------------------------------------------------------------------
+    def decode(self, image: ImageLike):
+        """Decodes an input to RGB, at reduced JPEG scale when the model input is smaller."""
+        return load_image(image, draft_size_px=draft_size(self.image_spec))
+
+    def preprocess(self, image) -> np.ndarray:
+        """A decoded RGB PIL image -> HxWx3 uint8 pixels at the model's input size."""
+        return resize_for_model(image, self.image_spec)
+
+    def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """Runs the image model on (N, H, W, 3) uint8 pixels at the model's size.
+
+        Returns:
+            (N, dim) float32, rows L2-normalised.
+        """
+        if pixels.ndim == 3:
+            pixels = pixels[None]
+        h, w = self.image_spec.size_px
+        if pixels.ndim != 4 or pixels.shape[1:] != (h, w, 3) or pixels.dtype != np.uint8:
+            raise InvalidInputError(f"pixels must be (N, {h}, {w}, 3) uint8, got {pixels.shape} {pixels.dtype}")
+        step = 1 if self._image_fixed_batch else self.config.batch_size
+        outs = []
+        for i in range(0, len(pixels), step):
+            x = normalize(pixels[i : i + step], self.image_spec)
+            y = self._image_sess.run([self._image_output], {self._image_input: x})[0]
+            outs.append(np.asarray(y).reshape(len(x), -1))
+        if not outs:
+            return np.zeros((0, self.dim), np.float32)
+        emb = np.concatenate(outs).astype(np.float32)
+        deq = self.image_spec.output_dequantize
+        if deq is not None and np.issubdtype(outs[0].dtype, np.integer):
+            emb = (emb - np.float32(deq[1])) * np.float32(deq[0])
+        if emb.shape[1] != self.dim:
+            raise ManifestError(f"model output has {emb.shape[1]} values, manifest says embedding_dim={self.dim}")
+        return l2_normalize(emb)
+
+    def embed_images(self, images: Sequence[ImageLike]) -> np.ndarray:
+        """Decodes, preprocesses and embeds images: (N, dim) float32, L2-normalised."""
+        if len(images) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        pixels = np.stack([self.preprocess(self.decode(im)) for im in images])
+        return self.embed_pixels(pixels)
+
+    # -- text -----------------------------------------------------------------------------------
+    def _ensure_text(self) -> None:
+        if self._text_sess is not None:
+            return
+        if not self.has_text:
+            raise InvalidInputError(
+                f"encoder {self.name!r} is image-only ({self.manifest.kind}): zero-shot memories need a CLIP "
+                "model with a text tower (rar-edge export clip)"
+            )
+        try:
+            from tokenizers import Tokenizer
+        except ImportError as e:  # pragma: no cover
+            raise MissingDependencyError("tokenizers", "cpu", "text encoding") from e
+        tok = Tokenizer.from_file(str(self.manifest.path("tokenizer")))
+        spec = self.text_spec
+        assert spec is not None
+        tok.enable_truncation(max_length=spec.context_length)
+        tok.enable_padding(pad_id=spec.pad_token_id, length=None)
+        self._tokenizer = tok
+        self._text_sess = _session(self.manifest.path("text_model"), self.config)
+        names = {i.name for i in self._text_sess.get_inputs()}
+        self._text_inputs = [n for n in spec.input_names if n in names]
+        outs = [o.name for o in self._text_sess.get_outputs()]
+        self._text_output = spec.output_name if spec.output_name in outs else outs[0]
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Embeds strings with the text tower: (N, dim) float32, L2-normalised."""
+        self._ensure_text()
+        if isinstance(texts, str):
+            raise InvalidInputError("embed_texts takes a list of strings, not one string")
+        if len(texts) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        outs = []
+        for i in range(0, len(texts), self.config.batch_size):
+            enc = self._tokenizer.encode_batch(list(texts[i : i + self.config.batch_size]))  # type: ignore[union-attr]
+            feeds = {}
+            if "input_ids" in self._text_inputs:
+                feeds["input_ids"] = np.asarray([e.ids for e in enc], dtype=np.int64)
+            if "attention_mask" in self._text_inputs:
+                feeds["attention_mask"] = np.asarray([e.attention_mask for e in enc], dtype=np.int64)
+            y = self._text_sess.run([self._text_output], feeds)[0]  # type: ignore[union-attr]
+            outs.append(np.asarray(y, dtype=np.float32))
+        return l2_normalize(np.concatenate(outs))
+
+    def embed_class_names(self, names: Sequence[str], *, templates: Sequence[str] | None = None) -> np.ndarray:
+        """Zero-shot class vectors: the mean of each name's template embeddings, re-normalised.
+
+        Args:
+            names: class names.
+            templates: prompt templates with one ``{}``; default: the manifest's ensemble.
+        """
+        tpl = tuple(templates) if templates else self.manifest.zero_shot_templates
+        bad = [t for t in tpl if t.count("{}") != 1]
+        if bad:
+            raise InvalidInputError(f"templates need exactly one '{{}}' placeholder: {bad}")
+        texts = [t.format(n) for n in names for t in tpl]
+        emb = self.embed_texts(texts).reshape(len(names), len(tpl), self.dim).mean(axis=1)
+        return l2_normalize(emb)
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero)."""
+    x = np.asarray(x, dtype=np.float32)
+    n = np.linalg.norm(x, axis=-1, keepdims=True)
+    return (x / np.maximum(n, np.float32(1e-12))).astype(np.float32)

@@ -1,0 +1,120 @@
+"""Accuracy evaluation: retrieval-only vs retrieval + ranking, recall@k, per-stage latency."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .encoders import Encoder
+from .memory import Memory
+from .pipeline import Pipeline, PipelineConfig
+from .types import Classification, Detection
+
+log = logging.getLogger("rar_edge")
+
+STAGES = ("decode", "preprocess", "encode", "search", "rank", "total")
+
+
+def latency_summary(timings: Sequence[dict]) -> dict[str, dict[str, float]]:
+    """p50 / p95 / p99 / mean in ms of each stage present in the per-query timings."""
+    out: dict[str, dict[str, float]] = {}
+    for stage in STAGES:
+        vals = np.asarray([t[stage] for t in timings if stage in t], np.float64)
+        if len(vals):
+            out[stage] = {
+                "p50": float(np.percentile(vals, 50)),
+                "p95": float(np.percentile(vals, 95)),
+                "p99": float(np.percentile(vals, 99)),
+                "mean": float(vals.mean()),
+                "n": int(len(vals)),
+            }
+    return out
+
+
+def score_results(results: Sequence[Classification | Detection], truths: Sequence[str], *, k: int) -> dict[str, Any]:
+    """Top-1, recall@1..k (truth among the first j retrieved classes) and per-class accuracy."""
+    n = len(results)
+    if n == 0:
+        return {"top1": None, "recall": {}, "n_queries": 0}
+    hits_rank = np.array([r.label == t for r, t in zip(results, truths)])
+    hits_retr = np.array([bool(r.retrieved) and r.retrieved[0].label == t for r, t in zip(results, truths)])
+    pos = [next((i for i, c in enumerate(r.retrieved) if c.label == t), None) for r, t in zip(results, truths)]
+    recall = {str(j): float(np.mean([p is not None and p < j for p in pos])) for j in range(1, k + 1)}
+    per_class: dict[str, list[bool]] = defaultdict(list)
+    for h, t in zip(hits_rank, truths):
+        per_class[t].append(bool(h))
+    out: dict[str, Any] = {
+        "top1": float(hits_rank.mean()),
+        "retrieval_top1": float(hits_retr.mean()),
+        "recall": recall,
+        "n_queries": n,
+        "per_class_top1": {c: float(np.mean(v)) for c, v in sorted(per_class.items())},
+        "per_class_n": {c: len(v) for c, v in sorted(per_class.items())},
+    }
+    ran = [r.ranker_ran for r in results]
+    if any(ran):
+        out["ranked_top1"] = out["top1"]
+        out["ranker_ran_rate"] = float(np.mean(ran))
+        out["ranker_fallback_rate"] = float(np.mean([r.ranker_fallback for r in results]))
+        out["ranker_changed_rate"] = float(
+            np.mean([bool(r.retrieved) and r.label != r.retrieved[0].label for r in results])
+        )
+    return out
+
+
+def evaluate_classification(
+    folder: str | os.PathLike,
+    *,
+    encoder: Encoder,
+    shots: int,
+    seed: int = 0,
+    k: int = 5,
+    queries_folder: str | os.PathLike | None = None,
+    ranker: Any = None,
+    config: PipelineConfig | None = None,
+    backend: str = "auto",
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Few-shot classification accuracy on an image folder.
+
+    Builds the memory from ``shots`` random images per class of ``folder`` (seeded) and queries
+    every other image of ``folder``, or every image of ``queries_folder`` when given.
+
+    Returns:
+        ``top1``, ``retrieval_top1``, ``recall`` {"1": .., "k": ..}, ``n_queries``,
+        ``latency_ms`` {stage: {p50, p95, p99, mean}}, per-class accuracy, and with a ranker
+        ``ranked_top1``, ``ranker_changed_rate``, ``ranker_ran_rate``, ``ranker_fallback_rate``.
+    """
+    from .datasets import few_shot_split, read_image_folder
+
+    split = few_shot_split(folder, shots=shots, seed=seed)
+    if queries_folder is not None:
+        queries = [(p, c) for c, ps in read_image_folder(queries_folder).items() for p in ps]
+    else:
+        queries = split.queries
+    mem = Memory.empty(encoder=encoder, backend=backend)
+    mem.add_images([p for ps in split.support.values() for p in ps],
+                   [c for c, ps in split.support.items() for _ in ps], encoder=encoder, progress=progress)
+    cfg = config or PipelineConfig(k=k, encoder=encoder.config)
+    pipe = Pipeline(memory=mem, encoder=encoder, ranker=ranker, config=cfg)
+    it: Any = queries
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(queries, desc="classifying", unit="img")
+    results = [pipe.classify(p, k=k) for p, _ in it]
+    out = score_results(results, [c for _, c in queries], k=k)
+    unknown = sum(1 for _, c in queries if c not in set(mem.classes))
+    out.update({
+        "latency_ms": latency_summary([dict(r.timings_ms) for r in results]),
+        "setup": {"folder": str(Path(folder)), "queries_folder": None if queries_folder is None else str(queries_folder),
+                  "shots": shots, "seed": seed, "k": k, "memory_entries": mem.size, "memory_classes": len(mem.classes),
+                  "queries_with_class_not_in_memory": unknown, "encoder": encoder.describe(),
+                  "ranker": None if ranker is None else getattr(ranker, "describe", lambda: repr(ranker))()},
+    })
+    return out

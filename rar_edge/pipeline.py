@@ -1,0 +1,315 @@
+"""The pipeline: loads models once and chains decode -> preprocess -> encode -> search -> rank.
+
+Every stage is timed; results carry both the retrieval order and the final ranking.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from .encoders import Encoder, EncoderConfig
+from .errors import InvalidInputError, RarEdgeError
+from .memory import Memory
+from .preprocess import ImageLike, image_to_array, load_image
+from .types import Candidate, Classification, Detection, Ranking
+
+if TYPE_CHECKING:
+    from .boxes import CropConfig
+
+log = logging.getLogger("rar_edge")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Settings of a `Pipeline`.
+
+    Attributes:
+        k: classes retrieved (and ranked) per image.
+        encoder: ONNX Runtime settings of the encoder.
+        gate_margin: skip the ranker when the retrieval margin (score of the first class minus
+            the second) is at least this; None always runs the ranker.
+        crop: how detection boxes are cropped (None: `rar_edge.boxes.CropConfig()` at the
+            encoder's input size).
+        crop_threads: threads over boxes for the native crop.
+    """
+
+    k: int = 5
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    gate_margin: float | None = None
+    crop: "CropConfig | None" = None
+    crop_threads: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise InvalidInputError(f"k must be an integer >= 1, got {self.k!r}")
+        if self.gate_margin is not None and not (self.gate_margin >= 0):
+            raise InvalidInputError("gate_margin must be >= 0 or None")
+
+
+def _ms(t0: float) -> float:
+    return (time.perf_counter() - t0) * 1e3
+
+
+class Pipeline:
+    """Holds a loaded encoder, memory and optional ranker so repeated calls pay no load cost.
+
+    Args:
+        memory: a `Memory` or the path of a saved one.
+        encoder: an `Encoder` or a model folder; None uses the folder recorded in the memory.
+        ranker: an object with ``rank(image, candidates) -> Ranking`` (e.g. `rar_edge.ranker.Ranker`),
+            a ranker model folder / GGUF path, or None for retrieval only.
+        config: k, encoder settings, the confidence gate, crop settings.
+
+    Raises:
+        MemoryMismatchError: the memory was built by another encoder.
+    """
+
+    def __init__(
+        self,
+        *,
+        memory: Memory | str | os.PathLike,
+        encoder: Encoder | str | os.PathLike | None = None,
+        ranker: Any = None,
+        config: PipelineConfig | None = None,
+    ) -> None:
+        self.config = config or PipelineConfig()
+        t0 = time.perf_counter()
+        self.memory = memory if isinstance(memory, Memory) else Memory.load(memory)
+        if encoder is None:
+            if self.memory.encoder is None:
+                raise InvalidInputError("the memory records no encoder: pass encoder=")
+            encoder = self.memory.encoder.path
+        self.encoder = encoder if isinstance(encoder, Encoder) else Encoder(encoder, config=self.config.encoder)
+        self.memory.check_encoder(self.encoder)
+        if ranker is not None and isinstance(ranker, (str, os.PathLike)):
+            from .ranker import Ranker
+
+            ranker = Ranker.load(ranker)
+        self.ranker = ranker
+        self.load_ms = _ms(t0)
+
+    def close(self) -> None:
+        """Frees the ranker's native memory (the encoder sessions go with the object)."""
+        close = getattr(self.ranker, "close", None)
+        if callable(close):
+            close()
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- shared tail: search + rank ------------------------------------------------------------------
+    def _rank(self, image, retrieved: list[Candidate], timings: dict[str, float]) -> tuple[
+            tuple[Candidate, ...], bool, bool]:
+        if self.ranker is None or len(retrieved) < 2:
+            return tuple(retrieved), False, False
+        gate = self.config.gate_margin
+        if gate is not None and retrieved[0].score - retrieved[1].score >= gate:
+            return tuple(retrieved), False, False
+        t0 = time.perf_counter()
+        names = [c.label for c in retrieved]
+        try:
+            ranking: Ranking = self.ranker.rank(image, names)
+        finally:
+            timings["rank"] = _ms(t0)
+        if sorted(ranking.labels) != sorted(names) or len(ranking.scores) != len(ranking.labels):
+            # A ranker must return a permutation of the candidates; anything else is not used.
+            log.warning("ranker returned %r for candidates %r; keeping retrieval order", ranking.labels, names)
+            return tuple(retrieved), True, True
+        return tuple(Candidate(lbl, float(s)) for lbl, s in zip(ranking.labels, ranking.scores)), True, ranking.fallback
+
+    # -- classification ------------------------------------------------------------------------------
+    def classify(self, image: ImageLike, *, k: int | None = None) -> Classification:
+        """Classifies one image: retrieve k distinct classes, then rank them if a ranker is set.
+
+        Args:
+            image: a path, encoded bytes, a PIL image or an HxWx3 uint8 array.
+            k: overrides the config's k.
+        """
+        k = self.config.k if k is None else k
+        timings: dict[str, float] = {}
+        t_all = time.perf_counter()
+        t0 = time.perf_counter()
+        img = self.encoder.decode(image)
+        timings["decode"] = _ms(t0)
+        t0 = time.perf_counter()
+        pixels = self.encoder.preprocess(img)
+        timings["preprocess"] = _ms(t0)
+        t0 = time.perf_counter()
+        vec = self.encoder.embed_pixels(pixels)
+        timings["encode"] = _ms(t0)
+        t0 = time.perf_counter()
+        retrieved = self.memory.search(vec, k=k)[0]
+        timings["search"] = _ms(t0)
+        ranked, ran, fallback = self._rank(img, retrieved, timings)
+        timings["total"] = _ms(t_all)
+        return Classification(
+            label=ranked[0].label,
+            score=ranked[0].score,
+            candidates=ranked,
+            retrieved=tuple(retrieved),
+            ranker_ran=ran,
+            ranker_fallback=fallback,
+            timings_ms=timings,
+        )
+
+    def classify_many(self, images: Sequence[ImageLike], *, k: int | None = None) -> list[Classification]:
+        """`classify` for each image, in order."""
+        return [self.classify(im, k=k) for im in images]
+
+    # -- detection ----------------------------------------------------------------------------------
+    def detect(
+        self,
+        image: ImageLike,
+        boxes: Sequence[Sequence[float]] | np.ndarray,
+        *,
+        k: int | None = None,
+        on_invalid: str = "raise",
+    ) -> list[Detection]:
+        """Classifies every box of one image (RAR's detection path).
+
+        Each box is enlarged, cropped, blurred around the object and resized natively in one
+        call, then embedded in one batch; each crop's k distinct classes are retrieved (and ranked).
+
+        Args:
+            image: the full image.
+            boxes: (N, 4) x1, y1, x2, y2 in pixels of ``image``.
+            k: overrides the config's k.
+            on_invalid: "raise" (InvalidBoxError naming the box) or "skip" (logged, left out).
+
+        Returns:
+            One `Detection` per valid box, in input order.
+        """
+        from .boxes import CropConfig, crop_boxes, validate_boxes
+
+        k = self.config.k if k is None else k
+        t_all = time.perf_counter()
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        img = load_image(image)
+        arr = image_to_array(img)
+        timings["decode"] = _ms(t0)
+        t0 = time.perf_counter()
+        valid, kept, reasons = validate_boxes(boxes, arr.shape[:2], on_invalid=on_invalid)
+        for r in reasons:
+            log.info("skipped box: %s", r)
+        h, w = self.encoder.image_spec.size_px
+        if h != w:
+            raise InvalidInputError(f"detection crops need a square encoder input, this encoder takes {h}x{w}")
+        crop_cfg = self.config.crop or CropConfig(out_size_px=h)
+        if crop_cfg.out_size_px != h:
+            raise InvalidInputError(f"crop out_size_px={crop_cfg.out_size_px} differs from the encoder input size {h}")
+        crops = crop_boxes(arr, valid, config=crop_cfg, threads=self.config.crop_threads) if len(valid) else \
+            np.zeros((0, h, w, 3), np.uint8)
+        timings["preprocess"] = _ms(t0)
+        t0 = time.perf_counter()
+        vecs = self.encoder.embed_pixels(crops) if len(crops) else np.zeros((0, self.encoder.dim), np.float32)
+        timings["encode"] = _ms(t0)
+        t0 = time.perf_counter()
+        retrieved_all = self.memory.search(vecs, k=k) if len(vecs) else []
+        timings["search"] = _ms(t0)
+        n = max(len(valid), 1)
+        shared = {s: v / n for s, v in timings.items()}
+        out = []
+        from PIL import Image
+
+        for i, retrieved in enumerate(retrieved_all):
+            t = dict(shared)
+            crop_img = Image.fromarray(crops[i]) if self.ranker is not None else None
+            ranked, ran, fallback = self._rank(crop_img, retrieved, t)
+            t["total"] = sum(v for s, v in t.items() if s != "total")
+            out.append(Detection(box=tuple(float(v) for v in valid[i]), label=ranked[0].label, score=ranked[0].score,
+                                 candidates=ranked, retrieved=tuple(retrieved), ranker_ran=ran,
+                                 ranker_fallback=fallback, timings_ms=t))
+        log.debug("detect: %d boxes in %.1f ms", len(out), _ms(t_all))
+        return out
+
+
+# -- module-level convenience with a small cache of loaded pipelines ------------------------------
+_CACHE: "OrderedDict[tuple, Pipeline]" = OrderedDict()
+_CACHE_SIZE = 4
+_CACHE_LOCK = threading.Lock()
+
+
+def _key(obj: Any) -> Any:
+    if obj is None:
+        return None
+    if isinstance(obj, (str, os.PathLike)):
+        p = Path(obj).resolve()
+        try:
+            return ("path", str(p), p.stat().st_mtime_ns)
+        except OSError:
+            return ("path", str(p), None)
+    return ("obj", id(obj))
+
+
+def get_pipeline(*, memory, encoder=None, ranker=None, config: PipelineConfig | None = None) -> Pipeline:
+    """A cached `Pipeline` for these arguments (paths are keyed by file and modification time)."""
+    key = (_key(memory), _key(encoder), _key(ranker), config)
+    with _CACHE_LOCK:
+        p = _CACHE.get(key)
+        if p is not None:
+            _CACHE.move_to_end(key)
+            return p
+    p = Pipeline(memory=memory, encoder=encoder, ranker=ranker, config=config)
+    with _CACHE_LOCK:
+        _CACHE[key] = p
+        while len(_CACHE) > _CACHE_SIZE:
+            _, old = _CACHE.popitem(last=False)
+            old.close()
+    return p
+
+
+def classify(
+    image: ImageLike,
+    *,
+    memory: Memory | str | os.PathLike,
+    encoder: Encoder | str | os.PathLike | None = None,
+    ranker: Any = None,
+    k: int = 5,
+) -> Classification:
+    """Classifies one image with RAR: retrieve k distinct classes from ``memory``, rank if ``ranker``.
+
+    Models are loaded on the first call and kept for later calls with the same arguments.
+
+    Args:
+        image: a path, encoded bytes, a PIL image or an HxWx3 uint8 array.
+        memory: a `Memory` or a saved memory file.
+        encoder: an `Encoder` or model folder (default: the one recorded in the memory).
+        ranker: a ranker, a ranker model folder, or None for retrieval only.
+        k: candidates retrieved and ranked.
+    """
+    return get_pipeline(memory=memory, encoder=encoder, ranker=ranker).classify(image, k=k)
+
+
+def detect(
+    image: ImageLike,
+    boxes: Sequence[Sequence[float]] | np.ndarray,
+    *,
+    memory: Memory | str | os.PathLike,
+    encoder: Encoder | str | os.PathLike | None = None,
+    ranker: Any = None,
+    k: int = 5,
+    on_invalid: str = "raise",
+) -> list[Detection]:
+    """Classifies every box of an image (crop, enlarge, blur around, resize; retrieve; rank).
+
+    Args:
+        image: the full image.
+        boxes: (N, 4) x1, y1, x2, y2 in pixels.
+        memory, encoder, ranker, k: as in `classify`.
+        on_invalid: "raise" or "skip" boxes with zero/negative area or NaN coordinates.
+    """
+    return get_pipeline(memory=memory, encoder=encoder, ranker=ranker).detect(image, boxes, k=k, on_invalid=on_invalid)
