@@ -1,0 +1,241 @@
+import json
+import os
+import zipfile
+
+import numpy as np
+import pytest
+
+from rar_edge import HnswParams, Memory
+from rar_edge.errors import CorruptFileError, EmptyMemoryError, InvalidInputError, MemoryMismatchError
+from rar_edge.memory import EncoderRecord
+
+
+def clustered(n_classes=20, per_class=10, dim=32, noise=0.3, seed=0):
+    """Class centroids plus noise: real neighbour structure (unlike i.i.d. vectors)."""
+    rng = np.random.default_rng(seed)
+    cent = rng.standard_normal((n_classes, dim))
+    labels = np.repeat(np.arange(n_classes), per_class)
+    x = cent[labels] + noise * rng.standard_normal((len(labels), dim))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float32), [f"class_{i:02d}" for i in labels], cent
+
+
+def reference_topk(vectors, labels, q, k):
+    """Numpy reference: per-class max cosine, top-k classes (ties by first-seen class order)."""
+    s = vectors @ (q / np.linalg.norm(q))
+    best = {}
+    for score, lbl in zip(s, labels):
+        best[lbl] = max(best.get(lbl, -np.inf), score)
+    order = list(dict.fromkeys(labels))
+    return sorted(best.items(), key=lambda kv: (-kv[1], order.index(kv[0])))[:k]
+
+
+def make(vectors, labels, **kw):
+    m = Memory(dim=vectors.shape[1], encoder=EncoderRecord("enc", "/models/enc", "f" * 64, vectors.shape[1]), **kw)
+    m.add(vectors, labels)
+    return m
+
+
+def test_search_returns_distinct_classes_matching_reference():
+    x, labels, _ = clustered()
+    m = make(x, labels, backend="exact")
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        q = rng.standard_normal(x.shape[1]).astype(np.float32)
+        got = m.search(q, k=5)[0]
+        ref = reference_topk(x, labels, q, 5)
+        assert [c.label for c in got] == [r[0] for r in ref]
+        np.testing.assert_allclose([c.score for c in got], [r[1] for r in ref], atol=1e-5)
+        assert len({c.label for c in got}) == 5
+
+
+def test_k_larger_than_classes_and_single_entry():
+    m = make(np.eye(4, dtype=np.float32)[:1], ["only"])
+    got = m.search(np.ones(4, np.float32), k=10)[0]
+    assert [c.label for c in got] == ["only"]
+    x, labels, _ = clustered(n_classes=3, per_class=4)
+    assert len(make(x, labels).search(x[0], k=50)[0]) == 3
+
+
+def test_batch_queries_and_bad_queries():
+    x, labels, _ = clustered()
+    m = make(x, labels)
+    out = m.search(x[:7], k=3)
+    assert len(out) == 7 and all(len(r) == 3 for r in out)
+    assert [r[0].label for r in out] == labels[:7]
+    with pytest.raises(InvalidInputError):
+        m.search(np.ones(5, np.float32))
+    with pytest.raises(InvalidInputError):
+        m.search(np.full(x.shape[1], np.nan, np.float32))
+    with pytest.raises(InvalidInputError):
+        m.search(x[0], k=0)
+
+
+def test_empty_memory_search_is_a_clear_error():
+    m = Memory(dim=8)
+    with pytest.raises(EmptyMemoryError, match="empty"):
+        m.search(np.ones(8, np.float32))
+
+
+def test_add_refuses_bad_rows():
+    m = Memory(dim=4)
+    with pytest.raises(InvalidInputError, match="NaN"):
+        m.add(np.array([[np.nan, 0, 0, 1]], np.float32), ["a"])
+    with pytest.raises(InvalidInputError, match="zero"):
+        m.add(np.zeros((1, 4), np.float32), ["a"])
+    with pytest.raises(InvalidInputError, match="labels"):
+        m.add(np.ones((2, 4), np.float32), ["a"])
+    with pytest.raises(InvalidInputError):
+        m.add(np.ones((1, 5), np.float32), ["a"])
+
+
+def test_remove_by_label_and_ids():
+    x, labels, _ = clustered(n_classes=4, per_class=3)
+    m = make(x, labels)
+    ids = m.ids
+    assert m.remove(label="class_01") == 3
+    assert "class_01" not in m.classes and m.size == 9
+    assert all(c.label != "class_01" for c in m.search(x[3], k=4)[0])
+    assert m.remove(ids=[ids[0], ids[1]]) == 2
+    assert m.counts()["class_00"] == 1
+    with pytest.raises(InvalidInputError):
+        m.remove(label="nope")
+    # removing every entry leaves an empty memory that refuses to search
+    m.remove(ids=m.ids)
+    assert m.size == 0 and m.classes == ()
+    with pytest.raises(EmptyMemoryError):
+        m.search(x[0])
+
+
+def test_save_load_roundtrip(tmp_path):
+    x, labels, _ = clustered()
+    m = make(x, labels)
+    p = m.save(tmp_path / "m.rarmem")
+    m2 = Memory.load(p)
+    np.testing.assert_array_equal(m2.vectors, m.vectors)
+    assert m2.labels == m.labels and m2.classes == m.classes
+    np.testing.assert_array_equal(m2.ids, m.ids)
+    assert m2.encoder == m.encoder
+    q = x[11]
+    assert m2.search(q, k=5) == m.search(q, k=5)
+    # ids keep counting after load
+    new = m2.add(x[:1], ["extra"])
+    assert new[0] == m.ids.max() + 1
+
+
+def test_crash_during_save_leaves_the_old_file_intact(tmp_path, monkeypatch):
+    x, labels, _ = clustered()
+    p = tmp_path / "m.rarmem"
+    make(x[:50], labels[:50]).save(p)
+    before = p.read_bytes()
+    bigger = make(x, labels)
+
+    def boom(*a, **k):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError, match="simulated"):
+        bigger.save(p)
+    monkeypatch.undo()
+    assert p.read_bytes() == before
+    assert Memory.load(p).size == 50
+    assert [f.name for f in tmp_path.iterdir()] == ["m.rarmem"]  # no temp files left behind
+
+
+def test_damaged_or_foreign_files_are_refused(tmp_path):
+    x, labels, _ = clustered()
+    p = make(x, labels).save(tmp_path / "m.rarmem")
+    raw = bytearray(p.read_bytes())
+    # flip one byte inside the vectors member's data
+    with zipfile.ZipFile(p) as z:
+        info = z.getinfo("vectors.npy")
+    raw[info.header_offset + 200] ^= 0xFF
+    bad = tmp_path / "bad.rarmem"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(CorruptFileError):
+        Memory.load(bad)
+    trunc = tmp_path / "trunc.rarmem"
+    trunc.write_bytes(p.read_bytes()[:1000])
+    with pytest.raises(CorruptFileError):
+        Memory.load(trunc)
+    other = tmp_path / "other.zip"
+    with zipfile.ZipFile(other, "w") as z:
+        z.writestr("meta.json", json.dumps({"format": "something else"}))
+    with pytest.raises(CorruptFileError, match="not a rar_edge memory"):
+        Memory.load(other)
+    with pytest.raises(CorruptFileError, match="no memory file"):
+        Memory.load(tmp_path / "missing.rarmem")
+    # a tampered meta whose checksums match but whose arrays disagree with it
+    with zipfile.ZipFile(p) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    meta = json.loads(members["meta.json"])
+    meta["n_entries"] = 3
+    members["meta.json"] = json.dumps(meta).encode()
+    tampered = tmp_path / "tampered.rarmem"
+    with zipfile.ZipFile(tampered, "w") as z:
+        for n, b in members.items():
+            z.writestr(n, b)
+    with pytest.raises(CorruptFileError, match="disagree"):
+        Memory.load(tampered)
+
+
+class _FakeEncoder:
+    def __init__(self, dim, fingerprint):
+        self.dim, self.fingerprint, self.name, self.path = dim, fingerprint, "other", "/elsewhere"
+
+
+def test_memory_from_another_encoder_is_refused(tmp_path):
+    x, labels, _ = clustered()
+    p = make(x, labels).save(tmp_path / "m.rarmem")
+    with pytest.raises(MemoryMismatchError, match="built by encoder"):
+        Memory.load(p, encoder=_FakeEncoder(x.shape[1], "0" * 64))
+    with pytest.raises(MemoryMismatchError, match="-d vectors"):
+        Memory.load(p, encoder=_FakeEncoder(x.shape[1] + 1, "f" * 64))
+    Memory.load(p, encoder=_FakeEncoder(x.shape[1], "f" * 64))  # the right one loads
+
+
+def test_hnsw_backend_agrees_with_exact_on_clustered_data(tmp_path):
+    x, labels, _ = clustered(n_classes=50, per_class=20, dim=48, noise=0.4, seed=3)
+    exact = make(x, labels, backend="exact")
+    hnsw = make(x, labels, backend="hnsw", hnsw=HnswParams(M=16, ef_construction=100, ef=64))
+    assert hnsw.active_backend == "hnsw"
+    rng = np.random.default_rng(0)
+    queries = x[rng.choice(len(x), 100, replace=False)] + 0.05 * rng.standard_normal((100, 48)).astype(np.float32)
+    agree = 0
+    for q in queries:
+        e = [c.label for c in exact.search(q, k=5)[0]]
+        h = [c.label for c in hnsw.search(q, k=5)[0]]
+        assert len(set(h)) == len(h) == 5
+        agree += len(set(e) & set(h)) / 5
+    assert agree / len(queries) >= 0.95
+    # the saved index round-trips and still answers the same
+    p = hnsw.save(tmp_path / "h.rarmem")
+    loaded = Memory.load(p)
+    assert loaded.active_backend == "hnsw"
+    for q in queries[:10]:
+        assert loaded.search(q, k=5) == hnsw.search(q, k=5)
+    # removals and additions are seen by the index
+    loaded.remove(label=labels[0])
+    assert all(c.label != labels[0] for c in loaded.search(x[0], k=5)[0])
+    loaded.add(x[:1], ["brand_new"])
+    assert loaded.search(x[0], k=1)[0][0].label == "brand_new"
+
+
+def test_auto_backend_switches_by_size(monkeypatch):
+    import rar_edge.memory as mm
+
+    x, labels, _ = clustered()
+    m = make(x, labels)
+    assert m.active_backend == "exact"
+    monkeypatch.setattr(mm, "AUTO_HNSW_MIN_ENTRIES", 10)
+    assert m.active_backend == "hnsw"
+    assert m.search(x[0], k=1)[0][0].label == labels[0]
+
+
+def test_duplicate_vectors_do_not_duplicate_classes():
+    v = np.tile(np.eye(6, dtype=np.float32)[:1], (5, 1))
+    m = make(v, ["a", "a", "b", "b", "c"])
+    got = m.search(v[0], k=5)[0]
+    assert sorted(c.label for c in got) == ["a", "b", "c"]
+    assert all(abs(c.score - 1.0) < 1e-6 for c in got)
+    assert [c.label for c in got] == ["a", "b", "c"]  # ties broken by class order

@@ -1,0 +1,99 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rar_edge.errors import ImageDecodeError, InvalidInputError
+from rar_edge.manifest import ImageSpec
+from rar_edge.preprocess import load_image, normalize, resize_for_model
+
+
+def _jpeg_bytes(w=64, h=48, seed=0):
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+def test_all_input_kinds_decode_to_the_same_pixels(tmp_path):
+    data = _jpeg_bytes()
+    p = tmp_path / "a.jpg"
+    p.write_bytes(data)
+    from_path = np.asarray(load_image(p))
+    from_str = np.asarray(load_image(str(p)))
+    from_bytes = np.asarray(load_image(data))
+    from_pil = np.asarray(load_image(Image.open(io.BytesIO(data))))
+    from_array = np.asarray(load_image(from_path))
+    for a in (from_str, from_bytes, from_pil, from_array):
+        np.testing.assert_array_equal(a, from_path)
+    assert from_path.shape == (48, 64, 3)
+
+
+def test_corrupt_and_truncated_images_raise_clear_errors(tmp_path):
+    with pytest.raises(ImageDecodeError, match="not an image"):
+        load_image(b"this is not an image at all")
+    data = _jpeg_bytes(256, 256)
+    with pytest.raises(ImageDecodeError, match="corrupt or truncated"):
+        load_image(data[: len(data) // 2])
+    with pytest.raises(ImageDecodeError, match="no such image file"):
+        load_image(tmp_path / "missing.jpg")
+    with pytest.raises(InvalidInputError, match="unsupported image type"):
+        load_image(12345)  # type: ignore[arg-type]
+
+
+def test_decompression_bomb_is_refused_before_decoding():
+    buf = io.BytesIO()
+    Image.new("L", (4000, 4000)).save(buf, "PNG")  # compresses to a few KB
+    assert len(buf.getvalue()) < 100_000
+    with pytest.raises(ImageDecodeError, match="decompression-bomb"):
+        load_image(buf.getvalue(), max_pixels=1_000_000)
+
+
+def test_gray_rgba_palette_and_16bit_become_rgb():
+    gray = Image.fromarray(np.full((5, 7), 100, np.uint8), "L")
+    assert np.asarray(load_image(gray)).shape == (5, 7, 3)
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., 3] = 0  # fully transparent -> white background
+    assert (np.asarray(load_image(rgba)) == 255).all()
+    img16 = np.array([[0, 65535], [32768, 1000]], np.uint16)
+    out = np.asarray(load_image(img16))
+    assert out.shape == (2, 2, 3) and out[0, 0, 0] == 0 and out[0, 1, 0] == 255
+    with pytest.raises(InvalidInputError, match="uint8"):
+        load_image(np.zeros((4, 4, 3), np.float32))
+    with pytest.raises(InvalidInputError, match="HxWx3"):
+        load_image(np.zeros((4, 4, 5), np.uint8))
+
+
+def test_draft_decoding_keeps_at_least_the_requested_size():
+    data = _jpeg_bytes(1000, 800)
+    img = load_image(data, draft_size_px=(224, 224))
+    assert img.width >= 224 and img.height >= 224 and img.width < 1000
+
+
+@pytest.mark.parametrize("mode,crop", [("shortest_edge", "center"), ("squash", "none")])
+def test_resize_for_model_gives_the_model_size(mode, crop):
+    spec = ImageSpec(size_px=(32, 32), resize_mode=mode, crop_mode=crop)
+    for w, h in [(100, 50), (50, 100), (32, 32), (7, 3)]:
+        out = resize_for_model(Image.new("RGB", (w, h)), spec)
+        assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+
+
+def test_shortest_edge_center_crop_takes_the_middle():
+    a = np.zeros((20, 60, 3), np.uint8)
+    a[:, 20:40] = 255  # the middle third is white
+    spec = ImageSpec(size_px=(20, 20), resize_mode="shortest_edge", crop_mode="center", resample="nearest")
+    out = resize_for_model(Image.fromarray(a), spec)
+    assert (out == 255).all()
+
+
+def test_normalize_matches_manual_formula():
+    rng = np.random.default_rng(1)
+    px = rng.integers(0, 256, (2, 4, 4, 3), dtype=np.uint8)
+    spec = ImageSpec(size_px=(4, 4), mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    x = normalize(px, spec)
+    ref = ((px / 255.0 - np.array(spec.mean)) / np.array(spec.std)).transpose(0, 3, 1, 2)
+    assert x.shape == (2, 3, 4, 4) and x.dtype == np.float32
+    np.testing.assert_allclose(x, ref, atol=1e-5)
+    u8 = normalize(px, ImageSpec(size_px=(4, 4), dtype="uint8", layout="NHWC"))
+    assert u8.dtype == np.uint8 and (u8 == px).all()
