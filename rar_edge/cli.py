@@ -199,12 +199,6 @@ def cmd_demo(args) -> int:
     return run_demo(workdir=args.workdir, shared=args.shared, n_images=args.n)
 
 
-def cmd_bench(args) -> int:
-    from .bench import run_bench
-
-    return run_bench(args)
-
-
 def _export_parser(sub) -> None:
     p = sub.add_parser("export", help="export models to a rar_edge model folder (needs the 'export' extras)")
     esub = p.add_subparsers(dest="export_cmd", required=True, metavar="{clip,tflite,mllm}")
@@ -300,6 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--neighbours", type=int, default=20)
     f.add_argument("-o", "--output", required=True)
     f.set_defaults(func=cmd_finetune_data)
+
+    from .bench import add_bench_subcommand
+
+    add_bench_subcommand(sub)
 
     dm = sub.add_parser("demo", help="end-to-end demo: export, build a memory, classify (says which models it used)")
     dm.add_argument("--workdir", default="artifacts/demo")
