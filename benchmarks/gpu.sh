@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Benchmarks rar_edge on a machine with an NVIDIA GPU: ONNX Runtime's CUDA execution provider for the
+# encoder and llama.cpp built with CUDA for the ranker, against the CPU on the same machine.
+#
+# Usage (from the repository root, on the GPU machine, with network access to PyPI):
+#   ENCODER=path/to/model_folder IMAGES=path/to/image_folder [RANKER=path/to/mllm_folder] \
+#     bash benchmarks/gpu.sh [OUT_DIR]
+#
+# Environment:
+#   ENCODER     an exported encoder folder (rar-edge export clip|tflite, done on a workstation: the
+#               'export' extra pulls the CPU onnxruntime, which must not share a venv with onnxruntime-gpu)
+#   IMAGES      an image folder, one sub-folder per class (e.g. ../shared/data/flowers17)
+#   RANKER      optional MLLM model folder or GGUF for the ranker
+#   RUNS        timed runs per configuration (default 100); WARMUP (default 10)
+#   CUDA_ARCH   CMAKE_CUDA_ARCHITECTURES for llama.cpp (default: native = the GPU of this machine;
+#               87 for Jetson Orin, 90 for H100/H200)
+#   VENV        the virtual environment to create or reuse (default .venv-gpu; never the CPU .venv:
+#               onnxruntime and onnxruntime-gpu install into the same folder and break each other)
+#   PYTHON      the interpreter that creates the venv (default python3)
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+out="${1:-artifacts/bench-gpu}"
+venv="${VENV:-.venv-gpu}"
+runs="${RUNS:-100}"
+warmup="${WARMUP:-10}"
+cuda_arch="${CUDA_ARCH:-native}"
+: "${ENCODER:?set ENCODER to an exported encoder folder}"
+: "${IMAGES:?set IMAGES to an image folder with one sub-folder per class}"
+
+command -v nvidia-smi >/dev/null || { echo "gpu.sh: nvidia-smi not found: is this a machine with an NVIDIA GPU?" >&2; exit 2; }
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+nvcc_bin="$(command -v nvcc || true)"
+[ -z "$nvcc_bin" ] && [ -x /usr/local/cuda/bin/nvcc ] && nvcc_bin=/usr/local/cuda/bin/nvcc
+[ -n "$nvcc_bin" ] || { echo "gpu.sh: nvcc not found (install the CUDA toolkit or put it on PATH)" >&2; exit 2; }
+"$nvcc_bin" --version | tail -n 2
+
+test -x "$venv/bin/python" || "${PYTHON:-python3}" -m venv "$venv"
+py="$venv/bin/python"
+"$py" -m pip install -q -U pip
+"$py" -m pip install -q scikit-build-core pybind11 cmake ninja
+# llama-cpp-python from source with CUDA (no CUDA wheels on PyPI). CUDACXX: CMake otherwise may not find
+# nvcc outside PATH; GGML_NATIVE=OFF: a baseline CPU build, as the CPU wheel of the project.
+if ! "$py" -c 'import llama_cpp, sys; sys.exit(0 if llama_cpp.llama_supports_gpu_offload() else 1)' 2>/dev/null; then
+  CUDACXX="$nvcc_bin" CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
+    CMAKE_ARGS="-DGGML_CUDA=on -DGGML_NATIVE=OFF -DCMAKE_CUDA_ARCHITECTURES=$cuda_arch" \
+    "$py" -m pip install --no-cache-dir --force-reinstall --no-binary llama-cpp-python "llama-cpp-python==0.3.36"
+fi
+# The project with the gpu (onnxruntime-gpu), llm and bench extras; never the cpu extra in the same venv.
+"$py" -m pip install -q --no-build-isolation -e ".[gpu,llm,bench]"
+"$py" -m pip uninstall -y -q onnxruntime 2>/dev/null || true  # a stray CPU build would shadow the GPU one
+
+"$py" - <<'EOF'
+import onnxruntime as ort, llama_cpp
+print("onnxruntime", ort.__version__, "providers:", ort.get_available_providers())
+print("llama.cpp GPU offload:", bool(llama_cpp.llama_supports_gpu_offload()))
+print(llama_cpp.llama_print_system_info().decode())
+# The provider list is what was compiled in, not what works: only a real session tells (see docs/jetson.md).
+assert "CUDAExecutionProvider" in ort.get_available_providers(), "onnxruntime-gpu is not the onnxruntime in use"
+EOF
+
+ranker_args=()
+[ -n "${RANKER:-}" ] && ranker_args=(--ranker "$RANKER")
+mkdir -p "$out"
+# CPU first, then CUDA, on the same machine and data: compare the two bench.json files (medians, ratios).
+for provider in cpu cuda; do
+  "$venv/bin/rar-edge" bench --encoder "$ENCODER" --images "$IMAGES" "${ranker_args[@]}" \
+    --provider "$provider" --runs "$runs" --warmup "$warmup" --out "$out/$provider"
+done
+"$py" - "$out" <<'EOF'
+import json, sys
+out = sys.argv[1]
+res = {p: json.load(open(f"{out}/{p}/bench.json")) for p in ("cpu", "cuda")}
+used = res["cuda"]["environment"]["providers_in_use"]["image"]
+if used[0] != "CUDAExecutionProvider":
+    sys.exit(f"the CUDA run fell back to {used}: check onnxruntime-gpu against the CUDA / cuDNN versions")
+for stage in ("encode", "rank", "total"):
+    a, b = (res[p]["classify"]["latency_ms"].get(stage) for p in ("cpu", "cuda"))
+    if a and b:
+        print(f"{stage:7s} p50 cpu {a['p50']:8.2f} ms  cuda {b['p50']:8.2f} ms  ratio cuda/cpu {b['p50'] / a['p50']:.3f}")
+print("overhead_share cpu %.3f cuda %.3f" % (res["cpu"]["overhead_share"], res["cuda"]["overhead_share"]))
+EOF

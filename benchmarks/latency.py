@@ -1,0 +1,120 @@
+"""Per-stage latency, SDK overhead, cold start and encoder variants: a thin script over `rar_edge.bench`.
+
+Plain use takes the same options as ``rar-edge bench``::
+
+    .venv/bin/python benchmarks/latency.py --encoder MODEL_DIR --images ../shared/data/flowers17 --out OUT
+
+With ``--export-variants SRC`` the encoder is exported here first, through the project's exporters
+(`rar_edge_export.export_tflite` / `export_clip` with ``quantize=None``, ``"int8"``, ``"fp16"``), into
+``--models-dir``; the float32 export is the reference and the others are compared to it (latency of
+``session.run`` on the same pixels, embedding cosine on the query photos). SRC is a ``.tflite`` file, a
+local CLIP folder, or ``random-clip-vit-b32``: a CLIP with ViT-B/32's shapes and *random* weights (no
+pretrained CLIP is reachable offline), which gives real latencies but cosines of an untrained network::
+
+    .venv/bin/python benchmarks/latency.py --export-variants random-clip-vit-b32 \\
+        --models-dir artifacts/models --images ../shared/data/flowers17 --out artifacts/bench-clip
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("USE_TF", "0")  # transformers would import TensorFlow as well: slow and unused here
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO = Path(__file__).resolve().parents[1]
+RANDOM_CLIP = "random-clip-vit-b32"
+
+
+def _random_clip_vit_b32(folder: Path) -> Path:
+    """Writes a random-weight CLIPModel with openai/clip-vit-base-patch32's shapes and the real CLIP tokenizer."""
+    import torch
+    import transformers
+
+    # The tokenizer files come from the same construction as the tests' fixtures (open_clip's BPE file).
+    spec = importlib.util.spec_from_file_location("_rar_edge_test_conftest", REPO / "tests" / "conftest.py")
+    conftest = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(conftest)
+    vocab, merges = conftest.write_clip_tokenizer_files(folder / "bpe")
+    tok = transformers.CLIPTokenizerFast(vocab_file=str(vocab), merges_file=str(merges), pad_token="<|endoftext|>",
+                                         model_max_length=77)
+    config = transformers.CLIPConfig(
+        text_config={"vocab_size": len(tok), "hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12,
+                     "num_attention_heads": 8, "max_position_embeddings": 77},
+        vision_config={"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                       "num_attention_heads": 12, "image_size": 224, "patch_size": 32},
+        projection_dim=512,
+    )
+    torch.manual_seed(0)
+    out = folder / "clip-vit-b32-random"
+    transformers.CLIPModel(config).eval().save_pretrained(out)
+    tok.save_pretrained(out)
+    transformers.CLIPImageProcessor(size={"shortest_edge": 224},
+                                    crop_size={"height": 224, "width": 224}).save_pretrained(out)
+    return out
+
+
+def export_variants(src: str, models_dir: Path) -> tuple[Path, list[Path], list[str]]:
+    """Exports float32 / int8 / fp16 folders of ``src`` (reusing complete ones); returns (reference, variants, notes)."""
+    from rar_edge.errors import ExportError
+    from rar_edge_export import export_clip, export_tflite
+
+    notes = []
+    models_dir.mkdir(parents=True, exist_ok=True)
+    if src == RANDOM_CLIP:
+        base = models_dir / "clip-vit-b32-random"
+        source = base / "clip-vit-b32-random"
+        if not (source / "config.json").is_file():
+            _random_clip_vit_b32(base)
+        export, stem = export_clip, "clip-vit-b32-random"
+        notes.append("encoder: CLIP with ViT-B/32 shapes and RANDOM weights (torch.manual_seed(0)): latencies are "
+                     "those of ViT-B/32; cosines are those of an untrained network, not of OpenAI's weights")
+    elif src.endswith(".tflite"):
+        source, export, stem = Path(src), export_tflite, Path(src).stem
+    else:
+        source, export, stem = Path(src), export_clip, Path(src).name
+    dirs = {}
+    for mode in (None, "int8", "fp16"):
+        d = models_dir / f"{stem}.{mode or 'fp32'}"
+        if not (d / "manifest.json").is_file():
+            try:
+                export(source, d, quantize=mode, overwrite=True)
+            except ExportError as e:
+                notes.append(f"{mode} variant not made: {e}")
+                continue
+        dirs[mode] = d
+    fn = export.__name__
+    notes.append(f"variants exported with rar_edge_export.{fn}(quantize=None | 'int8' | 'fp16'); "
+                 "the float32 export is the reference")
+    return dirs[None], [dirs[m] for m in ("int8", "fp16") if m in dirs], notes
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rar_edge.bench import add_bench_arguments, run_from_args, summary_lines
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--export-variants", default=None, metavar="SRC")
+    pre.add_argument("--models-dir", default=None)
+    known, rest = pre.parse_known_args(argv)
+    notes: list[str] = []
+    if known.export_variants:
+        models_dir = Path(known.models_dir or tempfile.mkdtemp(prefix="rar_edge_variants_"))
+        ref, variants, notes = export_variants(known.export_variants, models_dir)
+        rest = ["--encoder", str(ref), *[x for v in variants for x in ("--variant", str(v))], *rest]
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[pre])
+    add_bench_arguments(p)
+    args = p.parse_args(rest)
+    res = run_from_args(args, notes=notes)
+    for line in summary_lines(res, args.out):
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

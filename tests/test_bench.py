@@ -1,0 +1,223 @@
+"""`rar-edge bench` on a tiny set-up: the real MobileNet embedder, a few flower photos, few runs."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rar_edge import EncoderConfig
+from rar_edge.bench import STAGES, BenchConfig, run_bench
+from rar_edge.errors import InvalidInputError
+from rar_edge.types import Ranking
+
+pytest.importorskip("matplotlib")
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PERCENTILE_KEYS = ("p50", "p95", "p99", "mean", "min", "max", "n")
+
+
+@pytest.fixture(scope="module")
+def flowers(tmp_path_factory) -> Path:
+    """3 classes x 4 photos of Oxford Flowers (symlinks): 2 shots per class leave 6 queries."""
+    from conftest import shared_file
+
+    src = shared_file("data/flowers17")
+    root = tmp_path_factory.mktemp("bench_flowers")
+    for cls in ("daisy", "sunflower", "tulip"):
+        (root / cls).mkdir()
+        for p in sorted((src / cls).glob("*.jpg"))[:4]:
+            (root / cls / p.name).symlink_to(p)
+    return root
+
+
+def _config(**kw) -> BenchConfig:
+    return BenchConfig(**{"runs": 8, "warmup": 1, "shots": 2, "k": 3, "encoder": EncoderConfig(threads=1), **kw})
+
+
+def _check_percentiles(p: dict) -> None:
+    assert set(PERCENTILE_KEYS) <= set(p)
+    assert 0 <= p["min"] <= p["p50"] <= p["p95"] <= p["p99"] <= p["max"]
+    assert p["min"] <= p["mean"] <= p["max"]
+
+
+def _check_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.width >= 600 and im.height >= 250
+
+
+def test_retrieval_only_bench_writes_every_field(mobilenet_onnx, flowers, tmp_path):
+    out = tmp_path / "bench"
+    res = run_bench(encoder=mobilenet_onnx, images=flowers, out_dir=out, config=_config())
+    on_disk = json.loads((out / "bench.json").read_text())
+    assert on_disk == json.loads(json.dumps(res))  # what is returned is what was written
+
+    for key in ("schema", "created_at", "setup", "environment", "cold_start_ms", "setup_ms", "classify", "detect",
+                "overhead_share", "overhead_target", "model_time_method", "memory_rss", "encoder_variants", "notes",
+                "files"):
+        assert key in on_disk, key
+    env = on_disk["environment"]
+    for key in ("cpu_model", "logical_cpus", "cpus_usable", "encoder_threads", "providers_in_use",
+                "providers_available", "versions", "git", "python", "load_average_before", "load_average_after"):
+        assert key in env, key
+    assert env["providers_in_use"]["image"] == ["CPUExecutionProvider"]
+    assert env["encoder_threads"] == 1
+    assert env["versions"]["onnxruntime"]
+
+    cold = on_disk["cold_start_ms"]
+    assert cold["encoder_load_ms"] > 0 and cold["first_classify_ms"] > 0
+    assert cold["memory_load_ms"] is None and on_disk["setup_ms"]["memory_build"] > 0  # built, not loaded
+    assert cold["total_ms"] >= cold["encoder_load_ms"] + cold["first_classify_ms"]
+
+    c = on_disk["classify"]
+    assert c["runs"] == 8 and c["throughput_per_s"] > 0
+    for stage in STAGES:
+        if stage == "rank":
+            assert c["latency_ms"]["rank"] is None  # retrieval only
+            continue
+        _check_percentiles(c["latency_ms"][stage])
+        assert len(c["samples_ms"][stage]) == 8
+    _check_percentiles(c["model_time_ms"]["encoder"])
+    assert c["model_time_ms"]["ranker"] is None
+    ov = c["overhead"]
+    assert 0.0 <= on_disk["overhead_share"] == ov["overhead_share"] <= 1.0
+    assert 0.0 <= ov["overhead_share_p50"] <= 1.0
+    # The model call is inside the encode stage, which is inside the total.
+    enc_model = np.asarray(c["samples_ms"]["encoder_model"])
+    assert np.all(enc_model > 0)
+    assert np.all(enc_model <= np.asarray(c["samples_ms"]["encode"]) + 1e-3)
+    assert c["accuracy"]["n"] == 8 and 0.0 <= c["accuracy"]["top1"] <= 1.0
+
+    rss = on_disk["memory_rss"]
+    assert rss["peak_bytes"] >= rss["after_runs_bytes"] > 0
+
+    assert on_disk["files"]["plots"] == ["stage_breakdown.png", "latency_distribution.png"]
+    for name in on_disk["files"]["plots"]:
+        _check_png(out / name)
+    summary = (out / "summary.md").read_text()
+    assert "SDK overhead share" in summary and "| encode |" in summary
+
+
+class _FakeLlama:
+    """Stands in for the llama_cpp bindings module: one 'native' call that takes 3 ms."""
+
+    class llama_pos:  # a ctypes-like type: must pass through the timing proxy untouched
+        pass
+
+    @staticmethod
+    def llama_decode(n: int) -> int:
+        time.sleep(0.003)
+        return 0
+
+    @staticmethod
+    def llama_print_system_info() -> bytes:
+        return b"CPU : SSE3 = 1 | fake = 1"
+
+
+class _Native:
+    def __init__(self):
+        self.lc = _FakeLlama
+        self.mtmd = None
+
+
+class _NativeRanker:
+    """A ranker shaped like rar_edge.ranker.Ranker: Python work around calls into its native module."""
+
+    name = "fake-native"
+    mode = "score"
+
+    def __init__(self):
+        self._native = _Native()
+
+    def rank(self, image, candidates):
+        assert isinstance(self._native.lc.llama_pos, type)
+        self._native.lc.llama_decode(len(candidates))
+        time.sleep(0.001)  # prompt assembly and parsing: SDK overhead
+        labels = tuple(reversed(candidates))
+        return Ranking(labels=labels, scores=tuple(np.linspace(0.6, 0.1, len(labels))))
+
+
+def test_ranker_time_is_the_native_calls_and_variants_compare(mobilenet_onnx, flowers, tmp_path):
+    ranker = _NativeRanker()
+    res = run_bench(encoder=mobilenet_onnx, images=flowers, out_dir=tmp_path, ranker=ranker,
+                    variants=[mobilenet_onnx], notes=["a note"], config=_config(runs=5, plots=True))
+    assert ranker._native.lc is _FakeLlama  # the proxy is gone afterwards
+    c = res["classify"]
+    _check_percentiles(c["latency_ms"]["rank"])
+    rk = c["model_time_ms"]["ranker"]
+    _check_percentiles(rk)
+    assert 2.5 <= rk["p50"] <= c["latency_ms"]["rank"]["p50"]
+    assert c["latency_ms"]["rank"]["p50"] >= rk["p50"] + 0.5  # the 1 ms of Python is overhead, not model time
+    assert c["overhead"]["ranker_call"] == "llama.cpp C calls"
+    assert res["environment"]["llama_cpp_system_info"].startswith("CPU")
+    assert 0.0 <= res["overhead_share"] <= 1.0
+
+    (ref, same) = res["encoder_variants"]
+    assert ref["name"] == "fp32 (reference)" and ref["latency_ratio_to_reference_p50"] == 1.0
+    assert same["cosine_to_reference"]["min"] == pytest.approx(1.0, abs=1e-6)
+    _check_percentiles(same["session_run_ms"])
+    assert same["latency_ratio_to_reference_p50"] > 0
+    assert res["notes"] == ["a note"]
+    assert "encoder_variants.png" in res["files"]["plots"]
+    for name in res["files"]["plots"]:
+        _check_png(tmp_path / name)
+
+
+def test_cli_bench_prints_summary(mobilenet_onnx, flowers, tmp_path, capsys):
+    from rar_edge.cli import main
+
+    out = tmp_path / "cli"
+    rc = main(["bench", "--encoder", str(mobilenet_onnx), "--images", str(flowers), "--shots", "2",
+               "--runs", "3", "--warmup", "0", "--threads", "1", "--no-plots", "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "overhead_share" in text and "classify p50 ms" in text
+    res = json.loads((out / "bench.json").read_text())
+    assert res["files"]["plots"] == [] and res["classify"]["runs"] == 3
+
+
+def test_saved_memory_without_queries_uses_its_exemplars(mobilenet_onnx, flowers, tmp_path):
+    from rar_edge import Encoder, Memory
+
+    enc = Encoder(mobilenet_onnx, config=EncoderConfig(threads=1))
+    mem_file = Memory.from_folder(flowers, encoder=enc, shots=2, seed=0).save(tmp_path / "m.rarmem")
+    res = run_bench(encoder=enc, memory=mem_file, out_dir=tmp_path / "b", config=_config(runs=3, plots=False))
+    assert res["cold_start_ms"]["memory_load_ms"] > 0 and res["cold_start_ms"]["encoder_load_ms"] is None
+    assert res["classify"]["accuracy"] is None  # exemplars are in the memory: accuracy would be trivial
+    assert res["setup"]["memory"]["entries"] == 6
+
+
+def test_bad_arguments(mobilenet_onnx, flowers, tmp_path):
+    with pytest.raises(InvalidInputError):
+        run_bench(encoder=mobilenet_onnx, out_dir=tmp_path, config=_config())  # neither memory nor images
+    with pytest.raises(InvalidInputError):
+        BenchConfig(runs=0)
+
+
+def test_detect_is_timed_when_boxes_are_given(mobilenet_onnx, flowers, tmp_path):
+    pytest.importorskip("rar_edge.boxes")
+    from conftest import shared_file
+
+    coco = shared_file("data/coco128")
+    ds = tmp_path / "yolo"
+    (ds / "images").mkdir(parents=True)
+    (ds / "labels").mkdir()
+    (ds / "classes.txt").write_text((coco / "classes.txt").read_text())
+    for lbl in sorted((coco / "labels").glob("*.txt"))[:3]:
+        (ds / "labels" / lbl.name).write_text(lbl.read_text())
+        img = coco / "images" / (lbl.stem + ".jpg")
+        (ds / "images" / img.name).symlink_to(img)
+    res = run_bench(encoder=mobilenet_onnx, images=flowers, boxes=ds, out_dir=tmp_path / "b",
+                    config=_config(runs=3, plots=True))
+    d = res["detect"]
+    _check_percentiles(d["latency_ms"]["total"])
+    assert d["boxes_per_s"] > 0 and 0.0 <= d["overhead"]["overhead_share"] <= 1.0
+    for name in res["files"]["plots"]:
+        _check_png(tmp_path / "b" / name)
