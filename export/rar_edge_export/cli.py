@@ -62,8 +62,6 @@ def main_export(argv: Sequence[str] | None = None) -> int:
     add_export_subcommands(subparsers)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    # transformers would otherwise import TensorFlow too (slow, noisy) when both are installed.
-    os.environ.setdefault("USE_TF", "0")
     try:
         return int(args.func(args))
     except RarEdgeError as e:
@@ -79,6 +77,8 @@ def _add_common_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_clip(args: argparse.Namespace) -> int:
+    # transformers would otherwise import TensorFlow too (slow, noisy) when both are installed.
+    os.environ.setdefault("USE_TF", "0")
     from .clip import export_clip
 
     manifest = export_clip(args.src, args.out, opset=args.opset, quantize=args.quantize, overwrite=args.overwrite)

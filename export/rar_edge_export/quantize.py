@@ -36,7 +36,7 @@ FP16_METHOD = "onnxruntime.transformers.float16.convert_float_to_float16(keep_io
 
 @dataclass(frozen=True)
 class QuantizationInfo:
-    """What `quantize_onnx` did, in the shape the manifest records."""
+    """What `quantize_onnx` did; `quantization_record` turns these into the manifest's section."""
 
     mode: str
     method: str
