@@ -196,7 +196,7 @@ def cmd_finetune_data(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(workdir=args.workdir, shared=args.shared, n_images=args.n)
+    return run_demo(workdir=args.workdir, shared=args.shared, n_images=args.n, clip=args.clip, ranker=args.ranker)
 
 
 def _export_parser(sub) -> None:
@@ -303,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--workdir", default="artifacts/demo")
     dm.add_argument("--shared", default=None, help="the shared data folder (default: $RAR_EDGE_SHARED or ../shared)")
     dm.add_argument("-n", type=int, default=8, help="query images to classify")
+    dm.add_argument("--clip", default=None, help="a CLIP model (local folder or hub id) for zero-shot")
+    dm.add_argument("--ranker", default=None, help="a ranker model folder or GGUF")
     dm.set_defaults(func=cmd_demo)
     return parser
 

@@ -72,6 +72,7 @@ class ImageSpec:
     input_name: str = "pixel_values"
     output_name: str = "image_embeds"
     output_dequantize: tuple[float, float] | None = None  # (scale, zero_point)
+    resize_shortest_edge_px: int | None = None  # shortest_edge: resize to this, then crop (default: crop size)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ImageSpec":
@@ -91,6 +92,8 @@ class ImageSpec:
                 input_name=str(d.get("input_name", "pixel_values")),
                 output_name=str(d.get("output_name", "image_embeds")),
                 output_dequantize=None if deq is None else (float(deq["scale"]), float(deq["zero_point"])),
+                resize_shortest_edge_px=None if d.get("resize_shortest_edge_px") is None
+                else int(d["resize_shortest_edge_px"]),
             )
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise ManifestError(f"bad 'image' section in manifest: {e!r}") from e
@@ -108,6 +111,8 @@ class ImageSpec:
             raise ManifestError("image.mean and image.std need 3 values, std > 0")
         if min(spec.size_px) < 1:
             raise ManifestError("image.size_px must be positive")
+        if spec.resize_shortest_edge_px is not None and spec.resize_shortest_edge_px < min(spec.size_px):
+            raise ManifestError("image.resize_shortest_edge_px must be at least the crop size")
         return spec
 
     def to_dict(self) -> dict[str, Any]:
@@ -126,6 +131,7 @@ class ImageSpec:
             "output_dequantize": None
             if self.output_dequantize is None
             else {"scale": self.output_dequantize[0], "zero_point": self.output_dequantize[1]},
+            "resize_shortest_edge_px": self.resize_shortest_edge_px,
         }
 
 

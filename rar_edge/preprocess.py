@@ -158,7 +158,10 @@ def resize_for_model(img: Image.Image, spec: ImageSpec) -> np.ndarray:
         out = img.resize((tw, th), resample) if img.size != (tw, th) else img
     else:
         short = min(img.width, img.height)
-        target_short = min(th, tw) if spec.crop_mode == "center" else max(th, tw)
+        if spec.resize_shortest_edge_px is not None:
+            target_short = spec.resize_shortest_edge_px  # e.g. 256 then a 224 centre crop
+        else:
+            target_short = min(th, tw) if spec.crop_mode == "center" else max(th, tw)
         scale = target_short / short
         nw, nh = max(tw, round(img.width * scale)), max(th, round(img.height * scale))
         out = img.resize((nw, nh), resample) if (nw, nh) != img.size else img

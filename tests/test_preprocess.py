@@ -97,3 +97,14 @@ def test_normalize_matches_manual_formula():
     np.testing.assert_allclose(x, ref, atol=1e-5)
     u8 = normalize(px, ImageSpec(size_px=(4, 4), dtype="uint8", layout="NHWC"))
     assert u8.dtype == np.uint8 and (u8 == px).all()
+
+
+def test_resize_shortest_edge_then_crop_honours_the_manifest_resize_size():
+    # 256 -> 224 centre crop (the common ImageNet recipe): the crop drops a border of the resized image.
+    a = np.zeros((100, 100, 3), np.uint8)
+    a[:6] = 255  # a white band at the top: inside a direct 224 resize, cropped away after a 256 resize
+    direct = resize_for_model(Image.fromarray(a), ImageSpec(size_px=(224, 224), resample="nearest"))
+    via256 = resize_for_model(Image.fromarray(a), ImageSpec(size_px=(224, 224), resample="nearest",
+                                                            resize_shortest_edge_px=256))
+    assert direct.shape == via256.shape == (224, 224, 3)
+    assert direct[0].max() == 255 and via256[0].max() == 0

@@ -153,9 +153,6 @@ def export_clip(
                 "output_name": image_session.get_outputs()[0].name,
             }
         ).to_dict()
-        if preprocessing["resize_mode"] == "shortest_edge":
-            # Not (yet) a field of ImageSpec; recorded so that a mismatch with size_px is visible.
-            image["resize_shortest_edge_px"] = preprocessing["resize_shortest_edge_px"]
         text_spec = TextSpec(
             input_names=tuple(i.name for i in text_session.get_inputs()),
             output_name=text_session.get_outputs()[0].name,
@@ -253,14 +250,6 @@ def _image_preprocessing(source: str, local: bool, config: Any) -> dict[str, Any
     final = (int(crop["height"]), int(crop["width"])) if crop else (int(size["height"]), int(size["width"]))
     fields["size_px"] = list(final)
     fields["crop_mode"] = "center" if crop else "none"
-    if fields["resize_mode"] == "shortest_edge" and fields["resize_shortest_edge_px"] != min(final):
-        logger.warning(
-            "%s resizes the shortest edge to %d px before a %s crop; the manifest records both, but a runtime "
-            "that reads only size_px resizes to the crop size",
-            source,
-            fields["resize_shortest_edge_px"],
-            final,
-        )
     expected = int(config.vision_config.image_size)
     if final != (expected, expected):
         raise ExportError(f"{source}: the image processor gives {final} px images, the vision model expects {expected}")

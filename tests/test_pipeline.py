@@ -1,0 +1,203 @@
+"""classify() end to end on the real MobileNet embedder (exported by the project's own tflite path)."""
+
+import dataclasses
+import io
+import json
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import rar_edge
+from rar_edge import Encoder, EncoderConfig, Memory, Pipeline, PipelineConfig
+from rar_edge.errors import EmptyMemoryError, ImageDecodeError, MemoryMismatchError
+from rar_edge.types import Ranking
+
+
+@pytest.fixture(scope="module")
+def flowers_subset(tmp_path_factory, shared_path):
+    """4 classes x 10 photos of Oxford Flowers (symlinks), small enough for quick end-to-end tests."""
+    src = shared_path / "data" / "flowers17"
+    if not src.is_dir():
+        pytest.skip(f"Oxford Flowers not found at {src}")
+    root = tmp_path_factory.mktemp("flowers_subset")
+    for cls in ["daisy", "sunflower", "tulip", "snowdrop"]:
+        (root / cls).mkdir()
+        for p in sorted((src / cls).glob("*.jpg"))[:10]:
+            (root / cls / p.name).symlink_to(p)
+    return root
+
+
+@pytest.fixture(scope="module")
+def encoder(mobilenet_onnx):
+    return Encoder(mobilenet_onnx, config=EncoderConfig(threads=1))
+
+
+@pytest.fixture(scope="module")
+def memory(encoder, flowers_subset):
+    return Memory.from_folder(flowers_subset, encoder=encoder, shots=4, seed=0)
+
+
+def test_classify_accepts_every_input_kind_and_agrees(encoder, memory, flowers_subset):
+    path = sorted((flowers_subset / "daisy").iterdir())[-1]
+    pipe = Pipeline(memory=memory, encoder=encoder)
+    data = path.read_bytes()
+    results = [
+        pipe.classify(path),
+        pipe.classify(str(path)),
+        pipe.classify(data),
+        pipe.classify(Image.open(io.BytesIO(data))),
+    ]
+    labels = {r.label for r in results}
+    assert len(labels) == 1
+    r = results[0]
+    assert r.label == r.candidates[0].label and r.label in memory.classes
+    assert len(r.candidates) == 4 and len({c.label for c in r.candidates}) == 4  # k=5 > 4 classes
+    assert r.candidates == r.retrieved and not r.ranker_ran
+    assert set(r.timings_ms) == {"decode", "preprocess", "encode", "search", "total"}
+    assert r.timings_ms["total"] >= r.timings_ms["encode"] > 0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.label = "x"  # type: ignore[misc]
+    # an array input (full-resolution decode) lands on the same class for a clear photo
+    arr = np.asarray(Image.open(path).convert("RGB"))
+    assert pipe.classify(arr).label == r.label
+
+
+def test_few_shot_accuracy_on_held_out_photos(encoder, memory, flowers_subset):
+    from rar_edge.datasets import few_shot_split
+
+    split = few_shot_split(flowers_subset, shots=4, seed=0)
+    pipe = Pipeline(memory=memory, encoder=encoder, config=PipelineConfig(k=2))
+    hits = [pipe.classify(p).label == c for p, c in split.queries]
+    assert len(hits) == 24
+    assert np.mean(hits) >= 0.7  # 4 visually distinct flowers; retrieval with a real embedder
+
+
+def test_seeded_shots_are_a_random_sample_not_the_first_files(flowers_subset):
+    from rar_edge.datasets import few_shot_split
+
+    a = few_shot_split(flowers_subset, shots=3, seed=0).support
+    b = few_shot_split(flowers_subset, shots=3, seed=0).support
+    c = few_shot_split(flowers_subset, shots=3, seed=1).support
+    assert a == b and a != c
+    firsts = {cls: sorted((flowers_subset / cls).iterdir())[:3] for cls in a}
+    assert a != firsts
+
+
+def test_bad_images_and_empty_memory(encoder, memory):
+    pipe = Pipeline(memory=memory, encoder=encoder)
+    with pytest.raises(ImageDecodeError):
+        pipe.classify(b"\xff\xd8\xff\xe0 not really a jpeg")
+    empty = Memory.empty(encoder=encoder)
+    with pytest.raises(EmptyMemoryError):
+        Pipeline(memory=empty, encoder=encoder).classify(np.zeros((50, 50, 3), np.uint8))
+
+
+def test_memory_from_another_encoder_is_refused(encoder, tiny_clip_onnx):
+    other = Encoder(tiny_clip_onnx)
+    mem = Memory.from_class_names(["cat", "dog"], encoder=other)
+    with pytest.raises(MemoryMismatchError):
+        Pipeline(memory=mem, encoder=encoder)
+
+
+class _ReverseRanker:
+    """A stand-in ranker: reverses the retrieval order (checks the pipeline's wiring, not a model)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def rank(self, image, candidates):
+        self.calls += 1
+        assert isinstance(image, Image.Image)
+        labels = tuple(reversed(candidates))
+        return Ranking(labels=labels, scores=tuple(np.linspace(0.5, 0.1, len(labels))))
+
+
+class _BrokenRanker:
+    def rank(self, image, candidates):
+        return Ranking(labels=("not a candidate",) + tuple(candidates[1:]), scores=(1.0,) * len(candidates))
+
+
+def test_ranker_wiring_gate_and_refusal_of_out_of_list_answers(encoder, memory, flowers_subset):
+    path = sorted((flowers_subset / "tulip").iterdir())[-1]
+    rr = _ReverseRanker()
+    r = Pipeline(memory=memory, encoder=encoder, ranker=rr, config=PipelineConfig(k=3)).classify(path)
+    assert r.ranker_ran and rr.calls == 1
+    assert [c.label for c in r.candidates] == [c.label for c in reversed(r.retrieved)]
+    assert r.label == r.retrieved[-1].label and "rank" in r.timings_ms
+    gated = Pipeline(memory=memory, encoder=encoder, ranker=rr, config=PipelineConfig(k=3, gate_margin=0.0))
+    g = gated.classify(path)
+    assert not g.ranker_ran and rr.calls == 1 and g.label == g.retrieved[0].label
+    b = Pipeline(memory=memory, encoder=encoder, ranker=_BrokenRanker(), config=PipelineConfig(k=3)).classify(path)
+    assert b.ranker_fallback and b.label == b.retrieved[0].label
+
+
+def test_module_level_classify_caches_the_pipeline(encoder, memory, flowers_subset, tmp_path):
+    p = memory.save(tmp_path / "m.rarmem")
+    img = sorted((flowers_subset / "snowdrop").iterdir())[-1]
+    a = rar_edge.classify(img, memory=p, encoder=encoder, k=3)
+    from rar_edge.pipeline import _CACHE
+
+    n = len(_CACHE)
+    b = rar_edge.classify(img, memory=p, encoder=encoder, k=3)
+    assert len(_CACHE) == n and a.label == b.label
+    # the memory records its encoder's folder, so no encoder argument is needed
+    assert rar_edge.classify(img, memory=p, k=3).label == a.label
+
+
+def test_requested_gpu_that_falls_back_is_visible(mobilenet_onnx):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("a CUDA provider is available here; the fallback cannot be provoked")
+    with pytest.warns(rar_edge.ProviderFallbackWarning, match="cuda"):
+        enc = Encoder(mobilenet_onnx, config=EncoderConfig(provider="cuda"))
+    assert enc.providers["image"] == ["CPUExecutionProvider"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Encoder(mobilenet_onnx, config=EncoderConfig(provider="cpu"))
+
+
+def test_zero_shot_memory_classifies_into_one_of_the_names(tiny_clip_onnx, tmp_path):
+    enc = Encoder(tiny_clip_onnx)
+    names = ["tabby cat", "golden retriever", "airliner", "pizza"]
+    mem = Memory.from_class_names(names, encoder=enc)
+    assert mem.size == 4 and mem.classes == tuple(names)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        r = Pipeline(memory=mem, encoder=enc, config=PipelineConfig(k=3)).classify(
+            rng.integers(0, 256, (80, 60, 3), dtype=np.uint8))
+        assert r.label in names and len(r.candidates) == 3
+
+
+def test_cli_build_info_classify_and_eval(mobilenet_onnx, flowers_subset, tmp_path):
+    def run(*args):
+        out = subprocess.run([sys.executable, "-m", "rar_edge", "-q", *map(str, args)], capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    mem = tmp_path / "flowers.rarmem"
+    run("memory", "build", flowers_subset, "--encoder", mobilenet_onnx, "--shots", 4, "--seed", 0, "-o", mem)
+    info = json.loads(run("memory", "info", mem, "--json"))
+    assert info["n_entries"] == 16 and info["n_classes"] == 4
+    assert info["encoder"]["path"] == str(mobilenet_onnx.resolve())
+    img = sorted((flowers_subset / "sunflower").iterdir())[-1]
+    res = json.loads(run("classify", img, "--memory", mem, "-k", 3, "--json"))
+    assert res["label"] in info["entries_per_class"] and len(res["candidates"]) == 3
+    ev = tmp_path / "eval.json"
+    run("eval", flowers_subset, "--encoder", mobilenet_onnx, "--shots", 4, "--seed", 0, "-k", 3, "--json", ev)
+    d = json.loads(ev.read_text())
+    assert d["n_queries"] == 24 and set(d["recall"]) == {"1", "2", "3"}
+    assert 0 <= d["top1"] <= d["recall"]["3"] <= 1
+    assert {"decode", "preprocess", "encode", "search", "total"} <= set(d["latency_ms"])
+    assert {"p50", "p95"} <= set(d["latency_ms"]["total"])
+    # a damaged memory file is refused with a clear message and a non-zero exit
+    bad = tmp_path / "bad.rarmem"
+    bad.write_bytes(mem.read_bytes()[:500])
+    out = subprocess.run([sys.executable, "-m", "rar_edge", "classify", img, "--memory", bad], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and "rar-edge: error:" in out.stderr and "Traceback" not in out.stderr
