@@ -1,60 +1,232 @@
 // The one pybind11 file: argument checks with the GIL held, C++ work with it released.
+// Arrays are taken as they are (no forcecast, no silent copies): a wrong dtype is a TypeError, a wrong
+// shape or layout a ValueError, each with a hint.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
-#include <stdexcept>
+#include <cmath>
 #include <string>
+#include <vector>
 
+#include "cpu.hpp"
+#include "crop.hpp"
 #include "search.hpp"
 
 namespace py = pybind11;
 
 namespace {
 
-py::tuple topk_classes(py::array vectors, py::array labels, int n_classes, py::array queries, int k) {
-  if (!py::isinstance<py::array_t<float>>(vectors) || !py::isinstance<py::array_t<float>>(queries))
-    throw py::type_error("vectors and queries must be float32 arrays (use np.asarray(x, dtype=np.float32))");
-  if (!py::isinstance<py::array_t<int32_t>>(labels))
-    throw py::type_error("labels must be an int32 array");
-  if (!(vectors.flags() & py::array::c_style) || !(queries.flags() & py::array::c_style) ||
-      !(labels.flags() & py::array::c_style))
-    throw py::value_error("arrays must be C-contiguous (use np.ascontiguousarray)");
-  if (vectors.ndim() != 2 || queries.ndim() != 2 || labels.ndim() != 1)
-    throw py::value_error("expected vectors (N, d), labels (N,), queries (Q, d)");
-  const auto n = static_cast<std::size_t>(vectors.shape(0));
-  const auto dim = static_cast<std::size_t>(vectors.shape(1));
-  if (static_cast<std::size_t>(labels.shape(0)) != n) throw py::value_error("labels must have one entry per vector");
-  if (static_cast<std::size_t>(queries.shape(1)) != dim)
-    throw py::value_error("query dim " + std::to_string(queries.shape(1)) + " != memory dim " + std::to_string(dim));
-  if (k < 1) throw py::value_error("k must be >= 1");
-  if (n_classes < 0) throw py::value_error("n_classes must be >= 0");
-  auto lab = labels.unchecked<int32_t, 1>();
-  for (std::size_t i = 0; i < n; ++i)
-    if (lab(i) < 0 || lab(i) >= n_classes) throw py::value_error("label out of range [0, n_classes)");
+std::string dtype_str(const py::array& a) { return py::str(a.dtype()).cast<std::string>(); }
+
+void require_c_contiguous(const py::array& a, const char* name) {
+  if (!(a.flags() & py::array::c_style))
+    throw py::value_error(std::string(name) + " must be C-contiguous (np.ascontiguousarray(" + name +
+                          ") makes a copy you can keep)");
+}
+
+template <class T>
+bool is_dtype(const py::array& a) {
+  return a.dtype().equal(py::dtype::of<T>());
+}
+
+std::string shape_str(const py::array& a) {
+  std::string s = "(";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
+  return s + (a.ndim() == 1 ? ",)" : ")");
+}
+
+py::tuple topk_classes(py::array vectors, py::array labels, int n_classes, py::array queries, int k,
+                       py::object scales, py::object rerank, int threads) {
+  rar::VectorView v;
+  if (is_dtype<float>(vectors)) {
+    v.storage = rar::Storage::f32;
+  } else if (vectors.dtype().equal(py::dtype("float16"))) {
+    v.storage = rar::Storage::f16;
+  } else if (is_dtype<int8_t>(vectors)) {
+    v.storage = rar::Storage::i8;
+  } else {
+    throw py::type_error("vectors must be float32, float16 or int8 (with scales), not " + dtype_str(vectors));
+  }
+  if (!is_dtype<float>(queries))
+    throw py::type_error("queries must be float32, not " + dtype_str(queries) +
+                         " (use np.asarray(q, dtype=np.float32))");
+  if (!is_dtype<int32_t>(labels)) throw py::type_error("labels must be int32, not " + dtype_str(labels));
+  if (vectors.ndim() != 2) throw py::value_error("vectors must be (N, d), got shape " + shape_str(vectors));
+  if (queries.ndim() != 2) throw py::value_error("queries must be (Q, d), got shape " + shape_str(queries));
+  if (labels.ndim() != 1) throw py::value_error("labels must be (N,), got shape " + shape_str(labels));
+  require_c_contiguous(vectors, "vectors");
+  require_c_contiguous(queries, "queries");
+  require_c_contiguous(labels, "labels");
+  v.n = static_cast<std::size_t>(vectors.shape(0));
+  v.dim = static_cast<std::size_t>(vectors.shape(1));
+  if (static_cast<std::size_t>(labels.shape(0)) != v.n)
+    throw py::value_error("labels has " + std::to_string(labels.shape(0)) + " entries for " +
+                          std::to_string(v.n) + " vectors");
+  if (static_cast<std::size_t>(queries.shape(1)) != v.dim)
+    throw py::value_error("query dim " + std::to_string(queries.shape(1)) + " != memory dim " +
+                          std::to_string(v.dim));
+  if (k < 1) throw py::value_error("k must be >= 1, got " + std::to_string(k));
+  if (n_classes < 0) throw py::value_error("n_classes must be >= 0, got " + std::to_string(n_classes));
+  if (threads < 1) throw py::value_error("threads must be >= 1, got " + std::to_string(threads));
+  py::array scales_arr;
+  if (v.storage == rar::Storage::i8) {
+    if (scales.is_none()) throw py::type_error("int8 vectors need scales: float32 (N,), one per row");
+    if (!py::isinstance<py::array>(scales)) throw py::type_error("scales must be a float32 numpy array");
+    scales_arr = scales.cast<py::array>();
+    if (!is_dtype<float>(scales_arr)) throw py::type_error("scales must be float32, not " + dtype_str(scales_arr));
+    if (scales_arr.ndim() != 1 || static_cast<std::size_t>(scales_arr.shape(0)) != v.n)
+      throw py::value_error("scales must be (N,) = (" + std::to_string(v.n) + ",), got " + shape_str(scales_arr));
+    require_c_contiguous(scales_arr, "scales");
+    v.scales = static_cast<const float*>(scales_arr.data());
+  } else if (!scales.is_none()) {
+    throw py::value_error("scales are only for int8 vectors");
+  }
+  py::array rerank_arr;
+  if (!rerank.is_none()) {
+    if (v.storage != rar::Storage::i8) throw py::value_error("rerank vectors are only for int8 vectors");
+    if (!py::isinstance<py::array>(rerank)) throw py::type_error("rerank must be a float32 numpy array");
+    rerank_arr = rerank.cast<py::array>();
+    if (!is_dtype<float>(rerank_arr)) throw py::type_error("rerank must be float32, not " + dtype_str(rerank_arr));
+    if (rerank_arr.ndim() != 2 || static_cast<std::size_t>(rerank_arr.shape(0)) != v.n ||
+        static_cast<std::size_t>(rerank_arr.shape(1)) != v.dim)
+      throw py::value_error("rerank must have the vectors' shape " + shape_str(vectors) + ", got " +
+                            shape_str(rerank_arr));
+    require_c_contiguous(rerank_arr, "rerank");
+    v.rerank = static_cast<const float*>(rerank_arr.data());
+  }
+  const auto* lab = static_cast<const int32_t*>(labels.data());
+  {
+    // min/max first (vectorises), then the exact offender for the message
+    int32_t lo = 0, hi = 0;
+    if (v.n) lo = hi = lab[0];
+    for (std::size_t i = 0; i < v.n; ++i) {
+      lo = lab[i] < lo ? lab[i] : lo;
+      hi = lab[i] > hi ? lab[i] : hi;
+    }
+    if (v.n && (lo < 0 || hi >= n_classes))
+      for (std::size_t i = 0; i < v.n; ++i)
+        if (lab[i] < 0 || lab[i] >= n_classes)
+          throw py::value_error("label " + std::to_string(lab[i]) + " at row " + std::to_string(i) +
+                                " is outside [0, n_classes=" + std::to_string(n_classes) + ")");
+  }
+  v.data = vectors.data();
   const auto nq = static_cast<std::size_t>(queries.shape(0));
   py::array_t<int32_t> out_c({nq, static_cast<std::size_t>(k)});
   py::array_t<float> out_s({nq, static_cast<std::size_t>(k)});
-  const float* v = static_cast<const float*>(vectors.data());
-  const float* q = static_cast<const float*>(queries.data());
-  const int32_t* l = static_cast<const int32_t*>(labels.data());
+  const auto* q = static_cast<const float*>(queries.data());
   int32_t* oc = out_c.mutable_data();
   float* os = out_s.mutable_data();
   {
     py::gil_scoped_release release;
-    rar::topk_classes_f32(v, l, n, dim, n_classes, q, nq, k, oc, os);
+    rar::topk_classes(v, lab, n_classes, q, nq, k, threads, oc, os);
   }
   return py::make_tuple(out_c, out_s);
+}
+
+py::array crop_blur(py::array image, py::array boxes, int out_size, double crop_scale, bool adaptive, double sigma,
+                    bool letterbox, int pad_value, int threads) {
+  if (!is_dtype<uint8_t>(image)) throw py::type_error("image must be uint8, not " + dtype_str(image));
+  if (image.ndim() != 3 || image.shape(2) != 3)
+    throw py::value_error("image must be (H, W, 3) RGB, got shape " + shape_str(image));
+  require_c_contiguous(image, "image");
+  if (image.shape(0) < 1 || image.shape(1) < 1) throw py::value_error("image is empty: shape " + shape_str(image));
+  if (image.shape(0) > (1 << 30) || image.shape(1) > (1 << 30) / 3)
+    throw py::value_error("image too large: shape " + shape_str(image));
+  if (!is_dtype<double>(boxes)) throw py::type_error("boxes must be float64, not " + dtype_str(boxes));
+  if (boxes.ndim() != 2 || boxes.shape(1) != 4)
+    throw py::value_error("boxes must be (N, 4) x1, y1, x2, y2, got shape " + shape_str(boxes));
+  require_c_contiguous(boxes, "boxes");
+  if (out_size < 1 || out_size > rar::kMaxOutSize)
+    throw py::value_error("out_size must be in [1, " + std::to_string(rar::kMaxOutSize) + "], got " +
+                          std::to_string(out_size));
+  if (!adaptive && !(crop_scale >= 1.0 && crop_scale <= rar::kMaxCropScale))
+    throw py::value_error("crop_scale must be in [1, " + std::to_string(rar::kMaxCropScale) + "]");
+  if (!(sigma >= 0.0 && sigma <= rar::kMaxSigma))
+    throw py::value_error("sigma must be in [0, " + std::to_string(rar::kMaxSigma) + "] pixels");
+  if (pad_value < 0 || pad_value > 255) throw py::value_error("pad_value must be in [0, 255]");
+  if (threads < 1) throw py::value_error("threads must be >= 1, got " + std::to_string(threads));
+  const int h = static_cast<int>(image.shape(0)), w = static_cast<int>(image.shape(1));
+  const auto n = static_cast<std::size_t>(boxes.shape(0));
+  const auto* b = static_cast<const double*>(boxes.data());
+  std::string reason;
+  for (std::size_t i = 0; i < n; ++i)
+    if (!rar::check_box(b + 4 * i, h, w, &reason)) throw py::value_error("box " + std::to_string(i) + " " + reason);
+  rar::CropParams p;
+  p.out_size = out_size;
+  p.crop_scale = crop_scale;
+  p.adaptive = adaptive;
+  p.sigma = sigma;
+  p.letterbox = letterbox;
+  p.pad_value = static_cast<uint8_t>(pad_value);
+  const auto s = static_cast<std::size_t>(out_size);
+  py::array_t<uint8_t> out({n, s, s, std::size_t{3}});
+  const auto* img = static_cast<const uint8_t*>(image.data());
+  uint8_t* o = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    rar::crop_blur(img, h, w, b, n, p, threads, o);
+  }
+  return out;
+}
+
+py::dict build_info() {
+  py::dict d;
+#if defined(__clang__)
+  d["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  d["compiler"] = std::string("gcc ") + __VERSION__;
+#else
+  d["compiler"] = "unknown";
+#endif
+#if defined(__x86_64__)
+  d["arch"] = "x86_64";
+#elif defined(__aarch64__)
+  d["arch"] = "aarch64";
+#else
+  d["arch"] = "other";
+#endif
+  std::vector<std::string> compiled;
+  for (rar::Simd s : rar::compiled_simd()) compiled.emplace_back(rar::simd_name(s));
+  d["compiled"] = compiled;
+  d["simd"] = rar::cpu_feature_names();
+  d["selected"] = rar::simd_name(rar::selected_simd());
+  d["best"] = rar::simd_name(rar::best_simd());
+  d["storages"] = std::vector<std::string>{"float32", "float16", "int8"};
+  return d;
 }
 
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
-  m.doc() = "rar_edge native core (private; use rar_edge.memory / rar_edge.preprocess)";
+  m.doc() = "rar_edge native core (private; use rar_edge._lookup / rar_edge.boxes)";
   m.def("topk_classes", &topk_classes, py::arg("vectors"), py::arg("labels"), py::arg("n_classes"),
-        py::arg("queries"), py::arg("k"));
-  m.def("build_info", []() {
-    py::dict d;
-    d["compiler"] = __VERSION__;
-    return d;
-  });
+        py::arg("queries"), py::arg("k"), py::kw_only(), py::arg("scales") = py::none(),
+        py::arg("rerank") = py::none(), py::arg("threads") = 1,
+        "Exact top-k distinct classes per query.\n\n"
+        "vectors: (N, d) float32, float16 or int8 (then scales (N,) float32: row i = scales[i] * vectors[i],\n"
+        "and optionally rerank (N, d) float32: the rows whose int8 score could reach the top k are rescored\n"
+        "in float32, giving the float32 result);\n"
+        "labels: (N,) int32 in [0, n_classes); queries: (Q, d) float32. Returns (classes int32 (Q, k),\n"
+        "scores float32 (Q, k)); class score = best inner product among its rows; -1 / -inf pad.");
+  m.def("crop_blur", &crop_blur, py::arg("image"), py::arg("boxes"), py::arg("out_size"), py::arg("crop_scale"),
+        py::arg("adaptive"), py::arg("sigma"), py::arg("letterbox"), py::arg("pad_value"), py::arg("threads") = 1,
+        "Crop (enlarged), blur around and resize every box of one image: (N, S, S, 3) uint8.\n\n"
+        "image: (H, W, 3) uint8 C-contiguous; boxes: (N, 4) float64 x1, y1, x2, y2 in pixels.");
+  m.def("build_info", &build_info, "What was compiled and which kernel family the CPU dispatch picked.");
+  m.def(
+      "_set_simd",
+      [](const std::string& name) {
+        rar::Simd s;
+        if (!rar::simd_from_name(name, &s) || !rar::set_simd(s))
+          throw py::value_error("kernel family '" + name + "' is not available on this build/CPU");
+        return std::string(rar::simd_name(rar::selected_simd()));
+      },
+      py::arg("name"), "Testing hook: force a kernel family ('scalar', 'avx2', 'avx512', 'neon').");
+  m.attr("ADAPTIVE_TARGET_AREA") = rar::kAdaptiveTargetArea;
+  m.attr("ADAPTIVE_MIN_SCALE") = rar::kAdaptiveMinScale;
+  m.attr("ADAPTIVE_MAX_SCALE") = rar::kAdaptiveMaxScale;
+  m.attr("MAX_SIGMA") = rar::kMaxSigma;
+  m.attr("MAX_OUT_SIZE") = rar::kMaxOutSize;
+  m.attr("MAX_CROP_SCALE") = rar::kMaxCropScale;
 }

@@ -1,38 +1,663 @@
 #include "search.hpp"
 
 #include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
+
+#include "cpu.hpp"
+#include "parallel.hpp"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define RAR_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define RAR_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
+#define RAR_INLINE inline __attribute__((always_inline))
+#elif defined(__aarch64__)
+#include <arm_neon.h>
+#endif
 
 namespace rar {
 
-void topk_classes_f32(const float* vectors, const int32_t* labels, std::size_t n, std::size_t dim,
-                      int32_t n_classes, const float* queries, std::size_t n_queries, int k,
-                      int32_t* out_classes, float* out_scores) {
-  const float neg_inf = -std::numeric_limits<float>::infinity();
-  std::vector<float> best(static_cast<std::size_t>(n_classes));
-  std::vector<int32_t> order(static_cast<std::size_t>(n_classes));
-  for (std::size_t q = 0; q < n_queries; ++q) {
-    const float* qv = queries + q * dim;
-    std::fill(best.begin(), best.end(), neg_inf);
-    for (std::size_t i = 0; i < n; ++i) {
-      const float* v = vectors + i * dim;
+float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu;
+  uint32_t mant = h & 0x3ffu;
+  uint32_t bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (mant << 13);  // inf / NaN
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112u) << 23) | (mant << 13);
+  } else if (mant == 0) {
+    bits = sign;  // +-0
+  } else {
+    int e = -1;  // subnormal: normalise the mantissa
+    do {
+      mant <<= 1;
+      ++e;
+    } while ((mant & 0x400u) == 0);
+    bits = sign | (static_cast<uint32_t>(112 - e) << 23) | ((mant & 0x3ffu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+namespace {
+
+// out[i * NQ + j] = dot(row i, query j) for `count` rows (unscaled for int8).
+// Queries are float for f32/f16 rows and int16 (quantised per query) for int8 rows.
+using DotsFn = void (*)(const void* rows, std::size_t count, std::size_t dim, const void* const* q, float* out);
+
+// int8 x int16 products are summed exactly in int32 over chunks this long (127 * 16383 * 2 per pair and
+// lane: no overflow below 16k elements), then in float.
+constexpr std::size_t kIntChunk = 8192;
+constexpr float kQ16Max = 16383.f;
+
+// ----------------------------------------------------------------------------------------- scalar
+const float* half_table() {
+  static const std::vector<float> table = [] {
+    std::vector<float> t(65536);
+    for (uint32_t i = 0; i < 65536; ++i) t[i] = half_to_float(static_cast<uint16_t>(i));
+    return t;
+  }();
+  return table.data();
+}
+
+struct ScalarF32 {
+  using T = float;
+  static float get(const T* p, std::size_t j, const float*) { return p[j]; }
+};
+struct ScalarF16 {
+  using T = uint16_t;
+  static float get(const T* p, std::size_t j, const float* table) { return table[p[j]]; }
+};
+
+template <class L, int NQ>
+void dots_scalar(const void* rows_v, std::size_t count, std::size_t dim, const void* const* qv, float* out) {
+  const float* q[NQ];
+  for (int a = 0; a < NQ; ++a) q[a] = static_cast<const float*>(qv[a]);
+  const auto* rows = static_cast<const typename L::T*>(rows_v);
+  const float* table = std::is_same<typename L::T, uint16_t>::value ? half_table() : nullptr;
+  constexpr std::size_t W = 8;  // independent partial sums: lets the compiler vectorise without -ffast-math
+  for (std::size_t i = 0; i < count; ++i) {
+    const typename L::T* v = rows + i * dim;
+    float acc[NQ][W] = {};
+    std::size_t j = 0;
+    for (; j + W <= dim; j += W)
+      for (std::size_t w = 0; w < W; ++w) {
+        const float x = L::get(v, j + w, table);
+        for (int a = 0; a < NQ; ++a) acc[a][w] += x * q[a][j + w];
+      }
+    for (; j < dim; ++j) {
+      const float x = L::get(v, j, table);
+      for (int a = 0; a < NQ; ++a) acc[a][0] += x * q[a][j];
+    }
+    for (int a = 0; a < NQ; ++a) {
       float s = 0.f;
-      for (std::size_t j = 0; j < dim; ++j) s += v[j] * qv[j];
-      float& b = best[static_cast<std::size_t>(labels[i])];
-      if (s > b) b = s;
+      for (std::size_t w = 0; w < W; ++w) s += acc[a][w];
+      out[i * NQ + a] = s;
     }
-    int32_t m = 0;
-    for (int32_t c = 0; c < n_classes; ++c)
-      if (best[c] != neg_inf) order[m++] = c;
-    const int32_t kk = std::min<int32_t>(k, m);
-    std::partial_sort(order.begin(), order.begin() + kk, order.begin() + m, [&](int32_t a, int32_t b) {
-      return best[a] > best[b] || (best[a] == best[b] && a < b);
+  }
+}
+
+template <int NQ>
+void dots_scalar_i8(const void* rows_v, std::size_t count, std::size_t dim, const void* const* qv, float* out) {
+  const auto* rows = static_cast<const int8_t*>(rows_v);
+  const int16_t* q[NQ];
+  for (int a = 0; a < NQ; ++a) q[a] = static_cast<const int16_t*>(qv[a]);
+  for (std::size_t i = 0; i < count; ++i) {
+    const int8_t* v = rows + i * dim;
+    float tot[NQ] = {};
+    for (std::size_t c0 = 0; c0 < dim; c0 += kIntChunk) {
+      const std::size_t ce = std::min(dim, c0 + kIntChunk);
+      int32_t acc[NQ] = {};
+      for (std::size_t j = c0; j < ce; ++j)
+        for (int a = 0; a < NQ; ++a) acc[a] += static_cast<int32_t>(v[j]) * q[a][j];
+      for (int a = 0; a < NQ; ++a) tot[a] += static_cast<float>(acc[a]);
+    }
+    for (int a = 0; a < NQ; ++a) out[i * NQ + a] = tot[a];
+  }
+}
+
+#if defined(__x86_64__)
+// ------------------------------------------------------------------------------------------- AVX2
+RAR_AVX2 RAR_INLINE float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+struct Avx2F32 {
+  using T = float;
+  static RAR_AVX2 RAR_INLINE __m256 load8(const T* p) { return _mm256_loadu_ps(p); }
+  static RAR_AVX2 RAR_INLINE float get(const T* p) { return *p; }
+};
+struct Avx2F16 {
+  using T = uint16_t;
+  static RAR_AVX2 RAR_INLINE __m256 load8(const T* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static RAR_AVX2 RAR_INLINE float get(const T* p) { return _cvtsh_ss(*p); }
+};
+
+template <class L, int NQ>
+RAR_AVX2 void dots_avx2(const void* rows_v, std::size_t count, std::size_t dim, const void* const* qv, float* out) {
+  const float* q[NQ];
+  for (int a = 0; a < NQ; ++a) q[a] = static_cast<const float*>(qv[a]);
+  // The same accumulators for every NQ: a query's score does not depend on the batch it came in.
+  constexpr int U = 4;
+  const auto* rows = static_cast<const typename L::T*>(rows_v);
+  for (std::size_t i = 0; i < count; ++i) {
+    const typename L::T* v = rows + i * dim;
+    __m256 acc[NQ][U];
+    for (int a = 0; a < NQ; ++a)
+      for (int u = 0; u < U; ++u) acc[a][u] = _mm256_setzero_ps();
+    std::size_t j = 0;
+    for (; j + 8 * U <= dim; j += 8 * U)
+      for (int u = 0; u < U; ++u) {
+        const __m256 x = L::load8(v + j + 8 * u);
+        for (int a = 0; a < NQ; ++a) acc[a][u] = _mm256_fmadd_ps(x, _mm256_loadu_ps(q[a] + j + 8 * u), acc[a][u]);
+      }
+    for (; j + 8 <= dim; j += 8) {
+      const __m256 x = L::load8(v + j);
+      for (int a = 0; a < NQ; ++a) acc[a][0] = _mm256_fmadd_ps(x, _mm256_loadu_ps(q[a] + j), acc[a][0]);
+    }
+    for (int a = 0; a < NQ; ++a) {
+      __m256 s = acc[a][0];
+      for (int u = 1; u < U; ++u) s = _mm256_add_ps(s, acc[a][u]);
+      float r = hsum256(s);
+      for (std::size_t t = j; t < dim; ++t) r += L::get(v + t) * q[a][t];
+      out[i * NQ + a] = r;
+    }
+  }
+}
+
+RAR_AVX2 RAR_INLINE int32_t hsum256_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtsi128_si32(s);
+}
+
+// int8 rows x int16 queries: sign-extend 16 bytes to int16, vpmaddwd, add in int32.
+template <int NQ>
+RAR_AVX2 void dots_avx2_i8(const void* rows_v, std::size_t count, std::size_t dim, const void* const* qv,
+                           float* out) {
+  constexpr int U = NQ == 1 ? 2 : 1;
+  const auto* rows = static_cast<const int8_t*>(rows_v);
+  const int16_t* q[NQ];
+  for (int a = 0; a < NQ; ++a) q[a] = static_cast<const int16_t*>(qv[a]);
+  for (std::size_t i = 0; i < count; ++i) {
+    const int8_t* v = rows + i * dim;
+    float tot[NQ] = {};
+    for (std::size_t c0 = 0; c0 < dim; c0 += kIntChunk) {
+      const std::size_t ce = std::min(dim, c0 + kIntChunk);
+      __m256i acc[NQ][U];
+      for (int a = 0; a < NQ; ++a)
+        for (int u = 0; u < U; ++u) acc[a][u] = _mm256_setzero_si256();
+      std::size_t j = c0;
+      for (; j + 16 * U <= ce; j += 16 * U)
+        for (int u = 0; u < U; ++u) {
+          const __m256i x = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v + j + 16 * u)));
+          for (int a = 0; a < NQ; ++a)
+            acc[a][u] = _mm256_add_epi32(
+                acc[a][u],
+                _mm256_madd_epi16(x, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[a] + j + 16 * u))));
+        }
+      for (int a = 0; a < NQ; ++a) {
+        __m256i sacc = acc[a][0];
+        for (int u = 1; u < U; ++u) sacc = _mm256_add_epi32(sacc, acc[a][u]);
+        int32_t r = hsum256_epi32(sacc);
+        for (std::size_t t = j; t < ce; ++t) r += static_cast<int32_t>(v[t]) * q[a][t];
+        tot[a] += static_cast<float>(r);
+      }
+    }
+    for (int a = 0; a < NQ; ++a) out[i * NQ + a] = tot[a];
+  }
+}
+
+// ----------------------------------------------------------------------------------------- AVX-512
+struct Avx512F32 {
+  using T = float;
+  static RAR_AVX512 RAR_INLINE __m512 load16(const T* p) { return _mm512_loadu_ps(p); }
+  static RAR_AVX512 RAR_INLINE __m512 load16(const T* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+};
+struct Avx512F16 {
+  using T = uint16_t;
+  static RAR_AVX512 RAR_INLINE __m512 load16(const T* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static RAR_AVX512 RAR_INLINE __m512 load16(const T* p, __mmask16 m) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+  }
+};
+
+template <class L, int NQ>
+RAR_AVX512 void dots_avx512(const void* rows_v, std::size_t count, std::size_t dim, const void* const* qv,
+                            float* out) {
+  const float* q[NQ];
+  for (int a = 0; a < NQ; ++a) q[a] = static_cast<const float*>(qv[a]);
+  constexpr int U = 4;  // as dots_avx2: NQ x 4 accumulators (16 of the 32 zmm registers for NQ = 4)
+  const auto* rows = static_cast<const typename L::T*>(rows_v);
+  for (std::size_t i = 0; i < count; ++i) {
+    const typename L::T* v = rows + i * dim;
+    __m512 acc[NQ][U];
+    for (int a = 0; a < NQ; ++a)
+      for (int u = 0; u < U; ++u) acc[a][u] = _mm512_setzero_ps();
+    std::size_t j = 0;
+    for (; j + 16 * U <= dim; j += 16 * U)
+      for (int u = 0; u < U; ++u) {
+        const __m512 x = L::load16(v + j + 16 * u);
+        for (int a = 0; a < NQ; ++a)
+          acc[a][u] = _mm512_fmadd_ps(x, _mm512_loadu_ps(q[a] + j + 16 * u), acc[a][u]);
+      }
+    for (; j + 16 <= dim; j += 16) {
+      const __m512 x = L::load16(v + j);
+      for (int a = 0; a < NQ; ++a) acc[a][0] = _mm512_fmadd_ps(x, _mm512_loadu_ps(q[a] + j), acc[a][0]);
+    }
+    if (j < dim) {
+      const auto m = static_cast<__mmask16>((1u << (dim - j)) - 1u);
+      const __m512 x = L::load16(v + j, m);
+      for (int a = 0; a < NQ; ++a)
+        acc[a][0] = _mm512_fmadd_ps(x, _mm512_maskz_loadu_ps(m, q[a] + j), acc[a][0]);
+    }
+    for (int a = 0; a < NQ; ++a) {
+      __m512 s = acc[a][0];
+      for (int u = 1; u < U; ++u) s = _mm512_add_ps(s, acc[a][u]);
+      out[i * NQ + a] = _mm512_reduce_add_ps(s);
+    }
+  }
+}
+
+template <int NQ>
+RAR_AVX512 void dots_avx512_i8(const void* rows_v, std::size_t count, std::size_t dim, const void* const* qv,
+                               float* out) {
+  constexpr int U = NQ == 1 ? 2 : 1;
+  const auto* rows = static_cast<const int8_t*>(rows_v);
+  const int16_t* q[NQ];
+  for (int a = 0; a < NQ; ++a) q[a] = static_cast<const int16_t*>(qv[a]);
+  for (std::size_t i = 0; i < count; ++i) {
+    const int8_t* v = rows + i * dim;
+    float tot[NQ] = {};
+    for (std::size_t c0 = 0; c0 < dim; c0 += kIntChunk) {
+      const std::size_t ce = std::min(dim, c0 + kIntChunk);
+      __m512i acc[NQ][U];
+      for (int a = 0; a < NQ; ++a)
+        for (int u = 0; u < U; ++u) acc[a][u] = _mm512_setzero_si512();
+      std::size_t j = c0;
+      for (; j + 32 * U <= ce; j += 32 * U)
+        for (int u = 0; u < U; ++u) {
+          const __m512i x =
+              _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + j + 32 * u)));
+          for (int a = 0; a < NQ; ++a)
+            acc[a][u] = _mm512_add_epi32(acc[a][u], _mm512_madd_epi16(x, _mm512_loadu_si512(q[a] + j + 32 * u)));
+        }
+      for (; j + 32 <= ce; j += 32) {
+        const __m512i x = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + j)));
+        for (int a = 0; a < NQ; ++a)
+          acc[a][0] = _mm512_add_epi32(acc[a][0], _mm512_madd_epi16(x, _mm512_loadu_si512(q[a] + j)));
+      }
+      if (j < ce) {
+        const auto m = static_cast<__mmask32>((1ull << (ce - j)) - 1u);
+        const __m512i x = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(m, v + j));
+        for (int a = 0; a < NQ; ++a)
+          acc[a][0] = _mm512_add_epi32(acc[a][0], _mm512_madd_epi16(x, _mm512_maskz_loadu_epi16(m, q[a] + j)));
+      }
+      for (int a = 0; a < NQ; ++a) {
+        __m512i sacc = acc[a][0];
+        for (int u = 1; u < U; ++u) sacc = _mm512_add_epi32(sacc, acc[a][u]);
+        tot[a] += static_cast<float>(_mm512_reduce_add_epi32(sacc));
+      }
+    }
+    for (int a = 0; a < NQ; ++a) out[i * NQ + a] = tot[a];
+  }
+}
+#endif  // __x86_64__
+
+#if defined(__aarch64__)
+// ------------------------------------------------------------------------------------------- NEON
+struct NeonF32 {
+  using T = float;
+  static inline void load8(const T* p, float32x4_t* lo, float32x4_t* hi) {
+    *lo = vld1q_f32(p);
+    *hi = vld1q_f32(p + 4);
+  }
+  static inline float get(const T* p) { return *p; }
+};
+struct NeonF16 {
+  using T = uint16_t;
+  static inline void load8(const T* p, float32x4_t* lo, float32x4_t* hi) {
+    const uint16x8_t h = vld1q_u16(p);
+    *lo = vcvt_f32_f16(vreinterpret_f16_u16(vget_low_u16(h)));
+    *hi = vcvt_f32_f16(vreinterpret_f16_u16(vget_high_u16(h)));
+  }
+  static inline float get(const T* p) { return half_to_float(*p); }
+};
+
+template <class L, int NQ>
+void dots_neon(const void* rows_v, std::size_t count, std::size_t dim, const void* const* qv, float* out) {
+  const float* q[NQ];
+  for (int a = 0; a < NQ; ++a) q[a] = static_cast<const float*>(qv[a]);
+  const auto* rows = static_cast<const typename L::T*>(rows_v);
+  for (std::size_t i = 0; i < count; ++i) {
+    const typename L::T* v = rows + i * dim;
+    float32x4_t acc[NQ][2];
+    for (int a = 0; a < NQ; ++a) acc[a][0] = acc[a][1] = vdupq_n_f32(0.f);
+    std::size_t j = 0;
+    for (; j + 8 <= dim; j += 8) {
+      float32x4_t lo, hi;
+      L::load8(v + j, &lo, &hi);
+      for (int a = 0; a < NQ; ++a) {
+        acc[a][0] = vfmaq_f32(acc[a][0], lo, vld1q_f32(q[a] + j));
+        acc[a][1] = vfmaq_f32(acc[a][1], hi, vld1q_f32(q[a] + j + 4));
+      }
+    }
+    for (int a = 0; a < NQ; ++a) {
+      float r = vaddvq_f32(vaddq_f32(acc[a][0], acc[a][1]));
+      for (std::size_t t = j; t < dim; ++t) r += L::get(v + t) * q[a][t];
+      out[i * NQ + a] = r;
+    }
+  }
+}
+
+template <int NQ>
+void dots_neon_i8(const void* rows_v, std::size_t count, std::size_t dim, const void* const* qv, float* out) {
+  const auto* rows = static_cast<const int8_t*>(rows_v);
+  const int16_t* q[NQ];
+  for (int a = 0; a < NQ; ++a) q[a] = static_cast<const int16_t*>(qv[a]);
+  for (std::size_t i = 0; i < count; ++i) {
+    const int8_t* v = rows + i * dim;
+    float tot[NQ] = {};
+    for (std::size_t c0 = 0; c0 < dim; c0 += kIntChunk) {
+      const std::size_t ce = std::min(dim, c0 + kIntChunk);
+      int32x4_t acc[NQ];
+      for (int a = 0; a < NQ; ++a) acc[a] = vdupq_n_s32(0);
+      std::size_t j = c0;
+      for (; j + 8 <= ce; j += 8) {
+        const int16x8_t x = vmovl_s8(vld1_s8(v + j));
+        for (int a = 0; a < NQ; ++a) {
+          const int16x8_t y = vld1q_s16(q[a] + j);
+          acc[a] = vmlal_s16(acc[a], vget_low_s16(x), vget_low_s16(y));
+          acc[a] = vmlal_s16(acc[a], vget_high_s16(x), vget_high_s16(y));
+        }
+      }
+      for (int a = 0; a < NQ; ++a) {
+        int32_t r = vaddvq_s32(acc[a]);
+        for (std::size_t t = j; t < ce; ++t) r += static_cast<int32_t>(v[t]) * q[a][t];
+        tot[a] += static_cast<float>(r);
+      }
+    }
+    for (int a = 0; a < NQ; ++a) out[i * NQ + a] = tot[a];
+  }
+}
+#endif  // __aarch64__
+
+// Kernel table: [storage][0: one query, 1: `group` queries at a time].
+struct Kernels {
+  DotsFn fn[3][2];
+  int group;
+};
+
+#define RAR_KERNELS(F32, F16, I8, G) \
+  Kernels { {{&F32<1>, &F32<G>}, {&F16<1>, &F16<G>}, {&I8<1>, &I8<G>}}, G }
+
+template <int NQ> void scalar_f32(const void* r, std::size_t c, std::size_t d, const void* const* q, float* o) { dots_scalar<ScalarF32, NQ>(r, c, d, q, o); }
+template <int NQ> void scalar_f16(const void* r, std::size_t c, std::size_t d, const void* const* q, float* o) { dots_scalar<ScalarF16, NQ>(r, c, d, q, o); }
+#if defined(__x86_64__)
+template <int NQ> void avx2_f32(const void* r, std::size_t c, std::size_t d, const void* const* q, float* o) { dots_avx2<Avx2F32, NQ>(r, c, d, q, o); }
+template <int NQ> void avx2_f16(const void* r, std::size_t c, std::size_t d, const void* const* q, float* o) { dots_avx2<Avx2F16, NQ>(r, c, d, q, o); }
+template <int NQ> void avx512_f32(const void* r, std::size_t c, std::size_t d, const void* const* q, float* o) { dots_avx512<Avx512F32, NQ>(r, c, d, q, o); }
+template <int NQ> void avx512_f16(const void* r, std::size_t c, std::size_t d, const void* const* q, float* o) { dots_avx512<Avx512F16, NQ>(r, c, d, q, o); }
+#endif
+#if defined(__aarch64__)
+template <int NQ> void neon_f32(const void* r, std::size_t c, std::size_t d, const void* const* q, float* o) { dots_neon<NeonF32, NQ>(r, c, d, q, o); }
+template <int NQ> void neon_f16(const void* r, std::size_t c, std::size_t d, const void* const* q, float* o) { dots_neon<NeonF16, NQ>(r, c, d, q, o); }
+#endif
+
+const Kernels& kernels_for(Simd s) {
+  static const Kernels scalar = RAR_KERNELS(scalar_f32, scalar_f16, dots_scalar_i8, 4);
+#if defined(__x86_64__)
+  static const Kernels avx2 = RAR_KERNELS(avx2_f32, avx2_f16, dots_avx2_i8, 2);  // 2 x 4 of the 16 ymm registers
+  static const Kernels avx512 = RAR_KERNELS(avx512_f32, avx512_f16, dots_avx512_i8, 4);
+  if (s == Simd::avx512) return avx512;
+  if (s == Simd::avx2) return avx2;
+#elif defined(__aarch64__)
+  static const Kernels neon = RAR_KERNELS(neon_f32, neon_f16, dots_neon_i8, 4);
+  if (s == Simd::neon) return neon;
+#endif
+  (void)s;
+  return scalar;
+}
+
+std::size_t element_size(Storage s) {
+  switch (s) {
+    case Storage::f32: return 4;
+    case Storage::f16: return 2;
+    case Storage::i8: return 1;
+  }
+  return 4;
+}
+
+constexpr std::size_t kBlock = 256;  // rows scored per kernel call before their scores are folded in
+
+// One query as the kernels read it.
+struct Query {
+  const float* f = nullptr;   // float32 values
+  std::vector<int16_t> q16;   // int8 storage: round(f / qscale)
+  float qscale = 1.f;         // int8 storage: max|f| / kQ16Max
+  float l1 = 0.f;             // sum |f|
+  const void* kernel_arg() const { return q16.empty() ? static_cast<const void*>(f) : q16.data(); }
+};
+
+void prepare_query(const float* f, std::size_t dim, bool quantize, Query* q) {
+  q->f = f;
+  float peak = 0.f, l1 = 0.f;
+  for (std::size_t j = 0; j < dim; ++j) {
+    const float a = std::fabs(f[j]);
+    peak = a > peak ? a : peak;
+    l1 += a;
+  }
+  q->l1 = l1;
+  q->q16.clear();
+  q->qscale = 1.f;
+  if (!quantize) return;
+  if (!std::isfinite(l1)) {  // NaN / inf in the query: every score NaN, like the float storages
+    q->qscale = std::numeric_limits<float>::quiet_NaN();
+    q->q16.assign(dim, 0);
+    return;
+  }
+  q->qscale = peak > 0.f ? peak / kQ16Max : 1.f;
+  q->q16.resize(dim);
+  const float inv = 1.f / q->qscale;
+  for (std::size_t j = 0; j < dim; ++j) {
+    const float x = std::nearbyint(f[j] * inv);
+    q->q16[j] = static_cast<int16_t>(std::isfinite(x) ? std::min(std::max(x, -kQ16Max), kQ16Max) : 0.f);
+  }
+}
+
+// Folds rows [b, e) into best[a][class] for queries qs[0..nq); when row_scores is given, also stores every
+// row's score there (row_scores[a][i]). Returns the largest int8 row scale seen (0 for other storages).
+float scan_rows(const Kernels& ks, const VectorView& v, const int32_t* labels, std::size_t b, std::size_t e,
+                const Query* const* qs, std::size_t nq, float* const* best, float* const* row_scores) {
+  const std::size_t es = element_size(v.storage);
+  const auto* base = static_cast<const unsigned char*>(v.data);
+  const int si = static_cast<int>(v.storage);
+  float buf[kBlock * 4];
+  float max_scale = 0.f;
+  std::size_t a0 = 0;
+  while (a0 < nq) {
+    const std::size_t kg = static_cast<std::size_t>(ks.group);
+    const std::size_t group = nq - a0 >= kg ? kg : 1;
+    const DotsFn fn = ks.fn[si][group == kg ? 1 : 0];
+    const void* qa[4];
+    float mul[4];
+    for (std::size_t a = 0; a < group; ++a) {
+      qa[a] = qs[a0 + a]->kernel_arg();
+      mul[a] = qs[a0 + a]->qscale;
+    }
+    for (std::size_t i0 = b; i0 < e; i0 += kBlock) {
+      const std::size_t cnt = std::min(kBlock, e - i0);
+      fn(base + i0 * v.dim * es, cnt, v.dim, qa, buf);
+      for (std::size_t i = 0; i < cnt; ++i) {
+        const std::size_t l = static_cast<std::size_t>(labels[i0 + i]);
+        float sc = 1.f;
+        if (v.scales) {
+          sc = v.scales[i0 + i];
+          max_scale = sc > max_scale ? sc : max_scale;
+        }
+        for (std::size_t a = 0; a < group; ++a) {
+          const float s = buf[i * group + a] * (sc * mul[a]);
+          if (row_scores) row_scores[a0 + a][i0 + i] = s;
+          float& slot = best[a0 + a][l];
+          if (s > slot) slot = s;
+        }
+      }
+    }
+    a0 += group;
+  }
+  return max_scale;
+}
+
+void select_topk(const float* best, int32_t n_classes, int k, std::vector<int32_t>& order, int32_t* oc,
+                 float* os) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  order.clear();
+  for (int32_t c = 0; c < n_classes; ++c)
+    if (best[c] > neg_inf) order.push_back(c);
+  const std::size_t kk = std::min(static_cast<std::size_t>(k), order.size());
+  std::partial_sort(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(kk), order.end(),
+                    [&](int32_t a, int32_t b) { return best[a] > best[b] || (best[a] == best[b] && a < b); });
+  for (std::size_t j = 0; j < static_cast<std::size_t>(k); ++j) {
+    oc[j] = j < kk ? order[j] : -1;
+    os[j] = j < kk ? best[order[j]] : neg_inf;
+  }
+}
+
+// Rescoring of int8 results in float32. With v = scale * q8 + r (|r| <= scale / 2) and the query
+// f = qscale * q16 + t (|t| <= qscale / 2), |exact - approx| <= scale * (l1(f) / 2 + qscale / 2 * 127 * d)
+// =: scale * u. If tau is the k-th best approximate class score, the exact k-th class score is at least
+// tau - max_scale * u, so only rows with approx + scale * u >= tau - max_scale * u can reach the exact top
+// k (or be the maximum of a class that does). Those rows are scored again in float32 and the top k taken
+// from the exact maxima: the result is the float32 search's.
+void rerank_query(const Kernels& ks, const VectorView& v, const int32_t* labels, int32_t n_classes, int k,
+                  const Query& q, const float* approx_best, const float* row_scores, float max_scale,
+                  std::vector<float>& exact, std::vector<int32_t>& order, int32_t* oc, float* os) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  const std::size_t nc = static_cast<std::size_t>(n_classes);
+  // tau: the k-th largest present approximate class score (-inf when fewer than k classes are present).
+  order.clear();
+  for (std::size_t c = 0; c < nc; ++c)
+    if (approx_best[c] > neg_inf) order.push_back(static_cast<int32_t>(c));
+  float tau = neg_inf;
+  if (order.size() >= static_cast<std::size_t>(k)) {
+    std::nth_element(order.begin(), order.begin() + (k - 1), order.end(),
+                     [&](int32_t a, int32_t b) { return approx_best[a] > approx_best[b]; });
+    tau = approx_best[order[static_cast<std::size_t>(k - 1)]];
+  }
+  // The last term bounds float rounding in both sums: d * 2^-23 * sum|f_j v_j| with |v_j| <= 128 * scale.
+  const double d = static_cast<double>(v.dim);
+  const double u = 0.5 * q.l1 + 0.5 * q.qscale * 127.0 * d + d * std::ldexp(1.0, -23) * 128.0 * q.l1 + 1e-7;
+  const float threshold = static_cast<float>(static_cast<double>(tau) - max_scale * u);
+  exact.assign(nc, neg_inf);
+  const DotsFn dot = ks.fn[static_cast<int>(Storage::f32)][0];
+  const void* qa[1] = {q.f};
+  for (std::size_t i = 0; i < v.n; ++i) {
+    const float s = row_scores[i];
+    if (!(s + static_cast<float>(v.scales[i] * u) >= threshold)) continue;
+    float e;
+    dot(v.rerank + i * v.dim, 1, v.dim, qa, &e);
+    float& slot = exact[static_cast<std::size_t>(labels[i])];
+    if (e > slot) slot = e;
+  }
+  select_topk(exact.data(), n_classes, k, order, oc, os);
+}
+
+}  // namespace
+
+void topk_classes(const VectorView& v, const int32_t* labels, int32_t n_classes, const float* queries,
+                  std::size_t n_queries, int k, int threads, int32_t* out_classes, float* out_scores) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  const Kernels& ks = kernels_for(selected_simd());
+  const std::size_t nc = static_cast<std::size_t>(std::max<int32_t>(n_classes, 0));
+  const std::size_t kk = static_cast<std::size_t>(k);
+  if (n_queries == 0) return;
+  threads = std::max(1, threads);
+  const bool quantize = v.storage == Storage::i8;
+  const bool rerank = quantize && v.rerank != nullptr;
+
+  if (n_queries >= static_cast<std::size_t>(threads) || v.n == 0) {
+    // Batches: each worker owns whole queries, four at a time through the kernels.
+    parallel_chunks(n_queries, threads, [&](int, std::size_t qb, std::size_t qe) {
+      std::vector<float> best(4 * nc), rows(rerank ? 4 * v.n : 0), exact;
+      std::vector<int32_t> order;
+      order.reserve(nc);
+      Query qbuf[4];
+      for (std::size_t a0 = qb; a0 < qe; a0 += 4) {
+        const std::size_t g = std::min<std::size_t>(4, qe - a0);
+        const Query* qs[4];
+        float* bs[4];
+        float* rs[4];
+        for (std::size_t a = 0; a < g; ++a) {
+          prepare_query(queries + (a0 + a) * v.dim, v.dim, quantize, &qbuf[a]);
+          qs[a] = &qbuf[a];
+          bs[a] = best.data() + a * nc;
+          rs[a] = rerank ? rows.data() + a * v.n : nullptr;
+        }
+        std::fill(best.begin(), best.end(), neg_inf);
+        const float max_scale = scan_rows(ks, v, labels, 0, v.n, qs, g, bs, rerank ? rs : nullptr);
+        for (std::size_t a = 0; a < g; ++a) {
+          int32_t* oc = out_classes + (a0 + a) * kk;
+          float* os = out_scores + (a0 + a) * kk;
+          if (rerank)
+            rerank_query(ks, v, labels, n_classes, k, qbuf[a], bs[a], rs[a], max_scale, exact, order, oc, os);
+          else
+            select_topk(bs[a], n_classes, k, order, oc, os);
+        }
+      }
     });
-    for (int j = 0; j < k; ++j) {
-      out_classes[q * k + j] = j < kk ? order[j] : -1;
-      out_scores[q * k + j] = j < kk ? best[order[j]] : neg_inf;
+    return;
+  }
+
+  // Few queries, several threads: split the rows, then merge the per-worker class maxima.
+  const int workers = static_cast<int>(std::min<std::size_t>(static_cast<std::size_t>(threads), v.n));
+  std::vector<float> best(static_cast<std::size_t>(workers) * n_queries * nc, neg_inf);
+  std::vector<float> rows(rerank ? n_queries * v.n : 0);
+  std::vector<float> worker_max_scale(static_cast<std::size_t>(workers), 0.f);
+  std::vector<Query> qbuf(n_queries);
+  std::vector<const Query*> qs(n_queries);
+  std::vector<float*> rs(n_queries, nullptr);
+  for (std::size_t a = 0; a < n_queries; ++a) {
+    prepare_query(queries + a * v.dim, v.dim, quantize, &qbuf[a]);
+    qs[a] = &qbuf[a];
+    if (rerank) rs[a] = rows.data() + a * v.n;
+  }
+  parallel_chunks(v.n, workers, [&](int w, std::size_t b, std::size_t e) {
+    std::vector<float*> bs(n_queries);
+    for (std::size_t a = 0; a < n_queries; ++a)
+      bs[a] = best.data() + (static_cast<std::size_t>(w) * n_queries + a) * nc;
+    worker_max_scale[static_cast<std::size_t>(w)] =
+        scan_rows(ks, v, labels, b, e, qs.data(), n_queries, bs.data(), rerank ? rs.data() : nullptr);
+  });
+  const float max_scale = *std::max_element(worker_max_scale.begin(), worker_max_scale.end());
+  std::vector<int32_t> order;
+  order.reserve(nc);
+  std::vector<float> exact;
+  for (std::size_t a = 0; a < n_queries; ++a) {
+    float* merged = best.data() + a * nc;  // worker 0's slot
+    for (int w = 1; w < workers; ++w) {
+      const float* other = best.data() + (static_cast<std::size_t>(w) * n_queries + a) * nc;
+      for (std::size_t c = 0; c < nc; ++c)
+        if (other[c] > merged[c]) merged[c] = other[c];
     }
+    if (rerank)
+      rerank_query(ks, v, labels, n_classes, k, qbuf[a], merged, rs[a], max_scale, exact, order,
+                   out_classes + a * kk, out_scores + a * kk);
+    else
+      select_topk(merged, n_classes, k, order, out_classes + a * kk, out_scores + a * kk);
   }
 }
 

@@ -1,14 +1,34 @@
 #pragma once
-#include <cstdint>
+// Exact top-k distinct classes over a memory of vectors (no Python headers here).
 #include <cstddef>
+#include <cstdint>
 
 namespace rar {
 
-// Exact top-k distinct classes: for every query, the class score is the best inner product among
-// the class's entries; the k best classes are written in descending score order. Slots past the
-// number of classes present get class -1 and score -inf.
-void topk_classes_f32(const float* vectors, const int32_t* labels, std::size_t n, std::size_t dim,
-                      int32_t n_classes, const float* queries, std::size_t n_queries, int k,
-                      int32_t* out_classes, float* out_scores);
+enum class Storage { f32, f16, i8 };
+
+// The memory as the search reads it: n rows of dim elements, C-contiguous.
+//   f32: float rows.  f16: IEEE binary16 rows (as uint16_t).  i8: int8 rows, row i = scales[i] * q[i].
+struct VectorView {
+  const void* data = nullptr;
+  Storage storage = Storage::f32;
+  const float* scales = nullptr;  // i8 only: one per row
+  const float* rerank = nullptr;  // i8 only, optional: the same rows in float32, to rescore the candidates
+  std::size_t n = 0;
+  std::size_t dim = 0;
+};
+
+// For every query the class score is the best inner product among the class's entries; the k best
+// classes go out in descending score order, ties to the lower class id. Classes with no entry (or no
+// finite score) are skipped; slots past them get class -1 and score -inf.
+// int8 rows are scored against the query quantised to int16; with `rerank` set, every row whose int8
+// score could reach the top k (a rigorous bound on the rounding) is rescored in float32, so the result is
+// the float32 search's. Labels must lie in [0, n_classes) (the caller checks). threads >= 1 splits queries (batches) or the
+// rows (a single query) over worker threads.
+void topk_classes(const VectorView& vectors, const int32_t* labels, int32_t n_classes, const float* queries,
+                  std::size_t n_queries, int k, int threads, int32_t* out_classes, float* out_scores);
+
+// Exact binary16 -> float (software; used where F16C is absent).
+float half_to_float(uint16_t h);
 
 }  // namespace rar
