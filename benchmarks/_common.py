@@ -1,0 +1,92 @@
+"""Shared helpers for the benchmark scripts: timing with medians, clustered data, the shared data folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+
+def shared_dir() -> Path:
+    """The read-only ../shared folder beside the checkout (env RAR_EDGE_SHARED overrides)."""
+    default = Path(__file__).resolve().parents[1].parent / "shared"
+    return Path(os.environ.get("RAR_EDGE_SHARED", default))
+
+
+def median_ms(fn: Callable[[], object], *, repeats: int, warmup: int = 1) -> float:
+    """Median wall time of fn() in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def interleaved_median_ms(fns: dict[str, Callable[[], object]], *, repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median wall time (ms) of each function, the functions taking turns within every repeat."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def percentile_ms(samples_ms: list[float], q: float) -> float:
+    """The q-th percentile (0..100) of per-call timings."""
+    return float(np.percentile(np.asarray(samples_ms), q))
+
+
+def clustered(
+    n: int,
+    n_classes: int,
+    dim: int,
+    *,
+    n_queries: int,
+    seed: int,
+    shared_weight: float = 1.0,
+    entry_noise: float = 0.6,
+    query_noise: float = 0.8,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Clustered unit vectors resembling image embeddings (never i.i.d. Gaussian).
+
+    Every class has a centroid that shares a common direction with all others (cosine ~0.5 between
+    centroids, as CLIP embeddings do); entries and queries are centroid + isotropic noise, normalised.
+
+    Returns:
+        (vectors float32 (n, dim), labels int32 (n,), queries float32 (n_queries, dim)).
+    """
+    rng = np.random.default_rng(seed)
+    common = rng.standard_normal(dim)
+    common /= np.linalg.norm(common)
+    cent = shared_weight * common + rng.standard_normal((n_classes, dim)) / np.sqrt(dim)
+    cent /= np.linalg.norm(cent, axis=1, keepdims=True)
+    labels = np.concatenate([np.arange(n_classes), rng.integers(0, n_classes, max(n - n_classes, 0))])[:n]
+    labels = rng.permutation(labels).astype(np.int32)
+    vec = cent[labels] + entry_noise * rng.standard_normal((n, dim)) / np.sqrt(dim)
+    vec /= np.linalg.norm(vec, axis=1, keepdims=True)
+    qlab = rng.integers(0, n_classes, n_queries)
+    qs = cent[qlab] + query_noise * rng.standard_normal((n_queries, dim)) / np.sqrt(dim)
+    qs /= np.linalg.norm(qs, axis=1, keepdims=True)
+    return vec.astype(np.float32), labels, qs.astype(np.float32)
+
+
+def write_json(path: str | None, obj: dict) -> None:
+    """Print obj as JSON and write it to path when given."""
+    text = json.dumps(obj, indent=2, sort_keys=False)
+    print(text)
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text + "\n")
