@@ -8,10 +8,7 @@ Helpers other test modules may import (``from conftest import shared_dir``): `sh
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -67,62 +64,22 @@ def flower_photos(*, classes: int = 3, per_class: int = 2) -> list[Path]:
 # --- a tiny CLIP ----------------------------------------------------------------------------------------
 
 
-def _open_clip_bpe() -> str:
+def _open_clip_wheel() -> Path:
     wheels = sorted(WHEELS_DIR.glob("open_clip_torch-*.whl"))
     if not wheels:
         pytest.skip(f"no open_clip_torch wheel in {WHEELS_DIR}: run tools/fetch_test_assets.sh")
-    with zipfile.ZipFile(wheels[-1]) as z:
-        return gzip.decompress(z.read("open_clip/bpe_simple_vocab_16e6.txt.gz")).decode("utf-8")
-
-
-def write_clip_tokenizer_files(folder: Path) -> tuple[Path, Path]:
-    """vocab.json + merges.txt of OpenAI's CLIP tokenizer, derived from open_clip's BPE file.
-
-    The same construction as OpenAI's ``SimpleTokenizer``: the 256 byte symbols, the same with the
-    end-of-word marker, one token per merge (the first 48,894 merges), then the two special tokens.
-    """
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
-
-    lines = _open_clip_bpe().split("\n")[1 : 49152 - 256 - 2 + 1]
-    merges = [tuple(line.split()) for line in lines]
-    byte_symbols = list(bytes_to_unicode().values())
-    vocab = byte_symbols + [s + "</w>" for s in byte_symbols] + ["".join(m) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
-    vocab_file.write_text(json.dumps({token: i for i, token in enumerate(vocab)}), encoding="utf-8")
-    merges_file.write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
-    return vocab_file, merges_file
+    return wheels[-1]
 
 
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-weight CLIPModel (hidden 64, 2 layers, ViT patch 16 at 224 px, projection 32) with the
     real CLIP tokenizer (vocab 49,408) and CLIP's image processor config, saved with save_pretrained."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    folder = tmp_path_factory.mktemp("tiny_clip")
-    vocab_file, merges_file = write_clip_tokenizer_files(tmp_path_factory.mktemp("clip_bpe"))
-    tokenizer = transformers.CLIPTokenizerFast(
-        vocab_file=str(vocab_file),
-        merges_file=str(merges_file),
-        pad_token="<|endoftext|>",  # as in openai/clip-vit-base-patch32
-        model_max_length=77,
-    )
-    assert len(tokenizer) == 49408
-    config = transformers.CLIPConfig(
-        text_config={"vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128,
-                     "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 77},
-        vision_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                       "num_attention_heads": 2, "image_size": 224, "patch_size": 16},
-        projection_dim=32,
-    )
-    torch.manual_seed(0)
-    transformers.CLIPModel(config).eval().save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    # OpenAI CLIP's preprocessing: bicubic shortest edge 224, center crop 224, CLIP mean/std.
-    transformers.CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(folder)
-    return folder
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from rar_edge_export._tiny_clip import build_tiny_clip
+
+    return build_tiny_clip(tmp_path_factory.mktemp("tiny_clip"), seed=0, wheel=_open_clip_wheel())
 
 
 @pytest.fixture(scope="session")
