@@ -1,0 +1,973 @@
+"""The MLLM ranker: an image and its k retrieved candidate names -> a ranking of exactly those names.
+
+Two modes, one loaded model:
+
+* ``"score"`` (default): the log-likelihood of each candidate as the first item of the answer
+  (`` tulip\\n`` after ``1.``), averaged over its tokens, softmaxed over the candidates. The image and the
+  candidate list are evaluated once; the k continuations are then evaluated together in one batch, each in
+  its own KV-cache sequence that shares the query's cells (``llama_memory_seq_cp`` in a unified cache).
+* ``"generate"``: the paper's behaviour. The model writes the numbered list greedily under GBNF grammars
+  built from the candidates: each line admits only the names not written yet, so the list is a
+  permutation by construction and no tokens go to repeats; the last name is implied. The text is read
+  back by `parse_ranking` (numbering, quotes, apostrophes, case); should anything still go wrong,
+  duplicates are dropped and missing names appended in retrieval order, and if no candidate can be read
+  the retrieval order is returned with ``fallback=True``.
+
+The prompt (`rar_edge.prompts`) is split into a prefix that is the same for every query (system text,
+in-context examples, instruction), evaluated once per loaded model and kept in sequence 0 of the KV cache,
+and a per-query part (image, candidates). Each query removes the cells after the prefix and evaluates only
+its own part. Images go through llama.cpp's mtmd library (``llama_cpp.mtmd_cpp``): the image is encoded
+once per query, never once per candidate. llama-cpp-python's chat handlers (``Llava15ChatHandler``, ...)
+are not used for ranking: each of their calls clears the KV cache and re-evaluates the whole prompt, and
+their ``Llama`` context has one sequence, which rules out batched candidate scoring.
+
+A model is either a GGUF file (text only unless ``mmproj=`` is given) or a model folder written by
+``rar-edge export mllm`` whose ``manifest.json`` has ``kind`` = ``"mllm"``::
+
+    {
+      "format": "rar_edge.model", "format_version": 1, "kind": "mllm",
+      "name": "HuggingFaceTB/SmolVLM-256M-Instruct", "source": "...", "exporter": "rar_edge_export 0.1.0",
+      "files": {"language_model": {"path": "model-Q4_K_M.gguf", "sha256": "..."},
+                "mmproj": {"path": "mmproj-F16.gguf", "sha256": "..."}},          # mmproj: optional
+      "architecture": "llama",                  # general.architecture of the language model
+      "vision": {"projector_type": "idefics3", "image_size_px": 512, "patch_size_px": 16} | null,
+      "chat_template": "{% for message in messages %}..." | null,   # tokenizer.chat_template
+      "chat_handler": "MTMDChatHandler" | "Llava15ChatHandler" | "Qwen25VLChatHandler" | ... | null,
+      "quantization": "Q4_K_M",                 # of the language model; the mmproj stays F16
+      "n_ctx": 4096,                            # suggested context size for ranking with images
+      "prompt_version": "rar-rank-v1",          # the rar_edge.prompts template to rank with
+      "llama_cpp_python": "0.3.36"              # the version whose converter and quantizer wrote the files
+    }
+
+``chat_handler`` names the llama-cpp-python handler a user would pass to ``llama_cpp.Llama`` for chat with
+the same files; the ranker itself does not need it. Files may be copies or hard links of the originals.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import math
+import os
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import InvalidInputError, ManifestError, MissingDependencyError, RankerError
+from .manifest import load_manifest
+from .prompts import RankingExample, RankingPrompt, get_prompt, render_chat, validate_candidates
+from .types import Ranking
+
+__all__ = ["MODES", "Ranker", "RankerStats", "build_grammar", "parse_ranking"]
+
+logger = logging.getLogger("rar_edge")
+
+MODES = ("score", "generate")
+DEFAULT_N_CTX = 4096
+_SENTINELS = ("\x00RAR_EDGE_QUERY_A\x00", "\x00RAR_EDGE_QUERY_B\x00")
+
+
+def _import_llama_cpp() -> Any:
+    try:
+        import llama_cpp
+    except ImportError as e:
+        raise MissingDependencyError("llama-cpp-python", "llm", "The MLLM ranker") from e
+    return llama_cpp
+
+
+# llama.cpp writes its chatter through one process-wide callback; route it to logging at DEBUG level
+# (llama-cpp-python's own callback prints to stderr). The ctypes callbacks must stay referenced.
+_LOG_LOCK = threading.Lock()
+_LOG_CALLBACKS: list[Any] = []
+
+
+def _install_log_callback(llama_cpp: Any, mtmd: Any | None) -> None:
+    with _LOG_LOCK:
+        have_mtmd = any(kind == "mtmd" for kind, _ in _LOG_CALLBACKS)
+        if _LOG_CALLBACKS and (mtmd is None or have_mtmd):
+            return
+        native_logger = logging.getLogger("rar_edge.llama_cpp")
+
+        def forward(level: int, text: bytes, user_data: Any) -> None:
+            if native_logger.isEnabledFor(logging.DEBUG) and text:
+                native_logger.debug("%s", text.decode("utf-8", "replace").rstrip("\n"))
+
+        if not _LOG_CALLBACKS:
+            cb = llama_cpp.llama_log_callback(forward)
+            llama_cpp.llama_log_set(cb, ctypes.c_void_p(0))
+            _LOG_CALLBACKS.append(("llama", cb))
+        if mtmd is not None and not have_mtmd:
+            cb = llama_cpp.llama_log_callback(forward)
+            mtmd.mtmd_log_set(cb, ctypes.c_void_p(0))
+            mtmd.mtmd_helper_log_set(cb, ctypes.c_void_p(0))
+            _LOG_CALLBACKS.append(("mtmd", cb))
+
+
+@dataclass(frozen=True)
+class RankerStats:
+    """Counters since the model was loaded (what was evaluated, to check that caching works).
+
+    Attributes:
+        prefix_evals: times the fixed prompt prefix was evaluated (1 after the first query).
+        prefix_tokens: tokens in the prefix.
+        queries: calls to `Ranker.rank` that ran the model.
+        query_tokens: tokens (text + image positions) evaluated for the per-query parts.
+        image_encodes: images encoded by the vision projector (each once; a model's preprocessor may
+            split one image into several tiles, still counted as one).
+        continuation_tokens: candidate tokens evaluated in score mode.
+        generated_tokens: tokens sampled in generate mode.
+        decode_calls: ``llama_decode`` calls made by the ranker (mtmd's own calls not counted).
+    """
+
+    prefix_evals: int = 0
+    prefix_tokens: int = 0
+    queries: int = 0
+    query_tokens: int = 0
+    image_encodes: int = 0
+    continuation_tokens: int = 0
+    generated_tokens: int = 0
+    decode_calls: int = 0
+
+
+class _Native:
+    """Owns a llama.cpp model, a context with several sequences, a batch and optionally an mtmd context.
+
+    A thin resource-owning layer over the raw ``llama_cpp`` bindings; frees everything in `close`.
+    """
+
+    def __init__(
+        self,
+        model_path: Path,
+        *,
+        mmproj_path: Path | None,
+        n_ctx: int,
+        n_batch: int,
+        n_seq_max: int,
+        n_threads: int,
+    ) -> None:
+        lc = _import_llama_cpp()
+        self.lc = lc
+        self.mtmd = None
+        self.model = None
+        self.ctx = None
+        self.mtmd_ctx = None
+        self._batch = None
+        if mmproj_path is not None:
+            try:
+                from llama_cpp import mtmd_cpp
+            except (ImportError, OSError) as e:
+                raise RankerError(f"this llama-cpp-python build has no usable mtmd library: {e}") from e
+            self.mtmd = mtmd_cpp
+        _install_log_callback(lc, self.mtmd)
+        lc.llama_backend_init()
+        mparams = lc.llama_model_default_params()
+        mparams.n_gpu_layers = 0
+        self.model = lc.llama_model_load_from_file(str(model_path).encode("utf-8"), mparams)
+        if not self.model:
+            self.model = None
+            raise RankerError(f"llama.cpp could not load the model {model_path} (not a GGUF it supports?)")
+        try:
+            self.vocab = lc.llama_model_get_vocab(self.model)
+            self.n_vocab = int(lc.llama_vocab_n_tokens(self.vocab))
+            cparams = lc.llama_context_default_params()
+            cparams.n_ctx = n_ctx
+            cparams.n_batch = n_batch
+            cparams.n_ubatch = n_batch
+            cparams.n_seq_max = n_seq_max
+            cparams.kv_unified = True  # sequences share the prefix cells instead of splitting n_ctx
+            cparams.swa_full = True  # sliding-window models: keep all cells so removal after the prefix works
+            cparams.n_threads = n_threads
+            cparams.n_threads_batch = n_threads
+            cparams.no_perf = True
+            self.ctx = lc.llama_init_from_model(self.model, cparams)
+            if not self.ctx:
+                self.ctx = None
+                raise RankerError(f"llama.cpp could not create a context (n_ctx={n_ctx}); try a smaller n_ctx")
+            self.n_ctx = int(lc.llama_n_ctx(self.ctx))
+            self.n_batch = n_batch
+            self.n_seq_max = n_seq_max
+            self.mem = lc.llama_get_memory(self.ctx)
+            self._batch = lc.llama_batch_init(n_batch, 0, 1)
+            if self.mtmd is not None:
+                mp = self.mtmd.mtmd_context_params_default()
+                mp.use_gpu = False
+                mp.print_timings = False
+                mp.n_threads = n_threads
+                mp.warmup = False
+                self.mtmd_ctx = self.mtmd.mtmd_init_from_file(str(mmproj_path).encode("utf-8"), self.model, mp)
+                if not self.mtmd_ctx:
+                    self.mtmd_ctx = None
+                    raise RankerError(f"llama.cpp's mtmd could not load the vision projector {mmproj_path}")
+                if not self.mtmd.mtmd_support_vision(self.mtmd_ctx):
+                    raise RankerError(f"{mmproj_path} has no vision encoder")
+                self.marker = self.mtmd.mtmd_default_marker().decode("utf-8")
+        except BaseException:
+            self.close()
+            raise
+
+    # -- metadata -----------------------------------------------------------------------------------------
+
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(1 << 16)
+        n = self.lc.llama_model_meta_val_str(self.model, key.encode("utf-8"), buf, len(buf))
+        if n < 0:
+            return None
+        if n >= len(buf):
+            buf = ctypes.create_string_buffer(n + 1)
+            self.lc.llama_model_meta_val_str(self.model, key.encode("utf-8"), buf, len(buf))
+        return buf.value.decode("utf-8", "replace")
+
+    def token_text(self, token: int) -> str:
+        return self.lc.llama_vocab_get_text(self.vocab, token).decode("utf-8", "replace")
+
+    # -- tokens ----------------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_special: bool) -> list[int]:
+        data = text.encode("utf-8")
+        n_max = len(data) + 8
+        buf = (self.lc.llama_token * n_max)()
+        n = self.lc.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, True)
+        if n < 0:
+            n_max = -n
+            buf = (self.lc.llama_token * n_max)()
+            n = self.lc.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, True)
+        if n < 0:
+            raise RankerError("tokenization failed")
+        return list(buf[:n])
+
+    def piece(self, token: int) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = self.lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self.lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        return buf.raw[: max(n, 0)]
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self.lc.llama_vocab_is_eog(self.vocab, token))
+
+    # -- KV cache -------------------------------------------------------------------------------------
+
+    def seq_rm(self, seq: int, p0: int, p1: int) -> None:
+        if not self.lc.llama_memory_seq_rm(self.mem, seq, p0, p1):
+            raise RankerError(f"llama.cpp refused to drop KV cells [{p0}, {p1}) of sequence {seq}")
+
+    def seq_cp(self, src: int, dst: int) -> None:
+        self.lc.llama_memory_seq_cp(self.mem, src, dst, -1, -1)
+
+    def decode(self, entries: Sequence[tuple[int, int, int, bool]]) -> list[int]:
+        """Decodes ``(token, pos, seq, want_logits)`` entries in as few calls as ``n_batch`` allows.
+
+        Returns:
+            for each entry that asked for logits, its index among all outputs of its llama_decode call,
+            in the form usable by `logits` right after this call when all fit in one call (checked).
+        """
+        out_idx: list[int] = []
+        b = self._batch
+        n_calls = 0
+        for start in range(0, len(entries), self.n_batch):
+            chunk = entries[start : start + self.n_batch]
+            for i, (tok, pos, seq, want) in enumerate(chunk):
+                b.token[i] = tok
+                b.pos[i] = pos
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = seq
+                b.logits[i] = 1 if want else 0
+                if want:
+                    out_idx.append(start + i)
+            b.n_tokens = len(chunk)
+            rc = self.lc.llama_decode(self.ctx, b)
+            n_calls += 1
+            if rc == 1:
+                raise RankerError(
+                    f"the KV cache is full (n_ctx={self.n_ctx}): load the ranker with a larger n_ctx, "
+                    "or use fewer candidates / in-context examples"
+                )
+            if rc != 0:
+                raise RankerError(f"llama_decode failed with code {rc}")
+        self.last_decode_calls = n_calls
+        return out_idx
+
+    def logits(self, batch_index: int) -> np.ndarray:
+        ptr = self.lc.llama_get_logits_ith(self.ctx, batch_index)
+        if not ptr:
+            raise RankerError(f"no logits for batch position {batch_index}")
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).astype(np.float64)
+
+    # -- multimodal ----------------------------------------------------------------------------------
+
+    def eval_mtmd(self, text: str, images: Sequence[np.ndarray], *, n_past: int, seq: int,
+                  add_special: bool) -> tuple[int, int, int]:
+        """Tokenizes ``text`` (with one media marker per image) and evaluates it into ``seq`` at ``n_past``.
+
+        Returns:
+            (new n_past, tokens evaluated). The last position's logits are kept.
+        """
+        mt = self.mtmd
+        bitmaps = []
+        chunks = None
+        try:
+            for img in images:
+                h, w = img.shape[:2]
+                data = np.ascontiguousarray(img, dtype=np.uint8)
+                arr = (ctypes.c_uint8 * data.size).from_buffer(data)
+                bm = mt.mtmd_bitmap_init(w, h, arr)
+                if not bm:
+                    raise RankerError("mtmd could not take the image")
+                bitmaps.append(bm)
+            itext = mt.mtmd_input_text()
+            raw = text.encode("utf-8")
+            itext.text = raw
+            itext.text_len = len(raw)
+            itext.add_special = add_special
+            itext.parse_special = True
+            chunks = mt.mtmd_input_chunks_init()
+            arr_t = (mt.mtmd_bitmap_p_ctypes * max(len(bitmaps), 1))(*bitmaps)
+            rc = mt.mtmd_tokenize(self.mtmd_ctx, chunks, ctypes.byref(itext), arr_t, len(bitmaps))
+            if rc != 0:
+                raise RankerError(f"mtmd_tokenize failed with code {rc} (markers and images disagree?)")
+            n_tok = int(mt.mtmd_helper_get_n_tokens(chunks))
+            if n_past + n_tok > self.n_ctx:
+                raise RankerError(f"the prompt needs {n_past + n_tok} positions, n_ctx is {self.n_ctx}")
+            new_n_past = self.lc.llama_pos(0)
+            rc = mt.mtmd_helper_eval_chunks(
+                self.mtmd_ctx, self.ctx, chunks, n_past, seq, self.n_batch, True, ctypes.byref(new_n_past)
+            )
+            if rc != 0:
+                raise RankerError(f"evaluating the image and text failed (mtmd code {rc})")
+            return int(new_n_past.value), n_tok
+        finally:
+            if chunks is not None:
+                mt.mtmd_input_chunks_free(chunks)
+            for bm in bitmaps:
+                mt.mtmd_bitmap_free(bm)
+
+    # -- sampling ------------------------------------------------------------------------------------
+
+    def grammar_sampler(self, grammar: str) -> Any:
+        lc = self.lc
+        g = lc.llama_sampler_init_grammar(self.vocab, grammar.encode("utf-8"), b"root")
+        if not g:
+            return None
+        chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        lc.llama_sampler_chain_add(chain, g)
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
+        return chain
+
+    def sample(self, sampler: Any, batch_index: int) -> int:
+        return int(self.lc.llama_sampler_sample(sampler, self.ctx, batch_index))
+
+    def free_sampler(self, sampler: Any) -> None:
+        self.lc.llama_sampler_free(sampler)
+
+    def close(self) -> None:
+        lc = self.lc
+        if self.mtmd_ctx is not None:
+            self.mtmd.mtmd_free(self.mtmd_ctx)
+            self.mtmd_ctx = None
+        if self._batch is not None:
+            lc.llama_batch_free(self._batch)
+            self._batch = None
+        if self.ctx is not None:
+            lc.llama_free(self.ctx)
+            self.ctx = None
+        if self.model is not None:
+            lc.llama_model_free(self.model)
+            self.model = None
+
+
+def _to_rgb_array(image: Any) -> np.ndarray:
+    if isinstance(image, np.ndarray):
+        arr = image
+    else:
+        try:
+            from PIL import Image
+        except ImportError:  # pragma: no cover - pillow is a core dependency
+            Image = None
+        if Image is not None and isinstance(image, Image.Image):
+            arr = np.asarray(image.convert("RGB"))
+        else:
+            raise InvalidInputError(
+                f"image must be a PIL.Image, an HxWx3 uint8 array or None, not {type(image).__name__}"
+            )
+    if arr.dtype != np.uint8:
+        raise InvalidInputError(f"image array must be uint8 RGB, got dtype {arr.dtype}")
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise InvalidInputError(f"image array must have shape (H, W, 3), got {arr.shape}")
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise InvalidInputError(f"image is empty: shape {arr.shape}")
+    return np.ascontiguousarray(arr)
+
+
+_NUMBERING = re.compile(r"^\s*(?:\d+\s*[.):\]-]|[-*\u2022])\s*")
+_QUOTES = "\"'`\u2018\u2019\u201c\u201d\u00ab\u00bb"
+
+
+def _clean_item(text: str) -> str:
+    s = _NUMBERING.sub("", text).strip()
+    s = s.strip(" \t,;.")
+    s = s.strip("[]()")
+    return s.strip()
+
+
+def parse_ranking(text: str, candidates: Sequence[str]) -> tuple[list[str], bool]:
+    """Reads a model's answer back into candidate names.
+
+    Lines are matched first exactly, then without list numbering, bullets, surrounding quotes and case;
+    a line that still matches no single name is scanned for every candidate it mentions (longest name
+    first), which also reads one-line answers such as ``['tulip', "bird's-foot trefoil"]``.
+
+    Args:
+        text: the raw answer.
+        candidates: the names offered, in retrieval order.
+
+    Returns:
+        (names, repaired): every candidate exactly once, the model's order first, then the names it left
+        out in retrieval order; ``repaired`` is True when duplicates or missing names had to be fixed.
+        An answer that names no candidate gives ``([], True)``.
+    """
+    cands = list(candidates)
+    by_exact = {c: c for c in cands}
+    by_fold = {}
+    for c in cands:
+        by_fold.setdefault(c.casefold(), c)
+        by_fold.setdefault(c.strip(_QUOTES + " ").casefold(), c)
+
+    def match_whole(item: str) -> str | None:
+        for variant in (item, item.strip(_QUOTES), item.strip(_QUOTES + " .,;")):
+            if variant in by_exact:
+                return by_exact[variant]
+            if variant.casefold() in by_fold:
+                return by_fold[variant.casefold()]
+        return None
+
+    longest_first = sorted(cands, key=len, reverse=True)
+
+    def scan(line: str) -> list[str]:
+        low = line.casefold()
+        taken = [False] * len(low)
+        hits: list[tuple[int, str]] = []
+        for c in longest_first:
+            needle = c.casefold()
+            start = 0
+            while True:
+                i = low.find(needle, start)
+                if i < 0:
+                    break
+                j = i + len(needle)
+                before = low[i - 1] if i > 0 else " "
+                after = low[j] if j < len(low) else " "
+                if not any(taken[i:j]) and not before.isalnum() and not after.isalnum():
+                    for t in range(i, j):
+                        taken[t] = True
+                    hits.append((i, c))
+                start = i + 1
+        return [c for _, c in sorted(hits)]
+
+    found: list[str] = []
+    for raw_line in text.splitlines():
+        line = raw_line.strip()
+        if not line:
+            continue
+        hit = match_whole(line) or match_whole(_clean_item(line))
+        found.extend([hit] if hit is not None else scan(line))
+
+    seen: set[str] = set()
+    ordered = []
+    for c in found:
+        if c not in seen:
+            seen.add(c)
+            ordered.append(c)
+    if not ordered:
+        return [], True
+    repaired = len(ordered) != len(found) or len(ordered) != len(cands)
+    ordered.extend(c for c in cands if c not in seen)
+    return ordered, repaired
+
+
+def _gbnf_literal(s: str) -> str:
+    out = []
+    for ch in s:
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch == '"':
+            out.append('\\"')
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\r":
+            out.append("\\r")
+        elif ch == "\t":
+            out.append("\\t")
+        elif ord(ch) < 0x20:
+            out.append(f"\\x{ord(ch):02x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def build_grammar(candidates: Sequence[str], *, first_number: int = 1, lines: int | None = None) -> str:
+    """A GBNF grammar whose sentences are numbered lines of candidate names.
+
+    The prompt already ends with ``1.``, so line 1 starts at the space before its name; line ``i > 1``
+    starts with ``"i. "``. Every line ends with a line break.
+
+    Args:
+        candidates: the names a line may hold.
+        first_number: the number of the first line.
+        lines: how many lines (default: one per candidate).
+
+    Returns:
+        GBNF text with rule ``root``; names are escaped, so quotes, backslashes and any Unicode are safe.
+    """
+    cands = validate_candidates(candidates)
+    n_lines = len(cands) if lines is None else lines
+    parts = []
+    for i in range(first_number, first_number + n_lines):
+        head = " " if i == 1 else f"{i}. "
+        parts.append(f'{_gbnf_literal(head)} item "\\n"')
+    items = " | ".join(_gbnf_literal(c) for c in cands)
+    return f"root ::= {' '.join(parts)}\nitem ::= {items}\n"
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    m = np.max(x)
+    return x - (m + math.log(float(np.sum(np.exp(x - m)))))
+
+
+class Ranker:
+    """Ranks the k retrieved candidate names for an image with a (multimodal) LLM through llama.cpp.
+
+    Create with `Ranker.load`; use as a context manager or call `close`. Not thread-safe: one ranker
+    per thread, or a lock around `rank`.
+
+    Example:
+        >>> with Ranker.load("models/smolvlm") as ranker:          # doctest: +SKIP
+        ...     r = ranker.rank(image, ["tulip", "daffodil", "iris"])
+        ...     r.labels[0]
+    """
+
+    def __init__(
+        self,
+        native: _Native,
+        *,
+        mode: str,
+        prompt: RankingPrompt,
+        chat_template: str | None,
+        in_context_examples: Sequence[RankingExample],
+        name: str,
+    ) -> None:
+        self._native: _Native | None = native
+        self._mode = mode
+        self._prompt = prompt
+        self._chat_template = chat_template or None
+        self._examples = tuple(in_context_examples)
+        self.name = name
+        self._warned_no_vision = False
+        self._stats: dict[str, int] = dict.fromkeys(RankerStats.__dataclass_fields__, 0)
+        self._prefix_text, self._query_tail = self._split_prompt()
+        self._n_prefix: int | None = None
+
+    # -- construction ----------------------------------------------------------------------------------
+
+    @classmethod
+    def load(
+        cls,
+        model: str | os.PathLike,
+        *,
+        mmproj: str | os.PathLike | None = None,
+        mode: str = "score",
+        n_threads: int | None = None,
+        n_ctx: int | None = None,
+        max_candidates: int = 32,
+        in_context_examples: Sequence[RankingExample] | None = None,
+        prompt_version: str | RankingPrompt | None = None,
+        verify: bool = False,
+    ) -> "Ranker":
+        """Loads a ranker.
+
+        Args:
+            model: a model folder with an ``mllm`` manifest, or a GGUF language model.
+            mmproj: the vision projector GGUF, for a bare GGUF ``model`` (a folder names its own).
+            mode: ``"score"`` or ``"generate"`` (default for `rank`; each call may override it).
+            n_threads: CPU threads; default: the CPUs this process may use.
+            n_ctx: context size in tokens; default: the manifest's suggestion, else 4096.
+            max_candidates: the most candidates one call may score in one batch (more are scored in groups).
+            in_context_examples: solved rankings placed in the cached prompt prefix
+                (see `rar_edge.finetune_data.in_context_examples`).
+            prompt_version: a `rar_edge.prompts` version; default: the manifest's, else the latest.
+            verify: check the sha256 of a folder's files (reads them once; slow for large models).
+
+        Raises:
+            MissingDependencyError: llama-cpp-python is not installed (``pip install 'rar-edge[llm]'``).
+            ManifestError: the folder is not an ``mllm`` model folder.
+            RankerError: llama.cpp cannot load the files.
+        """
+        if mode not in MODES:
+            raise InvalidInputError(f"mode must be one of {MODES}, not {mode!r}")
+        if max_candidates < 1:
+            raise InvalidInputError("max_candidates must be >= 1")
+        path = Path(model)
+        chat_template: str | None = None
+        manifest_n_ctx = None
+        manifest_prompt = None
+        if path.is_dir():
+            if mmproj is not None:
+                raise InvalidInputError("mmproj= is for a bare GGUF; a model folder names its own mmproj")
+            m = load_manifest(path, verify=verify)
+            if m.kind != "mllm":
+                raise ManifestError(f"{path} holds a {m.kind!r} model, the ranker needs kind 'mllm'")
+            lm_path = m.path("language_model")
+            mm_path = m.path("mmproj") if m.has_file("mmproj") else None
+            chat_template = m.data.get("chat_template")
+            manifest_n_ctx = m.data.get("n_ctx")
+            manifest_prompt = m.data.get("prompt_version")
+            name = m.name
+        elif path.is_file():
+            lm_path = path
+            mm_path = Path(mmproj) if mmproj is not None else None
+            if mm_path is not None and not mm_path.is_file():
+                raise InvalidInputError(f"mmproj file not found: {mm_path}")
+            name = path.stem
+        else:
+            raise InvalidInputError(f"no model folder or GGUF file at {path}")
+        prompt = get_prompt(prompt_version or manifest_prompt or "rar-rank-v1")
+        if n_threads is None:
+            n_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        native = _Native(
+            lm_path,
+            mmproj_path=mm_path,
+            n_ctx=int(n_ctx or manifest_n_ctx or DEFAULT_N_CTX),
+            n_batch=512,
+            n_seq_max=max_candidates + 1,
+            n_threads=int(n_threads),
+        )
+        try:
+            if chat_template is None:
+                chat_template = native.meta("tokenizer.chat_template")
+            return cls(
+                native,
+                mode=mode,
+                prompt=prompt,
+                chat_template=chat_template,
+                in_context_examples=in_context_examples or (),
+                name=name,
+            )
+        except BaseException:
+            native.close()
+            raise
+
+    # -- public ---------------------------------------------------------------------------------------
+
+    @property
+    def mode(self) -> str:
+        """The default mode of `rank`."""
+        return self._mode
+
+    @property
+    def has_vision(self) -> bool:
+        """Whether a vision projector is loaded (images are used)."""
+        return self._live().mtmd_ctx is not None
+
+    @property
+    def prompt_version(self) -> str:
+        return self._prompt.version
+
+    @property
+    def stats(self) -> RankerStats:
+        """A snapshot of the evaluation counters."""
+        return RankerStats(**self._stats)
+
+    def rank(self, image: Any, candidates: Sequence[str], *, mode: str | None = None) -> Ranking:
+        """Ranks ``candidates`` for ``image``.
+
+        Args:
+            image: a PIL image, an HxWx3 uint8 RGB array, or None (rank from the names alone). Ignored,
+                with one logged warning, by a model without a vision projector.
+            candidates: the k distinct class names in retrieval order (best first).
+            mode: override the ranker's mode for this call.
+
+        Returns:
+            `Ranking` with every candidate exactly once, best first. Score mode: softmax probabilities.
+            Generate mode: rank-derived weights (1/rank, normalised), ``raw`` the model's text, and
+            ``fallback=True`` with retrieval order when the answer was unusable.
+
+        Raises:
+            InvalidInputError: bad image or candidates (empty, duplicates, line breaks).
+            RankerError: llama.cpp failed (e.g. the context is too small).
+        """
+        mode = self._mode if mode is None else mode
+        if mode not in MODES:
+            raise InvalidInputError(f"mode must be one of {MODES}, not {mode!r}")
+        cands = validate_candidates(candidates)
+        img = None if image is None else _to_rgb_array(image)
+        native = self._live()
+        if img is not None and native.mtmd_ctx is None:
+            if not self._warned_no_vision:
+                logger.warning("ranker %s has no vision projector: ranking from the names alone", self.name)
+                self._warned_no_vision = True
+            img = None
+        if len(cands) == 1:
+            return Ranking(labels=cands, scores=(1.0,), fallback=False, raw="")
+        if mode == "score":
+            return self._rank_score(img, cands)
+        return self._rank_generate(img, cands)
+
+    def close(self) -> None:
+        """Frees the model and its context (idempotent)."""
+        if self._native is not None:
+            self._native.close()
+            self._native = None
+
+    def __enter__(self) -> "Ranker":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - never raise from a finalizer
+            pass
+
+    # -- prompt ---------------------------------------------------------------------------------------
+
+    def _live(self) -> _Native:
+        if self._native is None:
+            raise RankerError("the ranker is closed")
+        return self._native
+
+    def _marker(self) -> str | None:
+        n = self._live()
+        return n.marker if n.mtmd_ctx is not None else None
+
+    def _render(self, last_user: str) -> str:
+        p = self._prompt
+        marker = self._marker()
+        if self._chat_template:
+            msgs: list[dict[str, str]] = [{"role": "system", "content": p.system}]
+            for ex in self._examples:
+                use_img = ex.image is not None and marker is not None
+                msgs.append({"role": "user", "content": p.user_text(ex.candidates, image_marker=marker if use_img else None)})
+                msgs.append({"role": "assistant", "content": p.answer(ex.ranked)})
+            msgs.append({"role": "user", "content": p.instruction + "\n" + last_user})
+            n = self._live()
+            eos = n.token_text(n.lc.llama_vocab_eos(n.vocab)) if n.lc.llama_vocab_eos(n.vocab) >= 0 else ""
+            return render_chat(self._chat_template, msgs, bos_token="", eos_token=eos, add_generation_prompt=True)
+        parts = [p.system, "\n\n"]
+        for ex in self._examples:
+            use_img = ex.image is not None and marker is not None
+            parts += [p.plain_user, p.user_text(ex.candidates, image_marker=marker if use_img else None), "\n",
+                      p.plain_assistant, p.answer(ex.ranked), p.plain_turn_end]
+        parts += [p.plain_user, p.instruction, "\n", last_user, "\n", p.plain_assistant]
+        return "".join(parts)
+
+    def _split_prompt(self) -> tuple[str, str]:
+        """(prefix text, tail after the query's user text), checked to not depend on the query."""
+        a, b = (self._render(s) for s in _SENTINELS)
+        if a.count(_SENTINELS[0]) != 1 or b.count(_SENTINELS[1]) != 1:
+            raise RankerError("the chat template does not place the user's text verbatim; cannot split it")
+        pa, ta = a.split(_SENTINELS[0])
+        pb, tb = b.split(_SENTINELS[1])
+        if pa != pb or ta != tb:
+            raise RankerError("the chat template renders the prompt differently per query; cannot cache it")
+        return pa, ta
+
+    def _example_images(self) -> list[np.ndarray]:
+        if self._marker() is None:
+            return []
+        from PIL import Image
+
+        out = []
+        for ex in self._examples:
+            if ex.image is not None:
+                with Image.open(ex.image) as im:
+                    out.append(_to_rgb_array(im))
+        return out
+
+    def _query_text(self, cands: Sequence[str], with_image: bool) -> str:
+        marker = self._marker() if with_image else None
+        return self._prompt.query_text(cands, image_marker=marker) + self._query_tail + self._prompt.answer_open
+
+    def _continuations(self, cands: Sequence[str]) -> list[list[int]]:
+        """Token ids of each candidate's continuation, tokenized in context after the answer opening."""
+        n = self._live()
+        anchor = self._prompt.answer_open
+        base = n.tokenize(anchor, add_special=False)
+        out = []
+        for i, c in enumerate(cands):
+            text = self._prompt.continuation(c, last=len(cands) == 1)
+            joint = n.tokenize(anchor + text, add_special=False)
+            if joint[: len(base)] == base and len(joint) > len(base):
+                out.append(joint[len(base) :])
+            else:  # the anchor merged with the name: tokenize the name on its own
+                out.append(n.tokenize(text, add_special=False))
+        return out
+
+    # -- evaluation -----------------------------------------------------------------------------------
+
+    def _ensure_prefix(self) -> int:
+        """Evaluates the fixed prefix into sequence 0 once; afterwards only drops what follows it."""
+        n = self._live()
+        for s in range(1, n.n_seq_max):
+            n.seq_rm(s, -1, -1)
+        if self._n_prefix is not None:
+            n.seq_rm(0, self._n_prefix, -1)
+            return self._n_prefix
+        n.lc.llama_memory_clear(n.mem, True)
+        images = self._example_images()
+        if images:
+            n_past, n_tok = n.eval_mtmd(self._prefix_text, images, n_past=0, seq=0, add_special=True)
+            self._stats["image_encodes"] += len(images)
+        else:
+            toks = n.tokenize(self._prefix_text, add_special=True)
+            if len(toks) >= n.n_ctx:
+                raise RankerError(f"the prompt prefix has {len(toks)} tokens, n_ctx is {n.n_ctx}")
+            n.decode([(t, i, 0, False) for i, t in enumerate(toks)])
+            self._stats["decode_calls"] += n.last_decode_calls
+            n_past = n_tok = len(toks)
+        self._n_prefix = n_past
+        self._stats["prefix_evals"] += 1
+        self._stats["prefix_tokens"] = n_tok
+        return n_past
+
+    def _eval_query(self, img: np.ndarray | None, cands: Sequence[str]) -> tuple[int, int]:
+        """Evaluates image + candidate list into sequence 0 after the prefix.
+
+        Returns:
+            (n_past after the query, batch index of the last query token's logits).
+        """
+        n = self._live()
+        n_past = self._ensure_prefix()
+        self._stats["queries"] += 1
+        text = self._query_text(cands, img is not None)
+        if img is not None:
+            new_past, n_tok = n.eval_mtmd(text, [img], n_past=n_past, seq=0, add_special=False)
+            self._stats["query_tokens"] += n_tok
+            self._stats["image_encodes"] += 1
+            return new_past, -1
+        toks = n.tokenize(text, add_special=False)
+        if n_past + len(toks) >= n.n_ctx:
+            raise RankerError(f"the prompt needs {n_past + len(toks)} tokens, n_ctx is {n.n_ctx}")
+        n.decode([(t, n_past + i, 0, i == len(toks) - 1) for i, t in enumerate(toks)])
+        self._stats["decode_calls"] += n.last_decode_calls
+        self._stats["query_tokens"] += len(toks)
+        return n_past + len(toks), -1
+
+    def _rank_score(self, img: np.ndarray | None, cands: tuple[str, ...]) -> Ranking:
+        n = self._live()
+        conts = self._continuations(cands)
+        n_past, _ = self._eval_query(img, cands)
+        first = _log_softmax(n.logits(-1))  # shared: the distribution of every candidate's first token
+        total = [float(first[c[0]]) for c in conts]
+        group = max(1, n.n_seq_max - 1)
+        i = 0
+        while i < len(cands):
+            # One batch per group: candidate j of the group lives in sequence j+1, a copy of sequence 0.
+            members: list[int] = []
+            n_tokens = 0
+            while i < len(cands) and len(members) < group and (not members or n_tokens + len(conts[i]) <= n.n_batch):
+                members.append(i)
+                n_tokens += len(conts[i])
+                i += 1
+            if n_past + n_tokens > n.n_ctx:
+                raise RankerError(f"scoring needs {n_past + n_tokens} KV cells, n_ctx is {n.n_ctx}")
+            entries: list[tuple[int, int, int, bool]] = []
+            for slot, ci in enumerate(members, start=1):
+                n.seq_rm(slot, -1, -1)
+                n.seq_cp(0, slot)
+                toks = conts[ci]
+                for j, t in enumerate(toks):
+                    # logits of token j predict token j+1; the last token's are not needed
+                    entries.append((t, n_past + j, slot, j < len(toks) - 1))
+            if len(entries) > n.n_batch:
+                raise RankerError(f"a candidate name has {len(entries)} tokens, more than n_batch={n.n_batch}")
+            rows = iter(n.decode(entries))  # batch positions of the entries that asked for logits
+            self._stats["decode_calls"] += n.last_decode_calls
+            self._stats["continuation_tokens"] += len(entries)
+            for ci in members:
+                toks = conts[ci]
+                for j in range(len(toks) - 1):
+                    total[ci] += float(_log_softmax(n.logits(next(rows)))[toks[j + 1]])
+        mean = np.array([t / len(c) for t, c in zip(total, conts)])
+        probs = np.exp(mean - mean.max())
+        probs /= probs.sum()
+        order = sorted(range(len(cands)), key=lambda j: (-probs[j], j))
+        return Ranking(
+            labels=tuple(cands[j] for j in order),
+            scores=tuple(float(probs[j]) for j in order),
+            fallback=False,
+            raw="",
+        )
+
+    def _rank_generate(self, img: np.ndarray | None, cands: tuple[str, ...]) -> Ranking:
+        """The model writes the list line by line; each line's grammar admits only the names not yet
+        written, so the answer is a permutation by construction. The last name is implied, not generated."""
+        n = self._live()
+        n_past, idx = self._eval_query(img, cands)
+        remaining = list(cands)
+        written = bytearray()
+        line_budget = max(len(n.tokenize(f"{len(cands)}. {c}\n", add_special=False)) for c in cands) + 2
+        complete = True
+        for number in range(1, len(cands)):
+            sampler = n.grammar_sampler(build_grammar(remaining, first_number=number, lines=1))
+            if sampler is None:
+                logger.warning("llama.cpp rejected the candidate grammar; returning retrieval order")
+                complete = False
+                break
+            line = bytearray()
+            try:
+                for _ in range(line_budget):
+                    tok = n.sample(sampler, idx)
+                    if n.is_eog(tok) or n_past + 1 >= n.n_ctx:
+                        break
+                    line += n.piece(tok)
+                    self._stats["generated_tokens"] += 1
+                    n.decode([(tok, n_past, 0, True)])
+                    self._stats["decode_calls"] += n.last_decode_calls
+                    n_past += 1
+                    idx = -1
+                    if line.endswith(b"\n"):
+                        break
+            finally:
+                n.free_sampler(sampler)
+            written += line
+            names, _ = parse_ranking(line.decode("utf-8", "replace"), remaining)
+            if not line.endswith(b"\n") or not names or names[0] not in remaining:
+                complete = False
+                break
+            remaining.remove(names[0])
+        raw = self._prompt.answer_open + written.decode("utf-8", "replace")
+        if complete:
+            raw += f"{len(cands)}. {remaining[0]}"
+        names, repaired = parse_ranking(raw, cands)
+        if not names:
+            logger.info("generate mode: no candidate found in %r; returning retrieval order", raw)
+            return self._fallback(cands, raw)
+        if repaired:
+            logger.debug("generate mode: repaired answer %r", raw)
+        weights = np.array([1.0 / r for r in range(1, len(names) + 1)])
+        weights /= weights.sum()
+        return Ranking(labels=tuple(names), scores=tuple(float(w) for w in weights), fallback=False, raw=raw)
+
+    @staticmethod
+    def _fallback(cands: tuple[str, ...], raw: str) -> Ranking:
+        w = np.array([1.0 / r for r in range(1, len(cands) + 1)])
+        w /= w.sum()
+        return Ranking(labels=cands, scores=tuple(float(v) for v in w), fallback=True, raw=raw)
+
+    # -- introspection for tests ----------------------------------------------------------------------
+
+    def _prompt_tokens(self, candidates: Sequence[str]) -> tuple[list[int], list[int], list[list[int]]]:
+        """(prefix tokens, query tokens, continuation tokens per candidate) for a text-only query."""
+        n = self._live()
+        cands = validate_candidates(candidates)
+        return (
+            n.tokenize(self._prefix_text, add_special=True),
+            n.tokenize(self._query_text(cands, False), add_special=False),
+            self._continuations(cands),
+        )

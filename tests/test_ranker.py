@@ -1,0 +1,330 @@
+"""The MLLM ranker on a tiny random llama GGUF (default run) and on the real Qwen2.5-Coder GGUF (slow)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from rar_edge.errors import InvalidInputError, ManifestError, MissingDependencyError, RankerError
+from rar_edge.prompts import RANKING_PROMPT_V1, RankingExample, render_chat
+from rar_edge.ranker import build_grammar, parse_ranking
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "export"))
+
+llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'rar-edge[llm]')")
+
+from rar_edge.ranker import Ranker  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+QWEN = Path(os.environ.get("RAR_EDGE_QWEN_GGUF", REPO / ".cache/models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"))
+FLOWERS = ["bluebell", "buttercup", "colts foot", "cowslip", "crocus", "daffodil", "daisy", "dandelion"]
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory) -> Path:
+    from rar_edge_export._tiny_models import write_tiny_text_gguf
+
+    return write_tiny_text_gguf(tmp_path_factory.mktemp("tiny") / "tiny.gguf", seed=0)
+
+
+@pytest.fixture(scope="module")
+def ranker(tiny_gguf):
+    with Ranker.load(tiny_gguf, n_threads=2, n_ctx=2048) as r:
+        yield r
+
+
+# --- answers are always a permutation of the candidates ---------------------------------------------------
+
+_name = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters="\n\r\x85\u2028\u2029"),
+    min_size=1,
+    max_size=12,
+).filter(lambda s: s.strip() != "")
+_names = st.lists(_name, min_size=1, max_size=6, unique=True)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cands=_names, mode=st.sampled_from(["score", "generate"]))
+def test_answer_is_always_a_permutation_of_the_candidates(ranker, cands, mode):
+    r = ranker.rank(None, cands, mode=mode)
+    assert sorted(r.labels) == sorted(cands)
+    assert len(r.scores) == len(cands)
+    assert math.isclose(sum(r.scores), 1.0, rel_tol=1e-6)
+    assert list(r.scores) == sorted(r.scores, reverse=True)
+
+
+@pytest.mark.parametrize("mode", ["score", "generate"])
+def test_quotes_apostrophes_and_unicode_names(ranker, mode):
+    cands = ["bird's-foot trefoil", 'the "best" rose', "lily \\ of the valley", "\u00e9t\u00e9 \u82b1", "'quoted'"]
+    r = ranker.rank(None, cands, mode=mode)
+    assert sorted(r.labels) == sorted(cands)
+    assert not r.fallback
+    if mode == "generate":
+        assert parse_ranking(r.raw, cands)[0] == list(r.labels)
+
+
+def test_single_candidate_needs_no_model(ranker):
+    before = ranker.stats
+    r = ranker.rank(None, ["tulip"])
+    assert r.labels == ("tulip",) and r.scores == (1.0,)
+    assert ranker.stats == before
+
+
+@pytest.mark.parametrize(
+    "cands, match",
+    [
+        (["rose", "tulip", "rose"], "distinct"),
+        ([], "empty"),
+        (["rose", "two\nlines"], "line break"),
+        (["rose", "  "], "empty"),
+        (["rose", 3], "str"),
+        ("rose", "sequence"),
+    ],
+)
+def test_bad_candidates_raise(ranker, cands, match):
+    with pytest.raises(InvalidInputError, match=match):
+        ranker.rank(None, cands)
+
+
+def test_bad_images_and_modes_raise(ranker):
+    with pytest.raises(InvalidInputError, match="uint8"):
+        ranker.rank(np.zeros((4, 4, 3), np.float32), ["a", "b"])
+    with pytest.raises(InvalidInputError, match="shape"):
+        ranker.rank(np.zeros((4, 4), np.uint8), ["a", "b"])
+    with pytest.raises(InvalidInputError, match="PIL"):
+        ranker.rank("photo.jpg", ["a", "b"])
+    with pytest.raises(InvalidInputError, match="mode"):
+        ranker.rank(None, ["a", "b"], mode="vote")
+
+
+def test_text_only_model_ignores_an_image_with_one_warning(tiny_gguf, caplog):
+    from PIL import Image
+
+    with Ranker.load(tiny_gguf, n_threads=1, n_ctx=1024) as r, caplog.at_level(logging.WARNING, "rar_edge"):
+        a = r.rank(Image.new("RGB", (8, 8)), ["a", "b"])
+        b = r.rank(np.zeros((3, 5, 3), np.uint8)[:, ::2], ["a", "b"])  # non-contiguous is fine
+        c = r.rank(None, ["a", "b"])
+        assert not r.has_vision
+    assert a == b == c
+    assert sum("no vision projector" in m for m in caplog.messages) == 1
+
+
+# --- score mode: batched continuations agree with a plain per-candidate computation ------------------------
+
+
+def _reference_scores(model_path: Path, ranker: Ranker, cands: list[str]) -> dict[str, float]:
+    """Per candidate: evaluate the whole prompt + continuation from scratch in llama-cpp-python's Llama."""
+    prefix, query, conts = ranker._prompt_tokens(cands)
+    ref = llama_cpp.Llama(str(model_path), n_ctx=2048, logits_all=True, n_threads=2, verbose=False)
+    try:
+        means = []
+        for cont in conts:
+            ref.reset()
+            toks = prefix + query + cont
+            ref.eval(toks)
+            logits = np.asarray(ref.scores[: len(toks)], dtype=np.float64)
+            start = len(prefix) + len(query)
+            lp = 0.0
+            for j, t in enumerate(cont):
+                row = logits[start + j - 1]
+                m = row.max()
+                lp += row[t] - (m + math.log(np.exp(row - m).sum()))
+            means.append(lp / len(cont))
+    finally:
+        ref.close()
+    means = np.array(means)
+    p = np.exp(means - means.max())
+    p /= p.sum()
+    return dict(zip(cands, p.tolist()))
+
+
+@pytest.mark.parametrize("max_candidates", [32, 2])
+def test_batched_scores_match_per_candidate_reference(tiny_gguf, max_candidates):
+    cands = ["tulip", "rose hip", "rose", "bird's-foot trefoil", "sun flower"]
+    with Ranker.load(tiny_gguf, n_threads=2, n_ctx=2048, max_candidates=max_candidates) as r:
+        got = r.rank(None, cands)
+        got_again = r.rank(None, cands)  # the second query reuses the cached prefix
+        ref = _reference_scores(tiny_gguf, r, cands)
+    assert got == got_again
+    for label, score in zip(got.labels, got.scores):
+        assert score == pytest.approx(ref[label], abs=2e-4), label
+    assert list(got.labels) == sorted(cands, key=lambda c: (-ref[c], cands.index(c)))
+
+
+def test_prefix_is_evaluated_once_and_candidates_in_one_batch(tiny_gguf):
+    lists = [["tulip", "rose", "daisy"], ["a", "b", "c", "d", "e"], FLOWERS]
+    with Ranker.load(tiny_gguf, n_threads=2, n_ctx=2048) as r:
+        n_query = n_cont = 0
+        for cands in lists:
+            r.rank(None, cands, mode="score")
+            _, q, conts = r._prompt_tokens(cands)
+            n_query += len(q)
+            n_cont += sum(len(c) for c in conts)
+        s = r.stats
+        prefix, _, _ = r._prompt_tokens(lists[0])
+    assert s.prefix_evals == 1
+    assert s.prefix_tokens == len(prefix)
+    assert s.queries == 3
+    assert s.query_tokens == n_query  # only the per-query part is evaluated per query
+    assert s.continuation_tokens == n_cont
+    assert s.decode_calls == 1 + 2 * 3  # prefix once; per query: its part, then all continuations together
+    assert s.image_encodes == 0
+
+
+def test_in_context_examples_live_in_the_cached_prefix(tiny_gguf):
+    ex = [RankingExample(candidates=("a", "b", "c"), ranked=("b", "a", "c")),
+          RankingExample(candidates=("x y", "z"), ranked=("z", "x y"))]
+    with Ranker.load(tiny_gguf, n_threads=2) as plain, Ranker.load(tiny_gguf, n_threads=2, in_context_examples=ex) as icl:
+        p0 = plain._prompt_tokens(["rose", "tulip"])[0]
+        p1 = icl._prompt_tokens(["rose", "tulip"])[0]
+        for _ in range(2):
+            r = icl.rank(None, ["rose", "tulip", "daisy"], mode="generate")
+            assert sorted(r.labels) == ["daisy", "rose", "tulip"]
+        assert icl.stats.prefix_evals == 1
+        assert icl.stats.prefix_tokens == len(p1) > len(p0)
+        assert plain._prompt_tokens(["rose", "tulip"])[1] == icl._prompt_tokens(["rose", "tulip"])[1]
+
+
+def test_prompt_follows_the_chat_template(tiny_gguf):
+    with Ranker.load(tiny_gguf, n_threads=1) as r:
+        text = r._prefix_text + r._query_text(["rose", "tulip"], False)
+    assert text.startswith("<|im_start|>system\n" + RANKING_PROMPT_V1.system + "<|im_end|>\n<|im_start|>user\n")
+    assert text.endswith("- rose\n- tulip<|im_end|>\n<|im_start|>assistant\n1.")
+
+
+def test_plain_prompt_without_chat_template(tmp_path):
+    from rar_edge_export._tiny_models import write_tiny_text_gguf
+
+    path = write_tiny_text_gguf(tmp_path / "base.gguf", chat_template=None)
+    with Ranker.load(path, n_threads=1) as r:
+        assert "### Question:" in r._prefix_text and "<|im_start|>" not in r._prefix_text
+        assert sorted(r.rank(None, ["a", "b", "c"]).labels) == ["a", "b", "c"]
+
+
+# --- generate mode: grammar, repair, fallback ----------------------------------------------------------
+
+
+def test_grammar_escapes_names():
+    g = build_grammar(['say "hi"', "back\\slash", "\u00e9t\u00e9"])
+    assert '"say \\"hi\\""' in g and '"back\\\\slash"' in g and "\u00e9t\u00e9" in g
+    assert g.startswith('root ::= " " item "\\n" "2. " item "\\n" "3. " item "\\n"\n')
+    assert build_grammar(["a", "b"], first_number=4, lines=1) == 'root ::= "4. " item "\\n"\nitem ::= "a" | "b"\n'
+
+
+def test_generate_writes_each_name_once(tiny_gguf):
+    cands = ["rose", "rose hip", "primrose", "tulip"]
+    with Ranker.load(tiny_gguf, n_threads=1) as r:
+        out = r.rank(None, cands, mode="generate")
+    lines = out.raw.splitlines()
+    assert [ln.split(". ", 1)[1] for ln in lines] == list(out.labels)  # no repair was needed
+    assert [ln.split(". ", 1)[0] for ln in lines] == ["1", "2", "3", "4"]
+
+
+@pytest.mark.parametrize(
+    "raw, want, repaired",
+    [
+        ("1. b\n2. a\n3. c", ["b", "a", "c"], False),
+        ("1. 'b'\n2. \"a\"\n3. C.", ["b", "a", "c"], False),
+        ("1. b\n2. b\n3. a", ["b", "a", "c"], True),  # duplicate dropped, missing appended in retrieval order
+        ("1. c", ["c", "a", "b"], True),
+        ("['c', \"bird's eye\", 'a']", ["c", "bird's eye", "a", "b"], True),
+        ("The answer is bird's eye, then a.", ["bird's eye", "a", "b", "c"], True),
+        ("nothing useful", [], True),
+    ],
+)
+def test_parse_ranking_repairs(raw, want, repaired):
+    cands = ["a", "b", "c"] + (["bird's eye"] if "bird" in raw else [])
+    got, rep = parse_ranking(raw, cands)
+    assert got == want and rep == repaired
+
+
+def test_parse_prefers_longest_name_and_word_boundaries():
+    got, _ = parse_ranking("rose hip, rose, primrose", ["rose", "rose hip", "primrose"])
+    assert got == ["rose hip", "rose", "primrose"]
+
+
+def test_generate_falls_back_to_retrieval_order(tiny_gguf, monkeypatch):
+    import rar_edge.ranker as rk
+
+    cands = ["tulip", "rose", "daisy"]
+    with Ranker.load(tiny_gguf, n_threads=1) as r:
+        monkeypatch.setattr(rk, "build_grammar", lambda c, **kw: 'root ::= " zzz"\n')
+        out = r.rank(None, cands, mode="generate")
+        assert out.fallback and out.labels == tuple(cands) and "zzz" in out.raw
+        monkeypatch.setattr(rk, "build_grammar", lambda c, **kw: "root ::= (((\n")  # llama.cpp rejects it
+        out = r.rank(None, cands, mode="generate")
+        assert out.fallback and out.labels == tuple(cands)
+        monkeypatch.undo()
+        assert not r.rank(None, cands, mode="generate").fallback
+
+
+# --- lifecycle and loading -----------------------------------------------------------------------------
+
+
+def test_close_is_idempotent_and_closed_ranker_raises(tiny_gguf):
+    r = Ranker.load(tiny_gguf, n_threads=1)
+    r.close()
+    r.close()
+    with pytest.raises(RankerError, match="closed"):
+        r.rank(None, ["a", "b"])
+
+
+def test_load_errors(tmp_path, tiny_gguf):
+    with pytest.raises(InvalidInputError, match="no model"):
+        Ranker.load(tmp_path / "missing.gguf")
+    with pytest.raises(ManifestError):
+        Ranker.load(tmp_path)  # a folder without manifest.json
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf")
+    with pytest.raises(RankerError, match="could not load"):
+        Ranker.load(bad)
+    with pytest.raises(InvalidInputError, match="mode"):
+        Ranker.load(tiny_gguf, mode="vote")
+    with pytest.raises(RankerError, match="KV cache is full|n_ctx"):
+        with Ranker.load(tiny_gguf, n_ctx=64) as r:
+            r.rank(None, ["a", "b"])
+
+
+def test_missing_llama_cpp_names_the_extra(monkeypatch):
+    import rar_edge.ranker as rk
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    with pytest.raises(MissingDependencyError, match=r"rar-edge\[llm\]"):
+        rk._import_llama_cpp()
+
+
+def test_loads_from_an_exported_model_folder(tmp_path, tiny_gguf):
+    from rar_edge_export.mllm import export_mllm
+
+    m = export_mllm(tiny_gguf, tmp_path / "model")
+    with Ranker.load(m.root, verify=True) as r:
+        assert r.prompt_version == "rar-rank-v1" and not r.has_vision
+        assert sorted(r.rank(None, ["a", "b"]).labels) == ["a", "b"]
+
+
+def test_render_chat_reports_template_errors():
+    with pytest.raises(RankerError, match="chat template"):
+        render_chat("{{ raise_exception('no system role') }}", [{"role": "user", "content": "x"}])
+
+
+# --- the real model -------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_real_qwen_ranks_sensibly_in_both_modes():
+    if not QWEN.is_file():
+        pytest.skip(f"{QWEN} is absent: run tools/fetch_llm.sh --model")
+    cands = ["bus", "sunflower", "daffodil", "tiger lily", "keyboard"]
+    with Ranker.load(QWEN, n_ctx=2048) as r:
+        for mode in ("score", "generate"):
+            out = r.rank(None, cands, mode=mode)
+            assert sorted(out.labels) == sorted(cands) and not out.fallback
+        assert r.stats.prefix_evals == 1
