@@ -85,7 +85,7 @@ def _ranker_model(models: Path, ranker: str | None) -> tuple[Any, str]:
 
     if ranker:
         return Ranker.load(ranker), f"{ranker} (as given)"
-    from rar_edge_export import export_mllm
+    from rar_edge_export.mllm import export_mllm
     from rar_edge_export._tiny_models import write_tiny_text_gguf
 
     out = models / "tiny_random_ranker"
@@ -100,6 +100,9 @@ def _ranker_model(models: Path, ranker: str | None) -> tuple[Any, str]:
 def run_demo(*, workdir: str | os.PathLike = "artifacts/demo", shared: str | None = None, n_images: int = 8,
              clip: str | None = None, ranker: str | None = None) -> int:
     """Runs the demo; returns the process exit code."""
+    # transformers would import TensorFlow (installed for the TFLite converter): slow and noisy, unused.
+    os.environ.setdefault("USE_TF", "0")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from rar_edge_export import export_tflite
 
     from .datasets import few_shot_split
