@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -101,12 +103,23 @@ def main(argv: list[str] | None = None) -> int:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--export-variants", default=None, metavar="SRC")
     pre.add_argument("--models-dir", default=None)
+    pre.add_argument("--export-only", action="store_true", help=argparse.SUPPRESS)
     known, rest = pre.parse_known_args(argv)
     notes: list[str] = []
+    if known.export_only:  # the child process below: export, print what was made, exit
+        ref, variants, notes = export_variants(known.export_variants, Path(known.models_dir))
+        print(json.dumps({"reference": str(ref), "variants": [str(v) for v in variants], "notes": notes}))
+        return 0
     if known.export_variants:
+        # Export in a child process, so that torch and the exporters' memory stay out of the measured
+        # process (cold start, peak RSS).
         models_dir = Path(known.models_dir or tempfile.mkdtemp(prefix="rar_edge_variants_"))
-        ref, variants, notes = export_variants(known.export_variants, models_dir)
-        rest = ["--encoder", str(ref), *[x for v in variants for x in ("--variant", str(v))], *rest]
+        proc = subprocess.run([sys.executable, __file__, "--export-variants", known.export_variants,
+                               "--models-dir", str(models_dir), "--export-only"],
+                              stdout=subprocess.PIPE, text=True, check=True)
+        made = json.loads(proc.stdout.strip().splitlines()[-1])
+        notes = made["notes"]
+        rest = ["--encoder", made["reference"], *[x for v in made["variants"] for x in ("--variant", v)], *rest]
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[pre])
     add_bench_arguments(p)
     args = p.parse_args(rest)

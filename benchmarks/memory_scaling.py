@@ -19,7 +19,8 @@ measured size (n log n for time, linear for RAM) and marked ``"extrapolated": tr
 
 Usage::
 
-    .venv/bin/python benchmarks/memory_scaling.py --json artifacts/memory_scaling.json [--max-n 1000000]
+    .venv/bin/python benchmarks/memory_scaling.py --json artifacts/memory_scaling.json [--max-n 1000000] \
+        [--plot artifacts/memory_scaling.png]
 """
 
 from __future__ import annotations
@@ -219,6 +220,53 @@ def run(args) -> dict:
     }
 
 
+def plot(res: dict, path: str) -> None:
+    """Lookup latency and build time against memory size, exact vs HNSW (log-log); extrapolations dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    rows = res["rows"]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.2))
+    n_ex = [r["n"] for r in rows]
+    a1.plot(n_ex, [r["exact"]["search_ms"]["p50"] for r in rows], "o-", label="exact (native scan), p50")
+    a1.fill_between(n_ex, [r["exact"]["search_ms"]["p50"] for r in rows], [r["exact"]["search_ms"]["p95"] for r in rows],
+                    alpha=0.2)
+    hm = [r for r in rows if not r["hnsw"].get("extrapolated")]
+    a1.plot([r["n"] for r in hm], [r["hnsw"]["search_ms"]["p50"] for r in hm], "s-", label="HNSW (hnswlib), p50")
+    a1.fill_between([r["n"] for r in hm], [r["hnsw"]["search_ms"]["p50"] for r in hm],
+                    [r["hnsw"]["search_ms"]["p95"] for r in hm], alpha=0.2)
+    for r in rows:
+        a1.annotate(f"R {r['exact']['recall_at_k_classes']:.2f}", (r["n"], r["exact"]["search_ms"]["p50"]),
+                    textcoords="offset points", xytext=(0, 6), fontsize=7, ha="center", color="C0")
+    for r in hm:
+        a1.annotate(f"R {r['hnsw']['recall_at_k_classes']:.2f}", (r["n"], r["hnsw"]["search_ms"]["p50"]),
+                    textcoords="offset points", xytext=(0, -12), fontsize=7, ha="center", color="C1")
+    if res.get("crossover_n"):
+        a1.axvline(res["crossover_n"], color="grey", ls=":", label=f"HNSW faster from {res['crossover_n']:,}")
+    a1.set(xscale="log", yscale="log", xlabel="memory entries (d=%d)" % res["setup"]["dim"],
+           ylabel="Memory.search, one query (ms)",
+           title="lookup latency (band = p50..p95; R = recall of top-%d classes)" % res["setup"]["k"])
+    a1.legend(fontsize=8)
+    a1.grid(which="both", alpha=0.3)
+    a2.plot(n_ex, [r["exact"]["build_s"] for r in rows], "o-", label="exact: add + pack store")
+    a2.plot([r["n"] for r in hm], [r["hnsw"]["build_s"] for r in hm], "s-", label="HNSW: add + build graph")
+    ext = [r for r in rows if r["hnsw"].get("extrapolated") and r["hnsw"].get("build_s")]
+    if ext and hm:
+        a2.plot([hm[-1]["n"]] + [r["n"] for r in ext], [hm[-1]["hnsw"]["build_s"]] + [r["hnsw"]["build_s"] for r in ext],
+                "s--", color="C1", alpha=0.5, label="HNSW build, EXTRAPOLATED (n log n)")
+    a2.set(xscale="log", yscale="log", xlabel="memory entries", ylabel="build time (s)",
+           title=f"build time on {res['environment']['cores']} cores")
+    a2.legend(fontsize=8)
+    a2.grid(which="both", alpha=0.3)
+    fig.suptitle(f"rar_edge.Memory scaling: clustered data, {res['setup']['classes']} classes, "
+                 f"{res['setup']['queries']} queries", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", required=True, help="write the results here")
@@ -232,11 +280,18 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("-k", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot", default=None, help="also write a PNG plot here (matplotlib)")
+    p.add_argument("--replot", action="store_true", help="only redraw --plot from an existing --json")
     args = p.parse_args(argv)
+    if args.replot:
+        plot(json.loads(Path(args.json).read_text()), args.plot)
+        return 0
     res = run(args)
     text = json.dumps(res, indent=2)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(text + "\n")
+    if args.plot:
+        plot(res, args.plot)
     print(f"crossover (HNSW faster from): {res['crossover_n']} entries; wrote {args.json}")
     return 0
 
