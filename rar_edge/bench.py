@@ -598,7 +598,9 @@ def run_bench(
             detect = _time_detect(pipe, inst, boxes, config=config) if boxes is not None else None
         finally:
             inst.restore()
-        rss_runs, peak_runs = _rss_bytes(), _peak_rss_bytes()
+        rss_runs = _rss_bytes()
+        # ru_maxrss and /proc's resident count can differ by a few pages: the peak is at least the current.
+        peak_runs = max(_peak_rss_bytes(), rss_runs or 0)
         variant_rows = _time_variants(enc, variants, inputs.queries, config=config) if variants else []
         env = environment(enc, rk)
     finally:
