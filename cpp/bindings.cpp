@@ -6,6 +6,8 @@
 #include <pybind11/stl.h>
 
 #include <cmath>
+#include <optional>
+#include <tuple>
 #include <string>
 #include <vector>
 
@@ -36,8 +38,10 @@ std::string shape_str(const py::array& a) {
   return s + (a.ndim() == 1 ? ",)" : ")");
 }
 
-py::tuple topk_classes(py::array vectors, py::array labels, int n_classes, py::array queries, int k,
-                       py::object scales, py::object rerank, int threads) {
+std::tuple<py::array_t<int32_t>, py::array_t<float>> topk_classes(py::array vectors, py::array labels, int n_classes,
+                                                                  py::array queries, int k,
+                                                                  std::optional<py::array> scales,
+                                                                  std::optional<py::array> rerank, int threads) {
   rar::VectorView v;
   if (is_dtype<float>(vectors)) {
     v.storage = rar::Storage::f32;
@@ -71,22 +75,20 @@ py::tuple topk_classes(py::array vectors, py::array labels, int n_classes, py::a
   if (threads < 1) throw py::value_error("threads must be >= 1, got " + std::to_string(threads));
   py::array scales_arr;
   if (v.storage == rar::Storage::i8) {
-    if (scales.is_none()) throw py::type_error("int8 vectors need scales: float32 (N,), one per row");
-    if (!py::isinstance<py::array>(scales)) throw py::type_error("scales must be a float32 numpy array");
-    scales_arr = scales.cast<py::array>();
+    if (!scales) throw py::type_error("int8 vectors need scales: float32 (N,), one per row");
+    scales_arr = *scales;
     if (!is_dtype<float>(scales_arr)) throw py::type_error("scales must be float32, not " + dtype_str(scales_arr));
     if (scales_arr.ndim() != 1 || static_cast<std::size_t>(scales_arr.shape(0)) != v.n)
       throw py::value_error("scales must be (N,) = (" + std::to_string(v.n) + ",), got " + shape_str(scales_arr));
     require_c_contiguous(scales_arr, "scales");
     v.scales = static_cast<const float*>(scales_arr.data());
-  } else if (!scales.is_none()) {
+  } else if (scales) {
     throw py::value_error("scales are only for int8 vectors");
   }
   py::array rerank_arr;
-  if (!rerank.is_none()) {
+  if (rerank) {
     if (v.storage != rar::Storage::i8) throw py::value_error("rerank vectors are only for int8 vectors");
-    if (!py::isinstance<py::array>(rerank)) throw py::type_error("rerank must be a float32 numpy array");
-    rerank_arr = rerank.cast<py::array>();
+    rerank_arr = *rerank;
     if (!is_dtype<float>(rerank_arr)) throw py::type_error("rerank must be float32, not " + dtype_str(rerank_arr));
     if (rerank_arr.ndim() != 2 || static_cast<std::size_t>(rerank_arr.shape(0)) != v.n ||
         static_cast<std::size_t>(rerank_arr.shape(1)) != v.dim)
@@ -121,10 +123,10 @@ py::tuple topk_classes(py::array vectors, py::array labels, int n_classes, py::a
     py::gil_scoped_release release;
     rar::topk_classes(v, lab, n_classes, q, nq, k, threads, oc, os);
   }
-  return py::make_tuple(out_c, out_s);
+  return {out_c, out_s};
 }
 
-py::array crop_blur(py::array image, py::array boxes, int out_size, double crop_scale, bool adaptive, double sigma,
+py::array_t<uint8_t> crop_blur(py::array image, py::array boxes, int out_size, double crop_scale, bool adaptive, double sigma,
                     bool letterbox, int pad_value, int threads) {
   if (!is_dtype<uint8_t>(image)) throw py::type_error("image must be uint8, not " + dtype_str(image));
   if (image.ndim() != 3 || image.shape(2) != 3)
@@ -201,8 +203,8 @@ py::dict build_info() {
 PYBIND11_MODULE(_native, m) {
   m.doc() = "rar_edge native core (private; use rar_edge._lookup / rar_edge.boxes)";
   m.def("topk_classes", &topk_classes, py::arg("vectors"), py::arg("labels"), py::arg("n_classes"),
-        py::arg("queries"), py::arg("k"), py::kw_only(), py::arg("scales") = py::none(),
-        py::arg("rerank") = py::none(), py::arg("threads") = 1,
+        py::arg("queries"), py::arg("k"), py::kw_only(), py::arg("scales") = std::nullopt,
+        py::arg("rerank") = std::nullopt, py::arg("threads") = 1,
         "Exact top-k distinct classes per query.\n\n"
         "vectors: (N, d) float32, float16 or int8 (then scales (N,) float32: row i = scales[i] * vectors[i],\n"
         "and optionally rerank (N, d) float32: the rows whose int8 score could reach the top k are rescored\n"

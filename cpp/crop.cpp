@@ -201,19 +201,13 @@ RAR_FORCE_INLINE void to_u8(const float* __restrict src, uint8_t* __restrict dst
     dst[i] = static_cast<uint8_t>(static_cast<int>(v));
   }
 }
-RAR_FORCE_INLINE void to_u8(const float* __restrict src, float* __restrict dst, int n) {
-  for (int i = 0; i < n; ++i) dst[i] = src[i];
-}
 RAR_FORCE_INLINE void from_u8(const uint8_t* __restrict src, float* __restrict dst, int n) {
   for (int i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 RAR_FORCE_INLINE void from_u8(const float* __restrict src, float* __restrict dst, int n) {
   for (int i = 0; i < n; ++i) dst[i] = src[i];
 }
-RAR_FORCE_INLINE void copy_px(const uint8_t* __restrict src, uint8_t* __restrict dst, int n) { std::memcpy(dst, src, n); }
-RAR_FORCE_INLINE void copy_px(const float* __restrict src, uint8_t* __restrict dst, int n) { to_u8(src, dst, n); }
 RAR_FORCE_INLINE void copy_px(const uint8_t* __restrict src, float* __restrict dst, int n) { from_u8(src, dst, n); }
-RAR_FORCE_INLINE void copy_px(const float* __restrict src, float* __restrict dst, int n) { to_u8(src, dst, n); }
 
 RAR_FORCE_INLINE void store_row(const float* src, float* dst, int n) { std::memcpy(dst, src, sizeof(float) * n); }
 RAR_FORCE_INLINE void store_row(const float* src, uint8_t* dst, int n) { to_u8(src, dst, n); }
@@ -483,7 +477,7 @@ RAR_FORCE_INLINE void blur_v(const float* hb, std::size_t hstride, int rows, int
       sym_conv(c0, lo, hi, k, r, sg[0], sg[1], tmp);
       store_row(tmp + sg[0], d + sg[0], sg[1] - sg[0]);
     }
-    if (std::is_same<TOut, float>::value)
+    if constexpr (std::is_same<TOut, float>::value)
       for (std::size_t i = 0; i < kPad; ++i) reinterpret_cast<float*>(d)[len + i] = 0.f;
   }
 }
@@ -555,7 +549,7 @@ RAR_FORCE_INLINE void resize(const Plan& p, const TIn* src, std::size_t sstride,
   }
   const float* fsrc;
   std::size_t fstride;
-  if (std::is_same<TIn, float>::value) {
+  if constexpr (std::is_same<TIn, float>::value) {
     fsrc = reinterpret_cast<const float*>(src);
     fstride = sstride;
   } else {

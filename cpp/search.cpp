@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -592,7 +593,9 @@ void topk_classes(const VectorView& v, const int32_t* labels, int32_t n_classes,
   if (n_queries >= static_cast<std::size_t>(threads) || v.n == 0) {
     // Batches: each worker owns whole queries, four at a time through the kernels.
     parallel_chunks(n_queries, threads, [&](int, std::size_t qb, std::size_t qe) {
-      std::vector<float> best(4 * nc), rows(rerank ? 4 * v.n : 0), exact;
+      std::vector<float> best(4 * nc), exact;
+      // Per-row int8 scores for the rescoring pass: written before read, so not zero-filled.
+      std::unique_ptr<float[]> rows(rerank ? new float[std::min<std::size_t>(4, qe - qb) * v.n] : nullptr);
       std::vector<int32_t> order;
       order.reserve(nc);
       Query qbuf[4];
@@ -605,7 +608,7 @@ void topk_classes(const VectorView& v, const int32_t* labels, int32_t n_classes,
           prepare_query(queries + (a0 + a) * v.dim, v.dim, quantize, &qbuf[a]);
           qs[a] = &qbuf[a];
           bs[a] = best.data() + a * nc;
-          rs[a] = rerank ? rows.data() + a * v.n : nullptr;
+          rs[a] = rerank ? rows.get() + a * v.n : nullptr;
         }
         std::fill(best.begin(), best.end(), neg_inf);
         const float max_scale = scan_rows(ks, v, labels, 0, v.n, qs, g, bs, rerank ? rs : nullptr);
@@ -625,7 +628,7 @@ void topk_classes(const VectorView& v, const int32_t* labels, int32_t n_classes,
   // Few queries, several threads: split the rows, then merge the per-worker class maxima.
   const int workers = static_cast<int>(std::min<std::size_t>(static_cast<std::size_t>(threads), v.n));
   std::vector<float> best(static_cast<std::size_t>(workers) * n_queries * nc, neg_inf);
-  std::vector<float> rows(rerank ? n_queries * v.n : 0);
+  std::unique_ptr<float[]> rows(rerank ? new float[n_queries * v.n] : nullptr);
   std::vector<float> worker_max_scale(static_cast<std::size_t>(workers), 0.f);
   std::vector<Query> qbuf(n_queries);
   std::vector<const Query*> qs(n_queries);
@@ -633,7 +636,7 @@ void topk_classes(const VectorView& v, const int32_t* labels, int32_t n_classes,
   for (std::size_t a = 0; a < n_queries; ++a) {
     prepare_query(queries + a * v.dim, v.dim, quantize, &qbuf[a]);
     qs[a] = &qbuf[a];
-    if (rerank) rs[a] = rows.data() + a * v.n;
+    if (rerank) rs[a] = rows.get() + a * v.n;
   }
   parallel_chunks(v.n, workers, [&](int w, std::size_t b, std::size_t e) {
     std::vector<float*> bs(n_queries);

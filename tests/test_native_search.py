@@ -272,3 +272,26 @@ def test_build_info():
     assert "scalar" in info["compiled"]
     with pytest.raises(ValueError):
         _native._set_simd("quantum")
+
+
+def test_stub_matches_the_module():
+    """rar_edge/_native.pyi (made by pybind11-stubgen) names the module's functions and their arguments."""
+    import ast
+    import re
+    from pathlib import Path
+
+    stub = Path(_native.__file__).resolve().parent / "_native.pyi"
+    if not stub.exists():  # editable installs load the module from the build folder
+        stub = Path(__file__).resolve().parents[1] / "rar_edge" / "_native.pyi"
+    tree = ast.parse(stub.read_text())
+    stub_funcs = {f.name: [a.arg for a in f.args.args + f.args.kwonlyargs] for f in tree.body if isinstance(f, ast.FunctionDef)}
+    stub_consts = {n.target.id for n in tree.body if isinstance(n, ast.AnnAssign)} - {"__all__"}
+    runtime_funcs = {}
+    for name in dir(_native):
+        obj = getattr(_native, name)
+        if callable(obj) and not name.startswith("__") and obj.__doc__:
+            sig = obj.__doc__.splitlines()[0]
+            inner = sig[sig.index("(") + 1 : sig.rindex(") ->")]
+            runtime_funcs[name] = re.findall(r"(\w+)\s*:", inner)
+    assert stub_funcs == runtime_funcs, "regenerate: pybind11-stubgen rar_edge._native -o <dir>"
+    assert stub_consts == {n for n in dir(_native) if n.isupper()}

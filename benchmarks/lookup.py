@@ -1,0 +1,179 @@
+"""Top-5 distinct classes for single queries: rar_edge's native exact search vs faiss, numpy and hnswlib.
+
+Data: clustered unit vectors (1k class centroids sharing a common direction + noise; never i.i.d. Gaussian),
+d=512, N in {1k, 10k, 100k} vectors over 1k classes, single queries drawn from the same clusters.
+
+Methods (all single-threaded, timed in the same process, round-robin per query so that load from other
+processes hits them alike; latency p50/p90 over the queries):
+  native/<storage>  rar_edge._lookup.VectorStore.topk_classes (class max fused into the scan)
+  faiss             IndexFlatIP.search for the k' nearest vectors, k' = (sum of the k-1 largest class sizes) + 1
+                    (guarantees k distinct classes), then numpy: first k distinct labels
+  numpy             V @ q (BLAS, 1 thread), np.maximum.reduceat over label-sorted rows, argpartition
+  hnswlib           HNSW (M=16, ef_construction=200, ef=64; hnswlib raises ef to k' for the k'-NN query),
+                    same aggregation as faiss
+Recall: class recall@5 against an exact float64 search.
+
+    python benchmarks/lookup.py --json artifacts/lookup.json [--sizes 1000 10000 100000] [--queries 200]
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's BLAS single-threaded, like the others
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import clustered, percentile_ms, write_json  # noqa: E402
+
+K = 5
+N_CLASSES = 1000
+DIM = 512
+
+
+def first_k_distinct(labels_in_order: np.ndarray, k: int) -> np.ndarray:
+    """The first k distinct labels of a ranked list, in order."""
+    uniq, first = np.unique(labels_in_order, return_index=True)
+    return uniq[np.argsort(first)][:k]
+
+
+def exact_topk(vectors: np.ndarray, labels: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Exact top-k classes in float64 (the recall reference)."""
+    order = np.argsort(labels, kind="stable")
+    starts = np.flatnonzero(np.r_[True, np.diff(labels[order]) != 0])
+    present = labels[order][starts]
+    v = vectors[order].astype(np.float64)
+    out = np.empty((len(queries), k), np.int64)
+    for i, q in enumerate(queries.astype(np.float64)):
+        best = np.maximum.reduceat(v @ q, starts)
+        top = np.lexsort((present, -best))[:k]
+        out[i] = present[top]
+    return out
+
+
+def recall_at_k(got: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.mean([len(set(a.tolist()) & set(b.tolist())) / ref.shape[1] for a, b in zip(got, ref)]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
+    ap.add_argument("--queries", type=int, default=200)
+    ap.add_argument("--no-hnsw", action="store_true", help="skip hnswlib (its 100k build takes ~100 s on 2 cores)")
+    ap.add_argument("--hnsw-build-threads", type=int, default=2)
+    args = ap.parse_args()
+
+    import faiss
+
+    from rar_edge import _native
+    from rar_edge._lookup import DEFAULT_STORAGE, STORAGES, VectorStore
+
+    faiss.omp_set_num_threads(1)
+    results: dict = {}
+    for n in args.sizes:
+        vectors, labels, queries = clustered(n, N_CLASSES, DIM, n_queries=args.queries, seed=n)
+        ref = exact_topk(vectors, labels, queries, K)
+        sizes = np.bincount(labels, minlength=N_CLASSES)
+        k_prime = int(np.sort(sizes)[-(K - 1):].sum()) + 1
+
+        methods: dict[str, object] = {}
+        for storage in STORAGES:
+            store = VectorStore(vectors, storage=storage)
+            methods[f"native/{storage}"] = lambda q, s=store: s.topk_classes(labels, N_CLASSES, q, K)[0][0]
+
+        index = faiss.IndexFlatIP(DIM)
+        index.add(vectors)
+
+        def faiss_query(q: np.ndarray) -> np.ndarray:
+            _, ids = index.search(q[None, :], k_prime)
+            return first_k_distinct(labels[ids[0]], K)
+
+        methods["faiss"] = faiss_query
+
+        order = np.argsort(labels, kind="stable")
+        v_sorted = np.ascontiguousarray(vectors[order])
+        starts = np.flatnonzero(np.r_[True, np.diff(labels[order]) != 0])
+        present = labels[order][starts]
+
+        def numpy_query(q: np.ndarray) -> np.ndarray:
+            best = np.maximum.reduceat(v_sorted @ q, starts)
+            top = np.argpartition(-best, K - 1)[:K]
+            return present[top[np.argsort(-best[top], kind="stable")]]
+
+        methods["numpy"] = numpy_query
+
+        build_s = None
+        if not args.no_hnsw:
+            import hnswlib
+
+            hnsw = hnswlib.Index(space="ip", dim=DIM)
+            hnsw.init_index(max_elements=n, M=16, ef_construction=200, random_seed=0)
+            t0 = time.perf_counter()
+            hnsw.add_items(vectors, np.arange(n), num_threads=args.hnsw_build_threads)
+            build_s = time.perf_counter() - t0
+            hnsw.set_ef(64)
+            hnsw.set_num_threads(1)
+            kq = min(k_prime, n)
+
+            def hnsw_query(q: np.ndarray) -> np.ndarray:
+                ids, _ = hnsw.knn_query(q[None, :], k=kq)
+                return first_k_distinct(labels[ids[0].astype(np.int64)], K)
+
+            methods["hnswlib"] = hnsw_query
+
+        for fn in methods.values():  # warm-up
+            fn(queries[0])
+        times: dict[str, list[float]] = {m: [] for m in methods}
+        answers: dict[str, list[np.ndarray]] = {m: [] for m in methods}
+        for q in queries:
+            for name, fn in methods.items():
+                t0 = time.perf_counter()
+                a = fn(q)
+                times[name].append((time.perf_counter() - t0) * 1e3)
+                answers[name].append(np.asarray(a))
+        per_n: dict = {"k_prime": k_prime}
+        for name in methods:
+            got = np.stack([np.pad(a, (0, K - len(a)), constant_values=-1) for a in answers[name]])
+            per_n[name] = {
+                "p50_ms": round(float(np.median(times[name])), 4),
+                "p90_ms": round(percentile_ms(times[name], 90), 4),
+                "class_recall5": round(recall_at_k(got, ref), 4),
+            }
+        if build_s is not None:
+            per_n["hnswlib"]["build_s"] = round(build_s, 1)
+        results[str(n)] = per_n
+        print(f"N={n}: " + ", ".join(f"{m} {per_n[m]['p50_ms']:.3f} ms r={per_n[m]['class_recall5']}" for m in methods),
+              file=sys.stderr)
+
+    default = f"native/{DEFAULT_STORAGE}"
+    summary = {
+        "default_storage": DEFAULT_STORAGE,
+        "speedup_vs_faiss": {
+            n: round(results[n]["faiss"]["p50_ms"] / results[n][default]["p50_ms"], 2) for n in results if n != "1000"
+        },
+        "class_recall5": {n: results[n][default]["class_recall5"] for n in results if n != "1000"},
+        "results": results,
+        "setup": {
+            "dim": DIM,
+            "classes": N_CLASSES,
+            "k": K,
+            "queries": args.queries,
+            "threads": 1,
+            "simd": _native.build_info()["selected"],
+            "faiss": faiss.__version__,
+            "numpy": np.__version__,
+        },
+    }
+    write_json(args.json, summary)
+
+
+if __name__ == "__main__":
+    main()
