@@ -680,17 +680,30 @@ void plan_box(const double* box, int h, int w, const CropParams& prm, Plan* p, S
     const double h_first = double(p->ch) * p->nw * th + double(p->nh) * p->nw * 3 * tv / 8 + double(p->ch) * p->cw * 3 / 8;
     p->h_first = h_first < v_first;
   }
-  // Scratch: every buffer fits max(rows) x max(row stride) of the crop and the resized content.
+  // Scratch, sized per mode (a huge crop that is resized first never needs a full-size float copy).
   const std::size_t cstride = static_cast<std::size_t>(p->cw) * 3 + kPad;
   const std::size_t nstride = static_cast<std::size_t>(p->nw) * 3 + kPad;
-  const std::size_t rows = static_cast<std::size_t>(std::max(p->ch, p->nh));
-  ensure(&s->a, rows * cstride);
-  ensure(&s->b, std::max(static_cast<std::size_t>(p->ch) * cstride, rows * nstride));
-  ensure(&s->c, rows * nstride);
-  if (prm.sigma > 0.0) {
-    const std::size_t blur_img = std::max(static_cast<std::size_t>(p->ch) * cstride, static_cast<std::size_t>(p->nh) * nstride);
-    ensure(&s->d, blur_img);
-    ensure(&s->e, blur_img);
+  const std::size_t crop_f = static_cast<std::size_t>(p->ch) * cstride;   // the crop as floats
+  const std::size_t out_f = static_cast<std::size_t>(p->nh) * nstride;    // the resized content
+  const std::size_t r1 = p->h_first ? crop_f : static_cast<std::size_t>(p->nh) * cstride;  // resize pass 1
+  const std::size_t r2 = p->h_first ? static_cast<std::size_t>(p->ch) * nstride : 0;       // resize pass 2
+  const bool blur = prm.sigma > 0.0;
+  const bool first = static_cast<long long>(p->cw) * p->ch > static_cast<long long>(p->nw) * p->nh;
+  if (!blur) {
+    ensure(&s->a, r1);
+    ensure(&s->b, r2);
+  } else if (first) {  // resize then blur
+    ensure(&s->a, r1);
+    ensure(&s->b, std::max(r2, out_f));
+    ensure(&s->c, out_f);
+    ensure(&s->d, out_f);
+    ensure(&s->e, out_f);
+  } else {  // blur then resize
+    ensure(&s->a, std::max(crop_f, p->h_first ? 0 : r1));
+    ensure(&s->b, crop_f);
+    ensure(&s->c, r2);
+    ensure(&s->d, crop_f);
+    ensure(&s->e, crop_f);
   }
   ensure(&s->tmp, std::max(cstride, nstride));
 
