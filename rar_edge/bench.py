@@ -302,7 +302,6 @@ def environment(encoder: "Encoder", ranker: Any = None) -> dict[str, Any]:
                 env["llama_cpp_system_info"] = info.decode("utf-8", "replace").strip() if isinstance(info, bytes) else str(info)
             except Exception as e:  # noqa: BLE001 - informative only
                 env["llama_cpp_system_info"] = f"unavailable: {e}"
-            env["ranker_threads"] = getattr(native, "n_threads", None)
         env["ranker"] = getattr(ranker, "name", type(ranker).__name__)
     return env
 
@@ -767,8 +766,13 @@ def write_plots(res: dict[str, Any], out: Path) -> list[str]:
             ax.text(max(v, w), yi, f"  p50 {v:.2f} / p95 {w:.2f} ms", va="center", ha="left", fontsize=8)
         ax.set_yticks(y, stages)
         ax.invert_yaxis()
-        ax.set_xlabel("latency per call (ms): bar = p50, whisker = p95")
-        ax.set_xlim(0, max(p95) * 1.45)
+        if max(p95) > 200 * max(min(p50), 1e-3):  # e.g. a ranker taking seconds: small stages need a log axis
+            ax.set_xscale("log")
+            ax.set_xlim(max(min(p50), 1e-3) / 2, max(p95) * 30)
+            ax.set_xlabel("latency per call (ms, log scale): bar = p50, whisker = p95")
+        else:
+            ax.set_xlim(0, max(p95) * 1.45)
+            ax.set_xlabel("latency per call (ms): bar = p50, whisker = p95")
         ax.set_title(f"{mode}: per-stage latency ({block['runs']} runs)")
         ax.grid(axis="x", alpha=0.3)
         # Mean split of the total into model calls and SDK overhead.
