@@ -165,10 +165,10 @@ class Buf {
 };
 
 struct Scratch {
-  Buf a, b, c, d, e, pad, tmp;
+  Buf a, b, c, d, e, pad, tmp, edge;
   std::vector<const float*> ptrs;
   std::size_t bytes() const {
-    return a.bytes() + b.bytes() + c.bytes() + d.bytes() + e.bytes() + pad.bytes() + tmp.bytes();
+    return a.bytes() + b.bytes() + c.bytes() + d.bytes() + e.bytes() + pad.bytes() + tmp.bytes() + edge.bytes();
   }
 };
 constexpr std::size_t kScratchKeepBytes = std::size_t{64} << 20;
@@ -380,7 +380,7 @@ struct Skip {
 template <class TIn>
 RAR_FORCE_INLINE void blur_h(const TIn* src, std::size_t sstride, int rows, int w, const float* k, int r,
                              const Skip& skip, int ry, float* pad, float* tmp, const float** ptrs, float* dst,
-                             std::size_t dstride) {
+                             std::size_t dstride, const float* edge_l = nullptr, const float* edge_r = nullptr) {
   const int len = w * 3;
   float* mid = pad + 3 * r;
   const float** lo = ptrs;
@@ -395,10 +395,13 @@ RAR_FORCE_INLINE void blur_h(const TIn* src, std::size_t sstride, int rows, int 
     float* d = dst + static_cast<std::size_t>(y) * dstride;
     const bool deep = y >= deep0 && y < deep1;
     for (int pass = 0; pass < kBlurPasses; ++pass) {
+      // The first pass may extend the row with given edge pixels instead of its own end pixels.
+      const float* el = pass == 0 && edge_l ? edge_l + 3 * y : mid;
+      const float* er = pass == 0 && edge_r ? edge_r + 3 * y : mid + 3 * (w - 1);
       for (int p = 0; p < r; ++p)
         for (int c = 0; c < 3; ++c) {
-          pad[3 * p + c] = mid[c];
-          pad[3 * (r + w + p) + c] = mid[3 * (w - 1) + c];
+          pad[3 * p + c] = el[c];
+          pad[3 * (r + w + p) + c] = er[c];
         }
       const bool last = pass + 1 == kBlurPasses;
       float* o = last ? d : tmp;
@@ -419,16 +422,17 @@ RAR_FORCE_INLINE void blur_h(const TIn* src, std::size_t sstride, int rows, int 
   }
 }
 
-// One vertical pass of kernel k over rows [0, rows), edge rows replicated; skips the columns
-// [3 skip.x0, 3 skip.x1) in rows [skip.y0 + reach, skip.y1 - reach).
+// One vertical pass of kernel k over rows [0, rows), edge rows replicated (or the rows top / bottom when
+// given); skips the columns [3 skip.x0, 3 skip.x1) in rows [skip.y0 + reach, skip.y1 - reach).
 RAR_FORCE_INLINE void vblur_rows(const float* src, std::size_t stride, int rows, int len, const float* k, int r,
-                                 const Skip& skip, int reach, const float** ptrs, float* dst) {
+                                 const Skip& skip, int reach, const float** ptrs, float* dst,
+                                 const float* top = nullptr, const float* bottom = nullptr) {
   const float** lo = ptrs;
   const float** hi = ptrs + (r + 1);
   for (int y = 0; y < rows; ++y) {
     for (int t = 1; t <= r; ++t) {
-      lo[t] = src + static_cast<std::size_t>(std::max(y - t, 0)) * stride;
-      hi[t] = src + static_cast<std::size_t>(std::min(y + t, rows - 1)) * stride;
+      lo[t] = y - t < 0 && top ? top : src + static_cast<std::size_t>(std::max(y - t, 0)) * stride;
+      hi[t] = y + t >= rows && bottom ? bottom : src + static_cast<std::size_t>(std::min(y + t, rows - 1)) * stride;
     }
     const float* c = src + static_cast<std::size_t>(y) * stride;
     float* d = dst + static_cast<std::size_t>(y) * stride;
@@ -495,13 +499,15 @@ struct MaskPlan {
 
 RAR_FORCE_INLINE void blur_v_blend(const float* hb, std::size_t hstride, int rows, int w, const float* k, int r,
                                    const float* sharp, const MaskPlan& m, const float** ptrs, float* v1, float* v2,
-                                   float* tmp, uint8_t* dst, std::size_t dstride) {
+                                   float* tmp, uint8_t* dst, std::size_t dstride, const float* top,
+                                   const float* bottom) {
   const int len = w * 3;
   const float* src = hb;
   float* bufs[2] = {v1, v2};
   const Skip skip{m.sx0, m.sy0, m.sx1, m.sy1};
   for (int pass = 0; pass + 1 < kBlurPasses; ++pass) {
-    vblur_rows(src, hstride, rows, len, k, r, skip, (kBlurPasses - 1 - pass) * r, ptrs, bufs[pass & 1]);
+    vblur_rows(src, hstride, rows, len, k, r, skip, (kBlurPasses - 1 - pass) * r, ptrs, bufs[pass & 1],
+               pass == 0 ? top : nullptr, pass == 0 ? bottom : nullptr);
     src = bufs[pass & 1];
   }
   const float** lo = ptrs;
@@ -594,14 +600,58 @@ RAR_FORCE_INLINE void run_plan_body(const Plan& p, Scratch& s, const uint8_t* im
     case Mode::resize_only:
       resize(p, crop, istride, content, ostride, a, b, s.tmp.data());
       break;
-    case Mode::resize_then_blur:
+    case Mode::resize_then_blur: {
       resize(p, crop, istride, c, nstride, a, b, s.tmp.data());
+      // Blurring the crop replicates its own edge pixels; blurring the resized crop would replicate resized
+      // (averaged) edges instead. The first pass of each axis extends the resized image with the crop's
+      // edge rows / columns resized along the edge, which keeps edge rows that differ from their neighbours
+      // as heavy as in the crop.
+      float* e = s.edge.data();
+      float* vl = e;
+      float* vr = vl + 3 * p.nh;
+      float* corners = vr + 3 * p.nh;  // TL, TR, BL, BR raw pixels
+      float* row_t = corners + 12;
+      float* row_b = row_t + nstride;
+      float* row_tb = row_b + nstride;
+      float* row_bb = row_tb + nstride;
+      float* crow = row_bb + nstride;
+      for (int y = 0; y < p.nh; ++y) {
+        const float* wy = &p.cy.w[static_cast<std::size_t>(y) * p.cy.taps];
+        const int st = p.cy.start[static_cast<std::size_t>(y)], n = p.cy.count[static_cast<std::size_t>(y)];
+        for (int ch = 0; ch < 3; ++ch) {
+          float l = 0.f, r = 0.f;
+          for (int t = 0; t < n; ++t) {
+            const uint8_t* row = crop + static_cast<std::size_t>(st + t) * istride;
+            l += wy[t] * row[ch];
+            r += wy[t] * row[3 * (p.cw - 1) + ch];
+          }
+          vl[3 * y + ch] = l;
+          vr[3 * y + ch] = r;
+        }
+      }
+      const uint8_t* last_row = crop + static_cast<std::size_t>(p.ch - 1) * istride;
+      for (int ch = 0; ch < 3; ++ch) {
+        corners[ch] = crop[ch];
+        corners[3 + ch] = crop[3 * (p.cw - 1) + ch];
+        corners[6 + ch] = last_row[ch];
+        corners[9 + ch] = last_row[3 * (p.cw - 1) + ch];
+      }
+      const std::size_t cs = static_cast<std::size_t>(p.cw) * 3 + kPad;
+      for (int side = 0; side < 2; ++side) {
+        from_u8(side ? last_row : crop, crow, p.cw * 3);
+        for (std::size_t i = 0; i < kPad; ++i) crow[static_cast<std::size_t>(p.cw) * 3 + i] = 0.f;
+        float* raw = side ? row_b : row_t;
+        hresize(crow, cs, 1, p.cx, raw, nstride);
+        blur_h(raw, nstride, 1, p.nw, p.kx.data(), p.rx, Skip{}, 0, s.pad.data(), s.tmp.data(), s.ptrs.data(),
+               side ? row_bb : row_tb, nstride, corners + 6 * side, corners + 6 * side + 3);
+      }
       blur_h(c, nstride, p.nh, p.nw, p.kx.data(), p.rx, Skip{p.sx0, p.sy0, p.sx1, p.sy1}, p.ry, s.pad.data(),
-             s.tmp.data(), s.ptrs.data(), b, nstride);
+             s.tmp.data(), s.ptrs.data(), b, nstride, vl, vr);
       blur_v_blend(b, nstride, p.nh, p.nw, p.ky.data(), p.ry, c,
                    MaskPlan{p.mx3.data(), p.my.data(), p.sx0, p.sx1, p.sy0, p.sy1, p.ix0, p.ix1}, s.ptrs.data(),
-                   s.d.data(), s.e.data(), s.tmp.data(), content, ostride);
+                   s.d.data(), s.e.data(), s.tmp.data(), content, ostride, row_tb, row_bb);
       break;
+    }
     case Mode::blur_then_resize:
       blur_h(crop, istride, p.ch, p.cw, p.kx.data(), p.rx, Skip{p.sx0, p.sy0, p.sx1, p.sy1}, p.ry, s.pad.data(),
              s.tmp.data(), s.ptrs.data(), a, cstride);
@@ -693,6 +743,7 @@ void plan_box(const double* box, int h, int w, const CropParams& prm, Plan* p, S
     ensure(&s->a, r1);
     ensure(&s->b, r2);
   } else if (first) {  // resize then blur
+    ensure(&s->edge, 6 * static_cast<std::size_t>(p->nh) + 12 + 4 * nstride + cstride);
     ensure(&s->a, r1);
     ensure(&s->b, std::max(r2, out_f));
     ensure(&s->c, out_f);
