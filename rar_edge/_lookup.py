@@ -12,9 +12,10 @@ Storages (what the search streams through memory for every query):
   float32 search's at about the int8 cost. Keeps a reference to the float32 vectors (no copy when they
   are given as C-contiguous float32), so it needs them in memory beside the int8 copy.
 
-``DEFAULT_STORAGE`` was chosen from ``benchmarks/lookup.py`` (d=512, 1k classes, clustered data, one query
-at a time on 2 cores): int8 was the fastest storage at 10k and 100k vectors and kept class recall@5 >= 0.99
-against the exact float32 search.
+``DEFAULT_STORAGE`` was chosen from ``benchmarks/lookup.py`` (d=512, 1k classes, clustered data, single
+queries, 1 thread, AVX-512 kernels): "int8_rerank" answered like the exact float32 search (class recall@5
+1.0) 2.7x faster than faiss ``IndexFlatIP`` + numpy aggregation at 10k vectors and 6.1x at 100k; plain
+"int8" was ~10 % faster but recall@5 fell to 0.98-0.99, "float16" gave 1.7x / 1.8x, "float32" 1.1x / 1.4x.
 """
 
 from __future__ import annotations
