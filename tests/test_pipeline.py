@@ -62,7 +62,8 @@ def test_classify_accepts_every_input_kind_and_agrees(encoder, memory, flowers_s
     with pytest.raises(dataclasses.FrozenInstanceError):
         r.label = "x"  # type: ignore[misc]
     # an array input (full-resolution decode) lands on the same class for a clear photo
-    arr = np.asarray(Image.open(path).convert("RGB"))
+    with Image.open(path) as im:
+        arr = np.asarray(im.convert("RGB"))
     assert pipe.classify(arr).label == r.label
 
 

@@ -1,0 +1,138 @@
+"""detect(): boxes of real COCO photos through crop/blur, the encoder and a crop memory; box files; CLI."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rar_edge import Encoder, EncoderConfig, Memory, Pipeline, PipelineConfig
+from rar_edge.datasets import read_yolo_dataset
+from rar_edge.detection import memory_from_boxes, read_boxes_file
+from rar_edge.errors import InvalidBoxError, InvalidInputError
+
+
+@pytest.fixture(scope="module")
+def coco_subset(tmp_path_factory, shared_path):
+    """12 labelled COCO128 photos as a YOLO folder (symlinks)."""
+    src = shared_path / "data" / "coco128"
+    if not src.is_dir():
+        pytest.skip(f"COCO128 not found at {src}")
+    root = tmp_path_factory.mktemp("coco_subset")
+    (root / "images").mkdir()
+    (root / "labels").mkdir()
+    (root / "classes.txt").symlink_to(src / "classes.txt")
+    labels = sorted((src / "labels").glob("*.txt"))[:12]
+    for lab in labels:
+        (root / "labels" / lab.name).symlink_to(lab)
+        img = src / "images" / (lab.stem + ".jpg")
+        (root / "images" / img.name).symlink_to(img)
+    return root
+
+
+@pytest.fixture(scope="module")
+def encoder(mobilenet_onnx):
+    return Encoder(mobilenet_onnx, config=EncoderConfig(threads=1))
+
+
+def test_detect_classifies_every_box_of_a_photo(encoder, coco_subset):
+    names, images = read_yolo_dataset(coco_subset)
+    mem = memory_from_boxes(coco_subset, encoder=encoder, shots=2, seed=0, image_indices=np.arange(1, 12))
+    assert mem.size > 0 and set(mem.classes) <= set(names)
+    im = images[0]
+    pipe = Pipeline(memory=mem, encoder=encoder, config=PipelineConfig(k=3))
+    dets = pipe.detect(im.path, im.boxes)
+    assert len(dets) == len(im.boxes) > 0
+    for d, box in zip(dets, im.boxes):
+        np.testing.assert_allclose(d.box, box)
+        assert d.label in mem.classes and d.label == d.candidates[0].label
+        assert len({c.label for c in d.retrieved}) == len(d.retrieved) == min(3, len(mem.classes))
+        assert {"decode", "preprocess", "encode", "search", "total"} <= set(d.timings_ms)
+    # an exemplar box classifies as its own class (its crop is in the memory)
+    mem_all = memory_from_boxes(coco_subset, encoder=encoder, shots=None, seed=0, image_indices=np.array([0]))
+    own = Pipeline(memory=mem_all, encoder=encoder).detect(im.path, im.boxes[:1])
+    assert own[0].label == im.labels[0] and own[0].score > 0.99
+
+
+def test_invalid_boxes_raise_naming_the_box_or_are_skipped(encoder, coco_subset):
+    _, images = read_yolo_dataset(coco_subset)
+    mem = memory_from_boxes(coco_subset, encoder=encoder, shots=1, seed=0)
+    pipe = Pipeline(memory=mem, encoder=encoder)
+    img = images[0].path
+    boxes = np.array([[10, 10, 100, 100], [np.nan, 0, 5, 5], [50, 50, 50, 80], [20, 20, 60, 60]], float)
+    with pytest.raises(InvalidBoxError, match="box 1"):
+        pipe.detect(img, boxes)
+    dets = pipe.detect(img, boxes, on_invalid="skip")
+    assert [d.box for d in dets] == [(10.0, 10.0, 100.0, 100.0), (20.0, 20.0, 60.0, 60.0)]
+    # partly outside the image: clipped, still classified
+    with Image.open(img) as im:
+        w, h = im.size
+    assert len(pipe.detect(img, [[w - 20, h - 20, w + 500, h + 500]])) == 1
+    with pytest.raises(InvalidInputError):
+        pipe.detect(img, np.zeros((3, 5)))
+    # thousands of boxes in one call
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, min(w, h) / 2, (2000, 2))
+    many = np.hstack([xy, xy + rng.uniform(4, 60, (2000, 2))])
+    assert len(pipe.detect(img, many, k=1)) == 2000
+
+
+def test_gray_rgba_and_16bit_images_are_converted(encoder, coco_subset):
+    mem = memory_from_boxes(coco_subset, encoder=encoder, shots=1, seed=0)
+    pipe = Pipeline(memory=mem, encoder=encoder)
+    rng = np.random.default_rng(0)
+    for arr in (rng.integers(0, 256, (120, 90), dtype=np.uint8), rng.integers(0, 256, (120, 90, 4), dtype=np.uint8),
+                rng.integers(0, 65536, (120, 90), dtype=np.uint16)):
+        dets = pipe.detect(arr, [[5, 5, 60, 80]])
+        assert len(dets) == 1 and dets[0].label in mem.classes
+
+
+def test_zero_shot_text_memory_detect(tiny_clip_onnx, coco_subset):
+    enc = Encoder(tiny_clip_onnx)
+    names = ["person", "dog", "car", "pizza"]
+    mem = Memory.from_class_names(names, encoder=enc)
+    _, images = read_yolo_dataset(coco_subset)
+    dets = Pipeline(memory=mem, encoder=enc, config=PipelineConfig(k=2)).detect(images[0].path, images[0].boxes)
+    assert len(dets) == len(images[0].boxes) and all(d.label in names for d in dets)
+
+
+def test_box_file_formats(tmp_path, coco_subset):
+    img = sorted((coco_subset / "images").iterdir())[0]
+    with Image.open(img) as im:
+        w, h = im.size
+    (tmp_path / "b.txt").write_text("0 0.5 0.5 0.2 0.4\n\n3 0.25 0.25 0.1 0.1\n")
+    yolo = read_boxes_file(tmp_path / "b.txt", image=img)
+    np.testing.assert_allclose(yolo[0], [0.4 * w, 0.3 * h, 0.6 * w, 0.7 * h])
+    (tmp_path / "c.json").write_text(json.dumps([{"bbox": [10, 20, 30, 40], "category_id": 1}]))
+    np.testing.assert_allclose(read_boxes_file(tmp_path / "c.json"), [[10, 20, 40, 60]])
+    (tmp_path / "x.json").write_text(json.dumps([[1, 2, 3, 4], [5, 6, 7, 8]]))
+    assert read_boxes_file(tmp_path / "x.json").shape == (2, 4)
+    (tmp_path / "bad.json").write_text(json.dumps([[1, 2, 3]]))
+    with pytest.raises(InvalidInputError, match="box 0"):
+        read_boxes_file(tmp_path / "bad.json")
+    with pytest.raises(InvalidInputError, match="image is needed"):
+        read_boxes_file(tmp_path / "b.txt")
+
+
+def test_cli_memory_from_boxes_detect_and_eval_detect(mobilenet_onnx, coco_subset, tmp_path):
+    def run(*args):
+        out = subprocess.run([sys.executable, "-m", "rar_edge", "-q", *map(str, args)], capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    mem = tmp_path / "crops.rarmem"
+    run("memory", "build", "--boxes", coco_subset, "--encoder", mobilenet_onnx, "--shots", 2, "--seed", 0, "-o", mem)
+    img = sorted((coco_subset / "images").iterdir())[0]
+    lab = coco_subset / "labels" / (img.stem + ".txt")
+    dets = json.loads(run("detect", img, "--boxes", lab, "--memory", mem, "-k", 3, "--json"))
+    assert len(dets) == len([ln for ln in lab.read_text().splitlines() if ln.strip()])
+    assert all(len(d["candidates"]) == 3 and len(d["box"]) == 4 for d in dets)
+    out = tmp_path / "det.json"
+    run("eval-detect", coco_subset, "--encoder", mobilenet_onnx, "--shots", 2, "--seed", 0, "-k", 3,
+        "--crop-scale", "adaptive", "--blur-sigma", "2", "--json", out)
+    d = json.loads(out.read_text())
+    assert d["n_queries"] > 0 and set(d["recall"]) == {"1", "2", "3"} and d["per_class_top1"]
+    assert d["setup"]["crop"]["crop_scale"] == "adaptive" and d["setup"]["crop"]["blur_sigma_px"] == 2.0
