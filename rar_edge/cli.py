@@ -61,7 +61,7 @@ def _memory_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "exact", "hnsw"])
     p.add_argument("--hnsw-m", type=int, default=16)
     p.add_argument("--ef-construction", type=int, default=200)
-    p.add_argument("--ef", type=int, default=64)
+    p.add_argument("--ef", type=int, default=512)
 
 
 # -- commands -----------------------------------------------------------------------------------

@@ -150,25 +150,35 @@ def draft_size(spec: ImageSpec) -> tuple[int, int]:
     return (w, h)
 
 
-def resize_for_model(img: Image.Image, spec: ImageSpec) -> np.ndarray:
-    """Resizes (and centre-crops) as the spec says; returns an HxWx3 uint8 array of spec.size_px."""
+def _model_region(width: int, height: int, spec: ImageSpec) -> tuple[float, float, float, float]:
+    """The part of a (width, height) image that the spec's resize (and centre crop) keeps, in pixels."""
     th, tw = spec.size_px
-    resample = _RESAMPLE[spec.resample]
     if spec.resize_mode == "squash":
-        out = img.resize((tw, th), resample) if img.size != (tw, th) else img
-    else:
-        short = min(img.width, img.height)
-        if spec.resize_shortest_edge_px is not None:
-            target_short = spec.resize_shortest_edge_px  # e.g. 256 then a 224 centre crop
-        else:
-            target_short = min(th, tw) if spec.crop_mode == "center" else max(th, tw)
-        scale = target_short / short
-        nw, nh = max(tw, round(img.width * scale)), max(th, round(img.height * scale))
-        out = img.resize((nw, nh), resample) if (nw, nh) != img.size else img
-        if spec.crop_mode == "center" or (nw, nh) != (tw, th):
-            left, top = (nw - tw) // 2, (nh - th) // 2
-            out = out.crop((left, top, left + tw, top + th))
-    return image_to_array(out)
+        return (0.0, 0.0, float(width), float(height))
+    target_short = spec.resize_shortest_edge_px or (min(th, tw) if spec.crop_mode == "center" else max(th, tw))
+    scale = target_short / min(width, height)
+    cw, ch = min(width, tw / scale), min(height, th / scale)
+    x0, y0 = (width - cw) / 2.0, (height - ch) / 2.0
+    return (x0, y0, x0 + cw, y0 + ch)
+
+
+def resize_for_model(img: Image.Image, spec: ImageSpec) -> np.ndarray:
+    """Resizes (and centre-crops) as the spec says; returns an HxWx3 uint8 array of spec.size_px.
+
+    One resampling pass over exactly the region the spec keeps (no resize-then-crop rounding).
+    Square bilinear targets use the native resampler (Pillow's antialiased bilinear filter);
+    other filters use Pillow's own.
+    """
+    th, tw = spec.size_px
+    region = _model_region(img.width, img.height, spec)
+    if spec.resample == "bilinear" and th == tw:
+        from . import _native
+
+        box = np.asarray([region], np.float64)
+        return _native.crop_blur(image_to_array(img), box, th, 1.0, False, 0.0, False, 0, 1)[0]
+    if region == (0.0, 0.0, float(img.width), float(img.height)) and img.size == (tw, th):
+        return image_to_array(img)
+    return image_to_array(img.resize((tw, th), _RESAMPLE[spec.resample], box=region))
 
 
 def normalize(pixels: np.ndarray, spec: ImageSpec) -> np.ndarray:

@@ -108,3 +108,31 @@ def test_resize_shortest_edge_then_crop_honours_the_manifest_resize_size():
                                                             resize_shortest_edge_px=256))
     assert direct.shape == via256.shape == (224, 224, 3)
     assert direct[0].max() == 255 and via256[0].max() == 0
+
+
+@pytest.mark.parametrize("mode,crop,size", [("squash", "none", 224), ("shortest_edge", "center", 224),
+                                            ("shortest_edge", "center", 64)])
+def test_native_bilinear_resize_matches_pillow(mode, crop, size):
+    """The native path for square bilinear targets gives what Pillow's resize (+ crop) gives."""
+    import dataclasses
+
+    rng = np.random.default_rng(3)
+    # a smooth photo-like image (random noise would make every interpolation difference look huge)
+    base = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
+    img = Image.fromarray(base).resize((500, 375), Image.Resampling.BICUBIC)
+    spec = ImageSpec(size_px=(size, size), resize_mode=mode, crop_mode=crop, resample="bilinear")
+    native = resize_for_model(img, spec)
+    # Pillow reference: its bilinear resize of the same region (the whole image, or the centre crop)
+    th, tw = spec.size_px
+    if mode == "squash":
+        region = (0, 0, img.width, img.height)
+    else:
+        side = min(img.size)
+        region = ((img.width - side) / 2, (img.height - side) / 2, (img.width + side) / 2, (img.height + side) / 2)
+    ref = np.asarray(img.resize((tw, th), Image.Resampling.BILINEAR, box=region))
+    assert native.shape == ref.shape == (size, size, 3)
+    mse = np.mean((native.astype(float) - ref.astype(float)) ** 2)
+    psnr = 10 * np.log10(255**2 / max(mse, 1e-12))
+    assert psnr >= 35, psnr
+    via_pillow = resize_for_model(img, dataclasses.replace(spec, resample="bicubic"))
+    assert via_pillow.shape == native.shape
