@@ -340,7 +340,7 @@ def _prepare_inputs(encoder: "Encoder", *, memory: Any, images: Any, queries: An
         qs = [(Path(p), c) for c, ps in read_image_folder(queries).items() for p in ps]
     elif images is None:
         # A saved memory and no query folder: its own exemplar images (latency only; accuracy is trivial).
-        qs = [(Path(s), lbl) for s, lbl in zip(mem._sources, mem.labels) if s and Path(s).is_file()]  # noqa: SLF001
+        qs = [(Path(s), lbl) for s, lbl in zip(mem.sources, mem.labels) if s and Path(s).is_file()]
         meaningful = False
     if not qs:
         raise InvalidInputError("no query images: pass queries= (a folder with one sub-folder per class) "

@@ -270,7 +270,13 @@ class Memory:
 
     @property
     def ids(self) -> np.ndarray:
+        """Every entry's stable id (int64), in entry order."""
         return self._ids.copy()
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """Every entry's provenance (image path, ``text:<name>``, or ``""``), in entry order."""
+        return tuple(self._sources)
 
     def counts(self) -> dict[str, int]:
         """Entries per class."""
