@@ -25,6 +25,18 @@ def _frozen_timings(t: Mapping[str, float]) -> Mapping[str, float]:
     return MappingProxyType({str(k): float(v) for k, v in t.items()})
 
 
+def _answer_dict(r: "Classification | Detection") -> dict:
+    return {
+        "label": r.label,
+        "score": r.score,
+        "candidates": [{"label": c.label, "score": c.score} for c in r.candidates],
+        "retrieved": [{"label": c.label, "score": c.score} for c in r.retrieved],
+        "ranker_ran": r.ranker_ran,
+        "ranker_fallback": r.ranker_fallback,
+        "timings_ms": dict(r.timings_ms),
+    }
+
+
 @dataclass(frozen=True)
 class Classification:
     """The answer for one image.
@@ -54,15 +66,7 @@ class Classification:
 
     def to_dict(self) -> dict:
         """A JSON-ready dict."""
-        return {
-            "label": self.label,
-            "score": self.score,
-            "candidates": [{"label": c.label, "score": c.score} for c in self.candidates],
-            "retrieved": [{"label": c.label, "score": c.score} for c in self.retrieved],
-            "ranker_ran": self.ranker_ran,
-            "ranker_fallback": self.ranker_fallback,
-            "timings_ms": dict(self.timings_ms),
-        }
+        return _answer_dict(self)
 
 
 @dataclass(frozen=True)
@@ -92,16 +96,7 @@ class Detection:
 
     def to_dict(self) -> dict:
         """A JSON-ready dict."""
-        return {
-            "box": list(self.box),
-            "label": self.label,
-            "score": self.score,
-            "candidates": [{"label": c.label, "score": c.score} for c in self.candidates],
-            "retrieved": [{"label": c.label, "score": c.score} for c in self.retrieved],
-            "ranker_ran": self.ranker_ran,
-            "ranker_fallback": self.ranker_fallback,
-            "timings_ms": dict(self.timings_ms),
-        }
+        return {"box": list(self.box), **_answer_dict(self)}
 
 
 @dataclass(frozen=True)

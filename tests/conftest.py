@@ -9,6 +9,8 @@ Helpers other test modules may import (``from conftest import shared_dir``): `sh
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,6 +44,19 @@ def shared_file(relative: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent from the shared data folder")
     return path
+
+
+@pytest.fixture(scope="session")
+def run_cli():
+    """Runs ``python -m rar_edge -q ARGS...``; asserts exit 0 and returns stdout."""
+
+    def run(*args: object) -> str:
+        out = subprocess.run([sys.executable, "-m", "rar_edge", "-q", *map(str, args)], capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    return run
 
 
 @pytest.fixture(scope="session")

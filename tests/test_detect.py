@@ -1,8 +1,6 @@
 """detect(): boxes of real COCO photos through crop/blur, the encoder and a crop memory; box files; CLI."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -116,14 +114,9 @@ def test_box_file_formats(tmp_path, coco_subset):
         read_boxes_file(tmp_path / "b.txt")
 
 
-def test_cli_memory_from_boxes_detect_and_eval_detect(mobilenet_onnx, coco_subset, tmp_path):
-    def run(*args):
-        out = subprocess.run([sys.executable, "-m", "rar_edge", "-q", *map(str, args)], capture_output=True,
-                             text=True, timeout=300)
-        assert out.returncode == 0, out.stderr
-        return out.stdout
-
+def test_cli_memory_from_boxes_detect_and_eval_detect(mobilenet_onnx, coco_subset, tmp_path, run_cli):
     mem = tmp_path / "crops.rarmem"
+    run = run_cli
     run("memory", "build", "--boxes", coco_subset, "--encoder", mobilenet_onnx, "--shots", 2, "--seed", 0, "-o", mem)
     img = sorted((coco_subset / "images").iterdir())[0]
     lab = coco_subset / "labels" / (img.stem + ".txt")

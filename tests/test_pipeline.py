@@ -174,14 +174,9 @@ def test_zero_shot_memory_classifies_into_one_of_the_names(tiny_clip_onnx, tmp_p
         assert r.label in names and len(r.candidates) == 3
 
 
-def test_cli_build_info_classify_and_eval(mobilenet_onnx, flowers_subset, tmp_path):
-    def run(*args):
-        out = subprocess.run([sys.executable, "-m", "rar_edge", "-q", *map(str, args)], capture_output=True,
-                             text=True, timeout=300)
-        assert out.returncode == 0, out.stderr
-        return out.stdout
-
+def test_cli_build_info_classify_and_eval(mobilenet_onnx, flowers_subset, tmp_path, run_cli):
     mem = tmp_path / "flowers.rarmem"
+    run = run_cli
     run("memory", "build", flowers_subset, "--encoder", mobilenet_onnx, "--shots", 4, "--seed", 0, "-o", mem)
     info = json.loads(run("memory", "info", mem, "--json"))
     assert info["n_entries"] == 16 and info["n_classes"] == 4
