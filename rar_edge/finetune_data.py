@@ -12,7 +12,7 @@ Rows are written as JSON Lines in the LLaVA conversation format, which LLaVA's t
 and LLaMA-Factory / ms-swift read as ShareGPT-style multimodal data (``images`` column)::
 
     {"id": "b000012-w0", "image": "/data/flowers/tulip/img_0012.jpg", "images": ["/data/.../img_0012.jpg"],
-     "conversations": [{"from": "human", "value": "<instruction>\\nImage: <image>\\nCandidate categories:\\n- ..."},
+     "conversations": [{"from": "human", "value": "<instruction>\\nImage: <image>\\nCandidate categories:\\ntulip\\n..."},
                        {"from": "gpt", "value": "1. tulip\\n2. crocus\\n..."}],
      "label": "tulip", "candidates": [...], "ranked": [...], "prompt_version": "rar-rank-v1"}
 

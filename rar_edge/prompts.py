@@ -108,11 +108,25 @@ class RankingPrompt:
     plain_assistant: str = "### Answer:\n"
     plain_turn_end: str = "\n\n"
 
+    def query_head(self, *, vision: bool) -> str:
+        """The start of `query_text` that is the same for every query of a ranker with or without vision.
+
+        The ranker moves it into the cached prefix: for a text-only model everything up to the candidate
+        list, for a vision model the text before the image (shared with the no-image line).
+        """
+        if not vision:
+            return self.no_image_line + "\n" + self.candidates_header + "\n"
+        before_image = self.image_line.split("{image}")[0]
+        n = 0
+        while n < min(len(before_image), len(self.no_image_line)) and before_image[n] == self.no_image_line[n]:
+            n += 1
+        return before_image[:n].rstrip()  # end on a word, so the query's first token is a natural one
+
     def query_text(self, candidates: Sequence[str], *, image_marker: str | None) -> str:
-        """The part of the user turn that changes per query: image, then the candidate list."""
+        """The part of the user turn after the instruction: image, then the candidate list."""
         lines = [self.image_line.format(image=image_marker) if image_marker is not None else self.no_image_line]
         lines.append(self.candidates_header)
-        lines.extend(f"- {c}" for c in candidates)
+        lines.extend(candidates)  # one a line, no bullets: every token here is evaluated per query
         return "\n".join(lines)
 
     def user_text(self, candidates: Sequence[str], *, image_marker: str | None) -> str:

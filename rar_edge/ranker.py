@@ -53,7 +53,7 @@ import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -118,7 +118,7 @@ class RankerStats:
         query_tokens: tokens (text + image positions) evaluated for the per-query parts.
         image_encodes: images encoded by the vision projector (each once; a model's preprocessor may
             split one image into several tiles, still counted as one).
-        continuation_tokens: candidate tokens evaluated in score mode.
+        continuation_tokens: candidate tokens evaluated in score mode (all but each candidate's last).
         generated_tokens: tokens sampled in generate mode.
         decode_calls: ``llama_decode`` calls made by the ranker (mtmd's own calls not counted).
     """
@@ -191,7 +191,7 @@ class _Native:
             self.n_batch = n_batch
             self.n_seq_max = n_seq_max
             self.mem = lc.llama_get_memory(self.ctx)
-            self._batch = lc.llama_batch_init(n_batch, 0, 1)
+            self._batch = lc.llama_batch_init(n_batch, 0, n_seq_max)
             if self.mtmd is not None:
                 mp = self.mtmd.mtmd_context_params_default()
                 mp.use_gpu = False
@@ -259,26 +259,34 @@ class _Native:
     def seq_cp(self, src: int, dst: int) -> None:
         self.lc.llama_memory_seq_cp(self.mem, src, dst, -1, -1)
 
-    def decode(self, entries: Sequence[tuple[int, int, int, bool]]) -> list[int]:
-        """Decodes ``(token, pos, seq, want_logits)`` entries in as few calls as ``n_batch`` allows.
+    def decode(self, entries: Sequence[tuple[int, int, int | tuple[int, ...], bool]]) -> list[int]:
+        """Decodes ``(token, pos, seq or seqs, want_logits)`` entries in as few calls as ``n_batch`` allows.
+
+        A token given several sequences is stored once and seen by all of them (shared prompt cells).
 
         Returns:
-            for each entry that asked for logits, its index among all outputs of its llama_decode call,
-            in the form usable by `logits` right after this call when all fit in one call (checked).
+            the batch positions of the entries that asked for logits, for `logits`. Logits survive only
+            from the last call, so entries that want them must all fall in the last ``n_batch`` chunk.
         """
         out_idx: list[int] = []
         b = self._batch
         n_calls = 0
-        for start in range(0, len(entries), self.n_batch):
+        starts = range(0, len(entries), self.n_batch)
+        for start in starts:
             chunk = entries[start : start + self.n_batch]
+            last = start == starts[-1]
             for i, (tok, pos, seq, want) in enumerate(chunk):
                 b.token[i] = tok
                 b.pos[i] = pos
-                b.n_seq_id[i] = 1
-                b.seq_id[i][0] = seq
+                seqs = (seq,) if isinstance(seq, int) else seq
+                b.n_seq_id[i] = len(seqs)
+                for j, sq in enumerate(seqs):
+                    b.seq_id[i][j] = sq
                 b.logits[i] = 1 if want else 0
                 if want:
-                    out_idx.append(start + i)
+                    if not last:
+                        raise RankerError("internal: logits asked for outside the last batch")
+                    out_idx.append(i)
             b.n_tokens = len(chunk)
             rc = self.lc.llama_decode(self.ctx, b)
             n_calls += 1
@@ -533,6 +541,12 @@ def build_grammar(candidates: Sequence[str], *, first_number: int = 1, lines: in
     return f"root ::= {' '.join(parts)}\nitem ::= {items}\n"
 
 
+def _rank_weights(n: int) -> tuple[float, ...]:
+    """Generate mode's scores: 1/rank, normalised to sum to 1 (rank-derived, not model probabilities)."""
+    w = 1.0 / np.arange(1, n + 1)
+    return tuple(float(v) for v in w / w.sum())
+
+
 def _log_softmax(x: np.ndarray) -> np.ndarray:
     m = np.max(x)
     return x - (m + math.log(float(np.sum(np.exp(x - m)))))
@@ -568,6 +582,8 @@ class Ranker:
         self.name = name
         self._warned_no_vision = False
         self._stats: dict[str, int] = dict.fromkeys(RankerStats.__dataclass_fields__, 0)
+        # The constant start of every query's text joins the cached prefix.
+        self._head = prompt.query_head(vision=native.mtmd_ctx is not None)
         self._prefix_text, self._query_tail = self._split_prompt()
         self._n_prefix: int | None = None
 
@@ -754,7 +770,7 @@ class Ranker:
                 use_img = ex.image is not None and marker is not None
                 msgs.append({"role": "user", "content": p.user_text(ex.candidates, image_marker=marker if use_img else None)})
                 msgs.append({"role": "assistant", "content": p.answer(ex.ranked)})
-            msgs.append({"role": "user", "content": p.instruction + "\n" + last_user})
+            msgs.append({"role": "user", "content": p.instruction + "\n" + self._head + last_user})
             n = self._live()
             eos = n.token_text(n.lc.llama_vocab_eos(n.vocab)) if n.lc.llama_vocab_eos(n.vocab) >= 0 else ""
             return render_chat(self._chat_template, msgs, bos_token="", eos_token=eos, add_generation_prompt=True)
@@ -763,7 +779,7 @@ class Ranker:
             use_img = ex.image is not None and marker is not None
             parts += [p.plain_user, p.user_text(ex.candidates, image_marker=marker if use_img else None), "\n",
                       p.plain_assistant, p.answer(ex.ranked), p.plain_turn_end]
-        parts += [p.plain_user, p.instruction, "\n", last_user, "\n", p.plain_assistant]
+        parts += [p.plain_user, p.instruction, "\n", self._head, last_user, "\n", p.plain_assistant]
         return "".join(parts)
 
     def _split_prompt(self) -> tuple[str, str]:
@@ -791,7 +807,10 @@ class Ranker:
 
     def _query_text(self, cands: Sequence[str], with_image: bool) -> str:
         marker = self._marker() if with_image else None
-        return self._prompt.query_text(cands, image_marker=marker) + self._query_tail + self._prompt.answer_open
+        text = self._prompt.query_text(cands, image_marker=marker)
+        if not text.startswith(self._head):  # a prompt whose query_head is wrong: fail loudly, not silently
+            raise RankerError(f"prompt {self._prompt.version}: query text does not start with its constant head")
+        return text[len(self._head) :] + self._query_tail + self._prompt.answer_open
 
     def _continuations(self, cands: Sequence[str]) -> list[list[int]]:
         """Token ids of each candidate's continuation, tokenized in context after the answer opening."""
@@ -835,64 +854,112 @@ class Ranker:
         self._stats["prefix_tokens"] = n_tok
         return n_past
 
-    def _eval_query(self, img: np.ndarray | None, cands: Sequence[str]) -> tuple[int, int]:
-        """Evaluates image + candidate list into sequence 0 after the prefix.
+    def _query_tokens(self, cands: Sequence[str]) -> list[int]:
+        n = self._live()
+        toks = n.tokenize(self._query_text(cands, False), add_special=False)
+        if self._n_prefix is not None and self._n_prefix + len(toks) >= n.n_ctx:
+            raise RankerError(f"the prompt needs {self._n_prefix + len(toks)} tokens, n_ctx is {n.n_ctx}")
+        return toks
+
+    def _eval_query(self, img: np.ndarray | None, cands: Sequence[str]) -> int:
+        """Evaluates image + candidate list into sequence 0 after the prefix; keeps the last token's logits.
 
         Returns:
-            (n_past after the query, batch index of the last query token's logits).
+            n_past after the query.
         """
         n = self._live()
         n_past = self._ensure_prefix()
         self._stats["queries"] += 1
-        text = self._query_text(cands, img is not None)
         if img is not None:
+            text = self._query_text(cands, True)
             new_past, n_tok = n.eval_mtmd(text, [img], n_past=n_past, seq=0, add_special=False)
             self._stats["query_tokens"] += n_tok
             self._stats["image_encodes"] += 1
-            return new_past, -1
-        toks = n.tokenize(text, add_special=False)
-        if n_past + len(toks) >= n.n_ctx:
-            raise RankerError(f"the prompt needs {n_past + len(toks)} tokens, n_ctx is {n.n_ctx}")
+            return new_past
+        toks = self._query_tokens(cands)
         n.decode([(t, n_past + i, 0, i == len(toks) - 1) for i, t in enumerate(toks)])
         self._stats["decode_calls"] += n.last_decode_calls
         self._stats["query_tokens"] += len(toks)
-        return n_past + len(toks), -1
+        return n_past + len(toks)
+
+    def _score_groups(self, conts: Sequence[Sequence[int]]) -> list[list[int]]:
+        """Candidates to evaluate, in batches that fit ``n_batch`` tokens and the free sequences."""
+        n = self._live()
+        size = max(1, n.n_seq_max - 1)
+        groups: list[list[int]] = []
+        n_tok = 0
+        for ci, toks in enumerate(conts):
+            need = len(toks) - 1  # the last token is scored from the previous logits, never evaluated
+            if need == 0:
+                continue
+            if need > n.n_batch:
+                raise RankerError(f"a candidate name has {need} tokens, more than n_batch={n.n_batch}")
+            if not groups or len(groups[-1]) == size or n_tok + need > n.n_batch:
+                groups.append([])
+                n_tok = 0
+            groups[-1].append(ci)
+            n_tok += need
+        return groups
 
     def _rank_score(self, img: np.ndarray | None, cands: tuple[str, ...]) -> Ranking:
         n = self._live()
         conts = self._continuations(cands)
-        n_past, _ = self._eval_query(img, cands)
-        first = _log_softmax(n.logits(-1))  # shared: the distribution of every candidate's first token
-        total = [float(first[c[0]]) for c in conts]
-        group = max(1, n.n_seq_max - 1)
-        i = 0
-        while i < len(cands):
-            # One batch per group: candidate j of the group lives in sequence j+1, a copy of sequence 0.
-            members: list[int] = []
-            n_tokens = 0
-            while i < len(cands) and len(members) < group and (not members or n_tokens + len(conts[i]) <= n.n_batch):
-                members.append(i)
-                n_tokens += len(conts[i])
-                i += 1
-            if n_past + n_tokens > n.n_ctx:
-                raise RankerError(f"scoring needs {n_past + n_tokens} KV cells, n_ctx is {n.n_ctx}")
-            entries: list[tuple[int, int, int, bool]] = []
-            for slot, ci in enumerate(members, start=1):
-                n.seq_rm(slot, -1, -1)
-                n.seq_cp(0, slot)
-                toks = conts[ci]
-                for j, t in enumerate(toks):
-                    # logits of token j predict token j+1; the last token's are not needed
-                    entries.append((t, n_past + j, slot, j < len(toks) - 1))
-            if len(entries) > n.n_batch:
-                raise RankerError(f"a candidate name has {len(entries)} tokens, more than n_batch={n.n_batch}")
-            rows = iter(n.decode(entries))  # batch positions of the entries that asked for logits
-            self._stats["decode_calls"] += n.last_decode_calls
-            self._stats["continuation_tokens"] += len(entries)
+        groups = self._score_groups(conts)
+        total = [0.0] * len(cands)
+
+        def group_entries(members: list[int], n_past: int) -> list[tuple[int, int, int, bool]]:
+            # the group's candidate j lives in sequence j+1; its token i's logits predict token i+1
+            return [(t, n_past + i, slot, True)
+                    for slot, ci in enumerate(members, start=1) for i, t in enumerate(conts[ci][:-1])]
+
+        def add_logprobs(members: list[int], rows: Iterator[int]) -> None:
             for ci in members:
                 toks = conts[ci]
-                for j in range(len(toks) - 1):
-                    total[ci] += float(_log_softmax(n.logits(next(rows)))[toks[j + 1]])
+                for j in range(1, len(toks)):
+                    total[ci] += float(_log_softmax(n.logits(next(rows)))[toks[j]])
+
+        def prepare_slots(members: list[int]) -> None:
+            for slot in range(1, len(members) + 1):
+                n.seq_rm(slot, -1, -1)
+                n.seq_cp(0, slot)
+
+        if img is None:
+            # Text query: the query and the first group's continuations go in one llama_decode. The query
+            # tokens belong to sequence 0 and to each of the group's sequences, which first share the prefix.
+            n_prefix = self._ensure_prefix()
+            self._stats["queries"] += 1
+            q = self._query_tokens(cands)
+            n_past = n_prefix + len(q)
+            first: list[int] = []
+            if groups and len(q) + sum(len(conts[c]) - 1 for c in groups[0]) <= n.n_batch:
+                first = groups.pop(0)
+            prepare_slots(first)
+            shared = (0, *range(1, len(first) + 1))
+            entries = [(t, n_prefix + i, shared, i == len(q) - 1) for i, t in enumerate(q)]
+            cont_entries = group_entries(first, n_past)
+            if n_past + len(cont_entries) > n.n_ctx:
+                raise RankerError(f"scoring needs {n_past + len(cont_entries)} KV cells, n_ctx is {n.n_ctx}")
+            rows = iter(n.decode(entries + cont_entries))
+            self._stats["decode_calls"] += n.last_decode_calls
+            self._stats["query_tokens"] += len(q)
+            self._stats["continuation_tokens"] += len(cont_entries)
+            query_row = next(rows)
+            first_lp = _log_softmax(n.logits(query_row))
+            add_logprobs(first, rows)
+        else:
+            n_past = self._eval_query(img, cands)
+            first_lp = _log_softmax(n.logits(-1))
+        for ci, toks in enumerate(conts):
+            total[ci] += float(first_lp[toks[0]])  # every candidate's first token: the query's last logits
+        for members in groups:
+            entries = group_entries(members, n_past)
+            if n_past + len(entries) > n.n_ctx:
+                raise RankerError(f"scoring needs {n_past + len(entries)} KV cells, n_ctx is {n.n_ctx}")
+            prepare_slots(members)
+            rows = iter(n.decode(entries))
+            self._stats["decode_calls"] += n.last_decode_calls
+            self._stats["continuation_tokens"] += len(entries)
+            add_logprobs(members, rows)
         mean = np.array([t / len(c) for t, c in zip(total, conts)])
         probs = np.exp(mean - mean.max())
         probs /= probs.sum()
@@ -908,7 +975,7 @@ class Ranker:
         """The model writes the list line by line; each line's grammar admits only the names not yet
         written, so the answer is a permutation by construction. The last name is implied, not generated."""
         n = self._live()
-        n_past, idx = self._eval_query(img, cands)
+        n_past = self._eval_query(img, cands)
         remaining = list(cands)
         written = bytearray()
         line_budget = max(len(n.tokenize(f"{len(cands)}. {c}\n", add_special=False)) for c in cands) + 2
@@ -922,7 +989,7 @@ class Ranker:
             line = bytearray()
             try:
                 for _ in range(line_budget):
-                    tok = n.sample(sampler, idx)
+                    tok = n.sample(sampler, -1)  # from the last evaluated token's logits
                     if n.is_eog(tok) or n_past + 1 >= n.n_ctx:
                         break
                     line += n.piece(tok)
@@ -930,7 +997,6 @@ class Ranker:
                     n.decode([(tok, n_past, 0, True)])
                     self._stats["decode_calls"] += n.last_decode_calls
                     n_past += 1
-                    idx = -1
                     if line.endswith(b"\n"):
                         break
             finally:
@@ -950,15 +1016,11 @@ class Ranker:
             return self._fallback(cands, raw)
         if repaired:
             logger.debug("generate mode: repaired answer %r", raw)
-        weights = np.array([1.0 / r for r in range(1, len(names) + 1)])
-        weights /= weights.sum()
-        return Ranking(labels=tuple(names), scores=tuple(float(w) for w in weights), fallback=False, raw=raw)
+        return Ranking(labels=tuple(names), scores=_rank_weights(len(names)), fallback=False, raw=raw)
 
     @staticmethod
     def _fallback(cands: tuple[str, ...], raw: str) -> Ranking:
-        w = np.array([1.0 / r for r in range(1, len(cands) + 1)])
-        w /= w.sum()
-        return Ranking(labels=cands, scores=tuple(float(v) for v in w), fallback=True, raw=raw)
+        return Ranking(labels=cands, scores=_rank_weights(len(cands)), fallback=True, raw=raw)
 
     # -- introspection for tests ----------------------------------------------------------------------
 

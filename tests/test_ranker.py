@@ -154,12 +154,15 @@ def test_batched_scores_match_per_candidate_reference(tiny_gguf, max_candidates)
         got_again = r.rank(None, cands)  # the second query reuses the cached prefix
         ref = _reference_scores(tiny_gguf, r, cands)
     assert got == got_again
+    # Differences come only from rounding: the F16 KV cache filled in other batch splits (prefix, query,
+    # then all continuations together, versus one sequence at a time).
     for label, score in zip(got.labels, got.scores):
-        assert score == pytest.approx(ref[label], abs=2e-4), label
-    assert list(got.labels) == sorted(cands, key=lambda c: (-ref[c], cands.index(c)))
+        assert score == pytest.approx(ref[label], abs=1e-3), label
+    for better, worse in zip(got.labels, got.labels[1:]):
+        assert ref[better] > ref[worse] - 2e-3
 
 
-def test_prefix_is_evaluated_once_and_candidates_in_one_batch(tiny_gguf):
+def test_prefix_is_evaluated_once_and_each_query_in_one_batch(tiny_gguf):
     lists = [["tulip", "rose", "daisy"], ["a", "b", "c", "d", "e"], FLOWERS]
     with Ranker.load(tiny_gguf, n_threads=2, n_ctx=2048) as r:
         n_query = n_cont = 0
@@ -167,7 +170,7 @@ def test_prefix_is_evaluated_once_and_candidates_in_one_batch(tiny_gguf):
             r.rank(None, cands, mode="score")
             _, q, conts = r._prompt_tokens(cands)
             n_query += len(q)
-            n_cont += sum(len(c) for c in conts)
+            n_cont += sum(len(c) - 1 for c in conts)  # a continuation's last token is never evaluated
         s = r.stats
         prefix, _, _ = r._prompt_tokens(lists[0])
     assert s.prefix_evals == 1
@@ -175,7 +178,7 @@ def test_prefix_is_evaluated_once_and_candidates_in_one_batch(tiny_gguf):
     assert s.queries == 3
     assert s.query_tokens == n_query  # only the per-query part is evaluated per query
     assert s.continuation_tokens == n_cont
-    assert s.decode_calls == 1 + 2 * 3  # prefix once; per query: its part, then all continuations together
+    assert s.decode_calls == 1 + 3  # prefix once; per query one call: its tokens and all continuations
     assert s.image_encodes == 0
 
 
@@ -197,7 +200,7 @@ def test_prompt_follows_the_chat_template(tiny_gguf):
     with Ranker.load(tiny_gguf, n_threads=1) as r:
         text = r._prefix_text + r._query_text(["rose", "tulip"], False)
     assert text.startswith("<|im_start|>system\n" + RANKING_PROMPT_V1.system + "<|im_end|>\n<|im_start|>user\n")
-    assert text.endswith("- rose\n- tulip<|im_end|>\n<|im_start|>assistant\n1.")
+    assert text.endswith("Candidate categories:\nrose\ntulip<|im_end|>\n<|im_start|>assistant\n1.")
 
 
 def test_plain_prompt_without_chat_template(tmp_path):

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from rar_edge.errors import ExportError, MissingDependencyError
-from rar_edge.manifest import Manifest, write_manifest
+from rar_edge.manifest import Manifest, load_manifest, write_manifest
 from rar_edge.prompts import RANKING_PROMPT_V1
 
 __all__ = [
@@ -441,8 +441,6 @@ def export_mllm(
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    from rar_edge.manifest import load_manifest
-
     return load_manifest(out, verify=False)
 
 
