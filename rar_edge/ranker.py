@@ -4,8 +4,11 @@ Two modes, one loaded model:
 
 * ``"score"`` (default): the log-likelihood of each candidate as the first item of the answer
   (`` tulip\\n`` after ``1.``), averaged over its tokens, softmaxed over the candidates. The image and the
-  candidate list are evaluated once; the k continuations are then evaluated together in one batch, each in
-  its own KV-cache sequence that shares the query's cells (``llama_memory_seq_cp`` in a unified cache).
+  candidate list are evaluated once; the k continuations are evaluated together in one batch, each in its
+  own KV-cache sequence sharing the prompt's cells (a unified cache: ``llama_memory_seq_cp`` for the prefix,
+  and the query's tokens tagged with every candidate's sequence). A text query and its continuations take
+  one ``llama_decode``; an image query two (mtmd evaluates the image part). The last token of a
+  continuation is scored from the logits before it and never evaluated.
 * ``"generate"``: the paper's behaviour. The model writes the numbered list greedily under GBNF grammars
   built from the candidates: each line admits only the names not written yet, so the list is a
   permutation by construction and no tokens go to repeats; the last name is implied. The text is read
@@ -30,7 +33,8 @@ A model is either a GGUF file (text only unless ``mmproj=`` is given) or a model
       "files": {"language_model": {"path": "model-Q4_K_M.gguf", "sha256": "..."},
                 "mmproj": {"path": "mmproj-F16.gguf", "sha256": "..."}},          # mmproj: optional
       "architecture": "llama",                  # general.architecture of the language model
-      "vision": {"projector_type": "idefics3", "image_size_px": 512, "patch_size_px": 16} | null,
+      "vision": {"projector_type": "idefics3", "image_size_px": 512, "patch_size_px": 16,
+                 "has_vision_encoder": true} | null,        # from the mmproj GGUF; mtmd preprocesses
       "chat_template": "{% for message in messages %}..." | null,   # tokenizer.chat_template
       "chat_handler": "MTMDChatHandler" | "Llava15ChatHandler" | "Qwen25VLChatHandler" | ... | null,
       "quantization": "Q4_K_M",                 # of the language model; the mmproj stays F16
@@ -93,8 +97,11 @@ def _install_log_callback(llama_cpp: Any, mtmd: Any | None) -> None:
         native_logger = logging.getLogger("rar_edge.llama_cpp")
 
         def forward(level: int, text: bytes, user_data: Any) -> None:
-            if native_logger.isEnabledFor(logging.DEBUG) and text:
-                native_logger.debug("%s", text.decode("utf-8", "replace").rstrip("\n"))
+            # ggml levels: 1 info, 2 warn, 3 error, 4 debug, 5 continuation; only errors are worth more
+            # than DEBUG here (llama.cpp "warns" about routine things such as quantization fallbacks).
+            py_level = logging.ERROR if level == 3 else logging.DEBUG
+            if text and native_logger.isEnabledFor(py_level):
+                native_logger.log(py_level, "%s", text.decode("utf-8", "replace").rstrip("\n"))
 
         if not _LOG_CALLBACKS:
             cb = llama_cpp.llama_log_callback(forward)
@@ -322,8 +329,8 @@ class _Native:
             for img in images:
                 h, w = img.shape[:2]
                 data = np.ascontiguousarray(img, dtype=np.uint8)
-                arr = (ctypes.c_uint8 * data.size).from_buffer(data)
-                bm = mt.mtmd_bitmap_init(w, h, arr)
+                # A pointer, not from_buffer: arrays from PIL are read-only. mtmd copies the pixels.
+                bm = mt.mtmd_bitmap_init(w, h, data.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)))
                 if not bm:
                     raise RankerError("mtmd could not take the image")
                 bitmaps.append(bm)

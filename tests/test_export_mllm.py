@@ -182,3 +182,15 @@ def test_tiny_vlm_exports_and_ranks_an_image(tmp_path, lcpp, family, quant, hand
     assert stats.prefix_evals == 1
     assert stats.image_encodes == 3  # once per query, not once per candidate
     assert t_score < 30
+
+    # An in-context example with its own image: encoded once, with the cached prefix.
+    from PIL import Image
+
+    from rar_edge.prompts import RankingExample
+
+    Image.fromarray(image[::-1]).save(tmp_path / "example.png")
+    ex = [RankingExample(candidates=("rose", "tulip"), ranked=("tulip", "rose"), image=str(tmp_path / "example.png"))]
+    with Ranker.load(m.root, n_threads=2, in_context_examples=ex) as r:
+        for query in (image, Image.fromarray(image)):  # an array, then a PIL image (read-only pixels)
+            assert sorted(r.rank(query, cands).labels) == sorted(cands)
+        assert r.stats.prefix_evals == 1 and r.stats.image_encodes == 1 + 2
