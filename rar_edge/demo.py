@@ -86,15 +86,45 @@ def _ranker_model(models: Path, ranker: str | None) -> tuple[Any, str]:
     if ranker:
         return Ranker.load(ranker), f"{ranker} (as given)"
     from rar_edge_export.mllm import export_mllm
-    from rar_edge_export._tiny_models import write_tiny_text_gguf
 
-    out = models / "tiny_random_ranker"
-    if not (out / "manifest.json").is_file():
+    vlm = models / "tiny_random_smolvlm_ranker"
+    txt = models / "tiny_random_text_ranker"
+    if (vlm / "manifest.json").is_file():
+        return Ranker.load(vlm), _TINY_VLM_DESC
+    src = _llama_cpp_sources(models)
+    if src is not None:
+        from rar_edge_export._tiny_models import build_tiny_vlm
+
+        hf = build_tiny_vlm("smolvlm", models / "tiny_random_smolvlm_hf", vocab_gguf=src / "models" / "ggml-vocab-gpt-2.gguf")
+        export_mllm(hf, vlm, quant="Q8_0", llama_cpp_src=src, overwrite=True)
+        return Ranker.load(vlm), _TINY_VLM_DESC
+    if not (txt / "manifest.json").is_file():
+        from rar_edge_export._tiny_models import write_tiny_text_gguf
+
         gguf = write_tiny_text_gguf(models / "tiny_random_llama_f32.gguf", seed=0)
-        export_mllm(gguf, out, quant="Q8_0", overwrite=True)
-    return Ranker.load(out), ("a tiny RANDOM-weight text-only llama GGUF exported through `export mllm` "
-                              "(no multimodal GGUF can be downloaded here): it shows the ranking machinery, "
-                              "its choices are arbitrary")
+        export_mllm(gguf, txt, quant="Q8_0", overwrite=True)
+    return Ranker.load(txt), ("a tiny RANDOM-weight text-only llama GGUF exported through `export mllm` (llama.cpp's "
+                              "converters were not found: run tools/fetch_llm.sh --sdist for the multimodal one); it "
+                              "shows the ranking machinery, its choices are arbitrary")
+
+
+_TINY_VLM_DESC = ("a tiny RANDOM-weight SmolVLM (Idefics3 architecture: vision tower + projector + language model) "
+                  "converted to GGUF + mmproj by `export mllm` with llama.cpp's own converters (no pretrained "
+                  "multimodal GGUF can be downloaded here): it sees the image, but its choices are arbitrary")
+
+
+def _llama_cpp_sources(models: Path) -> Path | None:
+    """llama.cpp's converter scripts from the llama-cpp-python source package in .cache/sdist, if present."""
+    from rar_edge_export.mllm import llama_cpp_source
+
+    for d in (Path(os.environ.get("RAR_EDGE_LLAMA_CPP_SDIST", ".cache/sdist")),
+              Path(__file__).resolve().parents[1] / ".cache" / "sdist"):
+        if d.exists():
+            try:
+                return llama_cpp_source(sdist=d, cache_dir=models / "llama_cpp_src", download=False)
+            except Exception:  # noqa: BLE001 - no usable sources: the text-only ranker is used, and said
+                return None
+    return None
 
 
 def run_demo(*, workdir: str | os.PathLike = "artifacts/demo", shared: str | None = None, n_images: int = 8,

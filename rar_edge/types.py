@@ -14,7 +14,8 @@ class Candidate:
     Attributes:
         label: the class name.
         score: retrieval: best cosine similarity among the class's memory entries;
-            ranking: the ranker's probability for this class (sums to 1 over the candidates).
+            ranking, score mode: the ranker's probability for this class (softmax over the candidates);
+            ranking, generate mode: 1/rank, normalised to sum to 1 (an order, not a probability).
     """
 
     label: str

@@ -194,3 +194,30 @@ def test_tiny_vlm_exports_and_ranks_an_image(tmp_path, lcpp, family, quant, hand
         for query in (image, Image.fromarray(image)):  # an array, then a PIL image (read-only pixels)
             assert sorted(r.rank(query, cands).labels) == sorted(cands)
         assert r.stats.prefix_evals == 1 and r.stats.image_encodes == 1 + 2
+
+
+def test_tiny_multimodal_ranker_classifies_an_image_through_the_cli(tmp_path, lcpp, mobilenet_onnx, shared_path,
+                                                                      run_cli):
+    """RAR end to end, offline, with the commands a user types: export mllm, memory build, classify --ranker."""
+    pytest.importorskip("llama_cpp")
+    from rar_edge_export._tiny_models import build_tiny_vlm
+
+    flowers = shared_path / "data" / "flowers17"
+    if not flowers.is_dir():
+        pytest.skip(f"Oxford Flowers not found at {flowers}")
+    hf = build_tiny_vlm("smolvlm", tmp_path / "hf", vocab_gguf=lcpp / "models" / "ggml-vocab-gpt-2.gguf")
+    ranker = tmp_path / "ranker"
+    run_cli("export", "mllm", hf, "-o", ranker, "--quant", "Q8_0", "--llama-cpp-src", lcpp)
+    manifest = json.loads((ranker / "manifest.json").read_text())
+    assert manifest["kind"] == "mllm" and "mmproj" in manifest["files"] and manifest["vision"]
+    mem = tmp_path / "flowers.rarmem"
+    run_cli("memory", "build", flowers, "--encoder", mobilenet_onnx, "--shots", 1, "--seed", 0, "-o", mem)
+    img = sorted((flowers / "tulip").glob("*.jpg"))[-1]
+    for mode in ("score", "generate"):
+        res = json.loads(run_cli("classify", img, "--memory", mem, "-k", 5, "--ranker", ranker, "--ranker-mode", mode,
+                                 "--json"))
+        retrieved = [c["label"] for c in res["retrieved"]]
+        ranked = [c["label"] for c in res["candidates"]]
+        assert res["ranker_ran"] and not res["ranker_fallback"]
+        assert len(retrieved) == 5 and sorted(ranked) == sorted(retrieved) and res["label"] == ranked[0]
+        assert res["timings_ms"]["rank"] > 0
