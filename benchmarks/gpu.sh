@@ -65,8 +65,9 @@ ranker_args=()
 mkdir -p "$out"
 # CPU first, then CUDA, on the same machine and data: compare the two bench.json files (medians, ratios).
 for provider in cpu cuda; do
+  gpu_layers=0; [ "$provider" = cuda ] && gpu_layers=-1  # the ranker on the GPU too in the CUDA run
   "$venv/bin/rar-edge" bench --encoder "$ENCODER" --images "$IMAGES" "${ranker_args[@]}" \
-    --provider "$provider" --runs "$runs" --warmup "$warmup" --out "$out/$provider"
+    --provider "$provider" --n-gpu-layers "$gpu_layers" --runs "$runs" --warmup "$warmup" --out "$out/$provider"
 done
 "$py" - "$out" <<'EOF'
 import json, sys

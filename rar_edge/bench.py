@@ -72,6 +72,7 @@ class BenchConfig:
         shots: images per class in a memory built from an image folder (the rest are queries).
         seed: the few-shot split and the order of the query images.
         ranker_mode: "score" or "generate" for a ranker given as a path.
+        ranker_gpu_layers: layers a CUDA build of llama.cpp offloads for a ranker given as a path (-1: all).
         plots: write the PNG plots.
     """
 
@@ -82,6 +83,7 @@ class BenchConfig:
     shots: int = 4
     seed: int = 0
     ranker_mode: str = "score"
+    ranker_gpu_layers: int = 0
     plots: bool = True
 
     def __post_init__(self) -> None:
@@ -580,7 +582,7 @@ def run_bench(
     if owns_ranker:
         from .ranker import Ranker
 
-        rk = Ranker.load(ranker, mode=config.ranker_mode)
+        rk = Ranker.load(ranker, mode=config.ranker_mode, n_gpu_layers=config.ranker_gpu_layers)
     cold["ranker_load_ms"] = _ms(t0) if owns_ranker else None
     try:
         pipe = Pipeline(memory=inputs.memory, encoder=enc, ranker=rk,
@@ -881,6 +883,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--boxes", default=None, help="YOLO folder or COCO json: time detect on its images too")
     p.add_argument("--ranker", default=None, help="MLLM ranker model folder or GGUF")
     p.add_argument("--ranker-mode", default="score", choices=["score", "generate"])
+    p.add_argument("--n-gpu-layers", type=int, default=0, help="ranker layers offloaded by a CUDA llama.cpp (-1: all)")
     p.add_argument("--variant", action="append", default=[], metavar="DIR",
                    help="another export of the same encoder (int8, fp16) to compare; repeatable")
     p.add_argument("--runs", type=int, default=50, help="timed calls")
@@ -896,7 +899,8 @@ def run_from_args(args: argparse.Namespace, *, notes: Sequence[str] = ()) -> dic
     """Runs the benchmark described by parsed `add_bench_arguments` options."""
     cfg = BenchConfig(runs=args.runs, warmup=args.warmup, k=args.k, shots=args.shots, seed=args.seed,
                       encoder=EncoderConfig(provider=args.provider, threads=args.threads, batch_size=16),
-                      ranker_mode=args.ranker_mode, plots=not args.no_plots)
+                      ranker_mode=args.ranker_mode, ranker_gpu_layers=args.n_gpu_layers,
+                      plots=not args.no_plots)
     return run_bench(encoder=args.encoder, out_dir=args.out, memory=args.memory, images=args.images,
                      queries=args.queries, boxes=args.boxes, ranker=args.ranker, variants=args.variant, notes=notes,
                      config=cfg)

@@ -45,6 +45,8 @@ def _add_ranker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ranker", default=None, help="MLLM ranker model folder or GGUF (rar-edge export mllm)")
     p.add_argument("--ranker-mode", default="score", choices=["score", "generate"],
                    help="score: candidate log-likelihoods; generate: the model writes the ranked list")
+    p.add_argument("--n-gpu-layers", type=int, default=0,
+                   help="ranker layers offloaded to the GPU by a CUDA build of llama.cpp (-1: all)")
     p.add_argument("--gate-margin", type=float, default=None,
                    help="skip the ranker when the retrieval margin (1st - 2nd score) is at least this")
 
@@ -54,7 +56,7 @@ def _ranker(args) -> Any:
         return None
     from .ranker import Ranker
 
-    return Ranker.load(args.ranker, mode=args.ranker_mode)
+    return Ranker.load(args.ranker, mode=args.ranker_mode, n_gpu_layers=args.n_gpu_layers)
 
 
 def _memory_args(p: argparse.ArgumentParser) -> None:

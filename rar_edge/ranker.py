@@ -155,6 +155,7 @@ class _Native:
         n_batch: int,
         n_seq_max: int,
         n_threads: int,
+        n_gpu_layers: int = 0,
     ) -> None:
         lc = _import_llama_cpp()
         self.lc = lc
@@ -172,7 +173,7 @@ class _Native:
         _install_log_callback(lc, self.mtmd)
         lc.llama_backend_init()
         mparams = lc.llama_model_default_params()
-        mparams.n_gpu_layers = 0
+        mparams.n_gpu_layers = n_gpu_layers  # only a GPU build of llama.cpp offloads; a CPU build ignores it
         self.model = lc.llama_model_load_from_file(str(model_path).encode("utf-8"), mparams)
         if not self.model:
             self.model = None
@@ -201,7 +202,7 @@ class _Native:
             self._batch = lc.llama_batch_init(n_batch, 0, n_seq_max)
             if self.mtmd is not None:
                 mp = self.mtmd.mtmd_context_params_default()
-                mp.use_gpu = False
+                mp.use_gpu = n_gpu_layers != 0
                 mp.print_timings = False
                 mp.n_threads = n_threads
                 mp.warmup = False
@@ -609,6 +610,7 @@ class Ranker:
         in_context_examples: Sequence[RankingExample] | None = None,
         prompt_version: str | RankingPrompt | None = None,
         verify: bool = False,
+        n_gpu_layers: int = 0,
     ) -> "Ranker":
         """Loads a ranker.
 
@@ -623,6 +625,8 @@ class Ranker:
                 (see `rar_edge.finetune_data.in_context_examples`).
             prompt_version: a `rar_edge.prompts` version; default: the manifest's, else the latest.
             verify: check the sha256 of a folder's files (reads them once; slow for large models).
+            n_gpu_layers: layers offloaded to the GPU by a CUDA/Metal build of llama.cpp (-1: all); with a
+                non-zero value the vision projector runs on the GPU too. 0 keeps everything on the CPU.
 
         Raises:
             MissingDependencyError: llama-cpp-python is not installed (``pip install 'rar-edge[llm]'``).
@@ -667,6 +671,7 @@ class Ranker:
             n_batch=512,
             n_seq_max=max_candidates + 1,
             n_threads=int(n_threads),
+            n_gpu_layers=int(n_gpu_layers),
         )
         try:
             if chat_template is None:
