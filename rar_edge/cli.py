@@ -189,9 +189,10 @@ def cmd_finetune_data(args) -> int:
     from .finetune_data import run_finetune_data
 
     enc = _encoder(args)
-    n = run_finetune_data(args.folder, enc.embed_images, k=args.k, out=args.output, seed=args.seed,
-                          neighbours=args.neighbours)
-    print(f"wrote {args.output}: {n} rows")
+    info = run_finetune_data(args.folder, enc.embed_images, k=args.k, out=args.output, seed=args.seed,
+                             neighbours=args.neighbours)
+    print(f"wrote {args.output}: {info['rows']} rows ({info['images_a']} images in Da, {info['images_b']} in Db, "
+          f"{info['classes']} classes, k={info['k']}, prompt {info['prompt_version']})")
     return 0
 
 

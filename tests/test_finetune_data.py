@@ -186,3 +186,18 @@ def test_run_finetune_data_rejects_bad_embeddings_and_empty_folders(tmp_path):
             Image.new("RGB", (4, 4)).save(tmp_path / f"c{c}" / f"{i}.png")
     with pytest.raises(InvalidInputError, match="shape"):
         run_finetune_data(tmp_path, lambda p: np.zeros((len(p) + 1, 2)), out=tmp_path / "x.jsonl", k=2)
+
+
+def test_finetune_data_cli_on_real_flowers(tmp_path, mobilenet_onnx, shared_path, run_cli):
+    flowers = shared_path / "data" / "flowers17"
+    if not flowers.is_dir():
+        pytest.skip(f"Oxford Flowers not found at {flowers}")
+    out = tmp_path / "rank.jsonl"
+    msg = run_cli("finetune-data", flowers, "--encoder", mobilenet_onnx, "-k", 5, "--seed", 0, "-o", out)
+    assert "340 rows" in msg and "340 images in Da, 340 in Db" in msg
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 340 and len({r["image"] for r in rows}) == 340
+    for r in rows:
+        assert len(set(r["candidates"])) == 5 and r["label"] in r["candidates"]
+        assert r["ranked"][0] == r["label"] and sorted(r["ranked"]) == sorted(r["candidates"])
+        assert r["conversations"][1]["value"].startswith(f"1. {r['label']}\n")
