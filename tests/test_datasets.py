@@ -1,0 +1,79 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rar_edge.datasets import few_shot_split, read_class_names, read_image_folder, read_yolo_dataset
+from rar_edge.errors import DatasetError
+
+
+def _img(path, seed=0):
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(path)
+
+
+def test_empty_folder_and_empty_class_are_clear_errors(tmp_path):
+    with pytest.raises(DatasetError, match="no such folder"):
+        read_image_folder(tmp_path / "missing")
+    with pytest.raises(DatasetError, match="no class sub-folders"):
+        read_image_folder(tmp_path)
+    (tmp_path / "cat").mkdir()
+    (tmp_path / "dog").mkdir()
+    _img(tmp_path / "cat" / "a.png")
+    (tmp_path / "dog" / "notes.txt").write_text("not an image")
+    with pytest.raises(DatasetError, match="dog"):
+        read_image_folder(tmp_path)
+
+
+def test_few_shot_split_uses_every_image_once(tmp_path):
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(5):
+            _img(tmp_path / c / f"{i}.png", seed=i)
+    split = few_shot_split(tmp_path, shots=2, seed=3)
+    support = [p for ps in split.support.values() for p in ps]
+    queries = [p for p, _ in split.queries]
+    assert len(support) == 4 and len(queries) == 6 and not set(support) & set(queries)
+    assert few_shot_split(tmp_path, shots=9, seed=0).queries == []  # more shots than images: all in memory
+    with pytest.raises(DatasetError):
+        few_shot_split(tmp_path, shots=0)
+
+
+def test_class_names_file(tmp_path):
+    p = tmp_path / "names.txt"
+    p.write_text("# comment\ncat\n\ndog\n")
+    assert read_class_names(p) == ["cat", "dog"]
+    p.write_text("cat\ncat\n")
+    with pytest.raises(DatasetError, match="more than once"):
+        read_class_names(p)
+    p.write_text("\n")
+    with pytest.raises(DatasetError, match="no class names"):
+        read_class_names(p)
+
+
+def test_yolo_labels_are_validated(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "classes.txt").write_text("cat\ndog\n")
+    _img(tmp_path / "images" / "x.png")
+    (tmp_path / "labels" / "x.txt").write_text("1 0.5 0.5 0.5 0.5\n")
+    names, images = read_yolo_dataset(tmp_path)
+    assert names == ["cat", "dog"] and images[0].labels == ("dog",)
+    np.testing.assert_allclose(images[0].boxes, [[7.5, 5.0, 22.5, 15.0]])
+    (tmp_path / "labels" / "x.txt").write_text("7 0.5 0.5 0.5 0.5\n")
+    with pytest.raises(DatasetError, match="class 7"):
+        read_yolo_dataset(tmp_path)
+
+
+def test_cli_names_a_corrupt_image_and_exits_2(tmp_path, mobilenet_onnx):
+    for c in ("a", "b"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        _img(tmp_path / "data" / c / "ok.png")
+    (tmp_path / "data" / "b" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    out = subprocess.run([sys.executable, "-m", "rar_edge", "-q", "memory", "build", str(tmp_path / "data"),
+                          "--encoder", str(mobilenet_onnx), "-o", str(tmp_path / "m.rarmem")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "broken.jpg" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "m.rarmem").exists()  # nothing half-written
