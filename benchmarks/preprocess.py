@@ -29,22 +29,17 @@ def load_coco128(limit: int | None) -> list[tuple[np.ndarray, np.ndarray]]:
     """(image RGB uint8, boxes float64 (N, 4) in pixels) for every photo with at least one box."""
     from PIL import Image
 
+    from rar_edge.datasets import read_yolo_dataset
+
     root = shared_dir() / "data" / "coco128"
     if not root.is_dir():
         raise SystemExit(f"COCO128 not found at {root} (set RAR_EDGE_SHARED)")
+    _, images = read_yolo_dataset(root)
     out = []
-    for p in sorted((root / "images").glob("*.jpg"))[:limit]:
-        lab_path = root / "labels" / (p.stem + ".txt")
-        if not lab_path.exists():
-            continue
-        lab = np.loadtxt(lab_path, ndmin=2)
-        if lab.size == 0:
-            continue
-        img = np.asarray(Image.open(p).convert("RGB"))
-        h, w = img.shape[:2]
-        cx, cy, bw, bh = lab[:, 1] * w, lab[:, 2] * h, lab[:, 3] * w, lab[:, 4] * h
-        boxes = np.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], axis=1)
-        out.append((np.ascontiguousarray(img), boxes))
+    for im in images[:limit]:
+        if len(im.boxes):
+            with Image.open(im.path) as f:
+                out.append((np.ascontiguousarray(np.asarray(f.convert("RGB"))), im.boxes))
     return out
 
 

@@ -65,18 +65,14 @@ def coco():
     """(image, boxes in pixels) for the first COCO128 photos that have labels."""
     if not (COCO / "images").is_dir():
         pytest.skip(f"COCO128 not found at {COCO} (set RAR_EDGE_SHARED to the shared data folder)")
+    from rar_edge.datasets import read_yolo_dataset
+
+    _, images = read_yolo_dataset(COCO)
     out = []
-    for p in sorted((COCO / "images").glob("*.jpg")):
-        lab = COCO / "labels" / (p.stem + ".txt")
-        if not lab.exists():
-            continue
-        rows = np.loadtxt(lab, ndmin=2)
-        if rows.size == 0:
-            continue
-        img = np.asarray(Image.open(p).convert("RGB"))
-        h, w = img.shape[:2]
-        cx, cy, bw, bh = rows[:, 1] * w, rows[:, 2] * h, rows[:, 3] * w, rows[:, 4] * h
-        out.append((img, np.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], axis=1)))
+    for im in images:
+        if len(im.boxes):  # some photos have no label file
+            with Image.open(im.path) as f:
+                out.append((np.asarray(f.convert("RGB")), im.boxes))
         if len(out) == N_PHOTOS:
             break
     return out
