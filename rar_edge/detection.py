@@ -115,17 +115,26 @@ def memory_from_boxes(
         image_indices: restrict sampling to these images of the dataset (in reading order).
         crop_scale, blur_sigma_px: override the default crop settings.
     """
-    from .boxes import crop_boxes
     from .datasets import read_detection_dataset
 
     _, images = read_detection_dataset(dataset)
+    return _crop_memory(images, str(dataset), encoder=encoder, shots=shots, seed=seed, image_indices=image_indices,
+                        cfg=_crop_config(encoder, crop_scale, blur_sigma_px), backend=backend, hnsw=hnsw,
+                        progress=progress)
+
+
+def _crop_memory(images: list, name: str, *, encoder: Encoder, shots: int | None, seed: int,
+                 image_indices: np.ndarray | None, cfg: Any, backend: str = "auto", hnsw: HnswParams | None = None,
+                 progress: bool = False) -> Memory:
+    from .boxes import crop_boxes, validate_boxes
+
     idx = np.arange(len(images)) if image_indices is None else np.asarray(image_indices)
     pool: dict[str, list[tuple[int, int]]] = {}
     for i in idx:
         for j, lbl in enumerate(images[i].labels):
             pool.setdefault(lbl, []).append((int(i), j))
     if not pool:
-        raise DatasetError(f"{dataset}: no labelled boxes to build a memory from")
+        raise DatasetError(f"{name}: no labelled boxes to build a memory from")
     rng = np.random.default_rng(seed)
     chosen: dict[int, list[tuple[int, str]]] = {}
     for lbl in sorted(pool):
@@ -134,7 +143,6 @@ def memory_from_boxes(
         for t in sorted(int(x) for x in pick):
             i, j = items[t]
             chosen.setdefault(i, []).append((j, lbl))
-    cfg = _crop_config(encoder, crop_scale, blur_sigma_px)
     mem = Memory.empty(encoder=encoder, backend=backend, hnsw=hnsw)
     it: Any = sorted(chosen.items())
     if progress:
@@ -144,8 +152,6 @@ def memory_from_boxes(
     for i, picks in it:
         arr = image_to_array(load_image(images[i].path))
         boxes = images[i].boxes[[j for j, _ in picks]]
-        from .boxes import validate_boxes
-
         valid, kept, reasons = validate_boxes(boxes, arr.shape[:2], on_invalid="skip")
         for r in reasons:
             log.info("%s: skipped exemplar box: %s", images[i].path, r)
@@ -182,15 +188,17 @@ def evaluate_detection(
     from .datasets import read_detection_dataset
     from .evaluate import latency_summary, score_results
 
+    from .boxes import validate_boxes
+
     _, images = read_detection_dataset(dataset)
     support_idx, query_idx = _split_images(len(images), seed)
-    mem = memory_from_boxes(dataset, encoder=encoder, shots=shots, seed=seed, image_indices=support_idx,
-                            crop_scale=crop_scale, blur_sigma_px=blur_sigma_px, progress=progress)
+    cfg = _crop_config(encoder, crop_scale, blur_sigma_px)
+    mem = _crop_memory(images, str(dataset), encoder=encoder, shots=shots, seed=seed, image_indices=support_idx,
+                       cfg=cfg, progress=progress)
     if queries is not None:
         _, qimages = read_detection_dataset(queries)
     else:
         qimages = [images[i] for i in query_idx]
-    cfg = _crop_config(encoder, crop_scale, blur_sigma_px)
     pipe = Pipeline(memory=mem, encoder=encoder, ranker=ranker, config=PipelineConfig(k=k, encoder=encoder.config,
                                                                                        crop=cfg))
     results, truths = [], []
@@ -202,11 +210,9 @@ def evaluate_detection(
     skipped = 0
     for im in it:
         arr = image_to_array(load_image(im.path))
-        dets = pipe.detect(arr, im.boxes, k=k, on_invalid="skip")
-        from .boxes import validate_boxes
-
         _, kept, _ = validate_boxes(im.boxes, arr.shape[:2], on_invalid="skip")
         skipped += len(im.boxes) - len(kept)
+        dets = pipe.detect(arr, im.boxes[kept], k=k)  # all valid now: nothing is validated away twice
         results.extend(dets)
         truths.extend(im.labels[int(j)] for j in kept)
     out = score_results(results, truths, k=k)
