@@ -93,7 +93,12 @@ def load_image(
         p = Path(src)
         if not p.is_file():
             raise ImageDecodeError(f"no such image file: {p}")
-        fp = p
+        try:
+            # One read, then decode from memory: Pillow's many small reads through a Python file object
+            # cost ~0.1 ms per photo.
+            fp = io.BytesIO(p.read_bytes())
+        except OSError as e:
+            raise ImageDecodeError(f"cannot read image file {p}: {e}") from e
     else:
         raise InvalidInputError(
             f"unsupported image type {type(src).__name__}: pass a path, bytes, a PIL image or an HxWx3 uint8 array"
