@@ -123,8 +123,7 @@ def _pipeline(args):
 def cmd_classify(args) -> int:
     pipe = _pipeline(args)
     rows = []
-    for img in args.images:
-        r = pipe.classify(img)
+    for img, r in zip(args.images, pipe.iter_classify(args.images)):  # decodes the next image meanwhile
         rows.append({"image": img, **r.to_dict()})
         if not args.json:
             cands = ", ".join(f"{c.label} {c.score:.3f}" for c in r.candidates)

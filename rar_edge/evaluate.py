@@ -102,12 +102,13 @@ def evaluate_classification(
                    [c for c, ps in split.support.items() for _ in ps], encoder=encoder, progress=progress)
     cfg = config or PipelineConfig(k=k, encoder=encoder.config)
     pipe = Pipeline(memory=mem, encoder=encoder, ranker=ranker, config=cfg)
-    it: Any = queries
+    # Streamed: the next photo is decoded on a worker thread while this one runs (same results, in order).
+    it: Any = pipe.iter_classify((p for p, _ in queries), k=k)
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(queries, desc="classifying", unit="img")
-    results = [pipe.classify(p, k=k) for p, _ in it]
+        it = tqdm(it, total=len(queries), desc="classifying", unit="img")
+    results = list(it)
     out = score_results(results, [c for _, c in queries], k=k)
     unknown = sum(1 for _, c in queries if c not in set(mem.classes))
     out.update({

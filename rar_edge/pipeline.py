@@ -13,7 +13,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -139,14 +139,23 @@ class Pipeline:
             k: overrides the config's k.
         """
         k = self.config.k if k is None else k
-        timings: dict[str, float] = {}
         t_all = time.perf_counter()
+        img, pixels, timings = self._prepare(image)
+        return self._finish(img, pixels, k, timings, t_all)
+
+    def _prepare(self, image: ImageLike) -> tuple[Any, np.ndarray, dict[str, float]]:
+        """Decode and resize: the part of classify that needs no model."""
+        timings: dict[str, float] = {}
         t0 = time.perf_counter()
         img = self.encoder.decode(image)
         timings["decode"] = _ms(t0)
         t0 = time.perf_counter()
         pixels = self.encoder.preprocess(img)
         timings["preprocess"] = _ms(t0)
+        return img, pixels, timings
+
+    def _finish(self, img: Any, pixels: np.ndarray, k: int, timings: dict[str, float], t_all: float) -> Classification:
+        """Encode, search and rank prepared pixels."""
         t0 = time.perf_counter()
         vec = self.encoder.embed_pixels(pixels)
         timings["encode"] = _ms(t0)
@@ -165,9 +174,63 @@ class Pipeline:
             timings_ms=timings,
         )
 
-    def classify_many(self, images: Sequence[ImageLike], *, k: int | None = None) -> list[Classification]:
-        """`classify` for each image, in order."""
-        return [self.classify(im, k=k) for im in images]
+    def iter_classify(self, images: Iterable[ImageLike], *, k: int | None = None,
+                      prefetch: int = 1) -> Iterator[Classification]:
+        """Classifies a stream of images in order, decoding the next ones while the current one runs.
+
+        A worker thread decodes and resizes up to ``prefetch`` images ahead while this thread encodes,
+        searches and ranks the current one (Pillow's decoder, ONNX Runtime and llama.cpp release the
+        GIL), so on a machine with a core to spare the SDK's own work hides behind the model's.
+        Errors come in order: a corrupt image raises when its turn comes, as in `classify`.
+
+        Args:
+            images: paths, encoded bytes, PIL images or arrays; any iterable (read lazily).
+            k: overrides the config's k.
+            prefetch: images prepared ahead (0: no worker thread, each image as `classify`).
+
+        Yields:
+            One `Classification` per image. Its ``timings_ms`` holds the worker's ``decode`` and
+            ``preprocess`` times (overlapped with the previous image), ``wait`` (how long this
+            image's pixels were still awaited) and ``total``: this image's share of the stream's
+            wall time (wait, encode, search, rank), not counting the caller's time between items.
+        """
+        if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
+            raise InvalidInputError(f"prefetch must be an integer >= 0, got {prefetch!r}")
+        k = self.config.k if k is None else k
+        if prefetch == 0:
+            for image in images:
+                yield self.classify(image, k=k)
+            return
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        source = iter(images)
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rar_edge-prefetch")
+        pending: deque = deque()
+
+        def submit() -> None:
+            for image in source:
+                pending.append(pool.submit(self._prepare, image))
+                return
+
+        try:
+            for _ in range(prefetch):
+                submit()
+            while pending:
+                t_all = time.perf_counter()
+                fut = pending.popleft()
+                t0 = time.perf_counter()
+                img, pixels, timings = fut.result()
+                timings["wait"] = _ms(t0)
+                submit()
+                yield self._finish(img, pixels, k, timings, t_all)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def classify_many(self, images: Iterable[ImageLike], *, k: int | None = None,
+                      prefetch: int = 1) -> list[Classification]:
+        """`classify` for each image, in order, decoding ahead on a worker thread (see `iter_classify`)."""
+        return list(self.iter_classify(images, k=k, prefetch=prefetch))
 
     # -- detection ----------------------------------------------------------------------------------
     def detect(

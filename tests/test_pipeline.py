@@ -13,7 +13,7 @@ from PIL import Image
 
 import rar_edge
 from rar_edge import Encoder, EncoderConfig, Memory, Pipeline, PipelineConfig
-from rar_edge.errors import EmptyMemoryError, ImageDecodeError, MemoryMismatchError
+from rar_edge.errors import EmptyMemoryError, ImageDecodeError, InvalidInputError, MemoryMismatchError
 from rar_edge.types import Ranking
 
 
@@ -86,6 +86,36 @@ def test_seeded_shots_are_a_random_sample_not_the_first_files(flowers_subset):
     assert a == b and a != c
     firsts = {cls: sorted((flowers_subset / cls).iterdir())[:3] for cls in a}
     assert a != firsts
+
+
+def test_streamed_classify_matches_one_at_a_time_and_keeps_order(encoder, memory, flowers_subset):
+    paths = [p for cls in ("daisy", "tulip", "sunflower") for p in sorted((flowers_subset / cls).iterdir())[-3:]]
+    pipe = Pipeline(memory=memory, encoder=encoder)
+    one = [pipe.classify(p) for p in paths]
+    for prefetch in (0, 1, 3):
+        got = pipe.classify_many(iter(paths), prefetch=prefetch)  # any iterable, read lazily
+        assert [r.candidates for r in got] == [r.candidates for r in one], prefetch
+        for r in got:
+            assert r.timings_ms["total"] >= r.timings_ms["encode"] > 0
+            assert ("wait" in r.timings_ms) == (prefetch > 0)
+    with pytest.raises(InvalidInputError):
+        pipe.classify_many(paths, prefetch=-1)
+
+
+def test_streamed_classify_raises_a_bad_image_in_its_turn_and_stops_cleanly(encoder, memory, flowers_subset):
+    good = sorted((flowers_subset / "daisy").iterdir())[-2:]
+    pipe = Pipeline(memory=memory, encoder=encoder)
+    it = pipe.iter_classify([good[0], b"\xff\xd8\xff\xe0 not really a jpeg", good[1]], prefetch=2)
+    assert next(it).label in memory.classes  # the image before the bad one comes out first
+    with pytest.raises(ImageDecodeError):
+        next(it)
+    # Leaving a stream early joins its worker: nothing keeps running.
+    stream = pipe.iter_classify(good * 5, prefetch=2)
+    next(stream)
+    stream.close()
+    import threading
+
+    assert not [t for t in threading.enumerate() if t.name.startswith("rar_edge-prefetch")]
 
 
 def test_bad_images_and_empty_memory(encoder, memory):
