@@ -94,6 +94,14 @@ def test_retrieval_only_bench_writes_every_field(mobilenet_onnx, flowers, tmp_pa
     assert np.all(enc_model > 0)
     assert np.all(enc_model <= np.asarray(c["samples_ms"]["encode"]) + 1e-3)
     assert c["accuracy"]["n"] == 8 and 0.0 <= c["accuracy"]["top1"] <= 1.0
+    # The streamed run: the same queries through iter_classify, decoding ahead on a worker thread.
+    st = c["stream"]
+    assert st["prefetch"] == 1 and st["runs"] == 8 and st["throughput_per_s"] > 0
+    assert 0 < st["model_ms_per_image"] <= st["wall_ms_per_image"]
+    assert on_disk["overhead_share_stream"] == st["overhead_share"]
+    assert st["overhead_share"] == pytest.approx(1 - st["model_ms_per_image"] / st["wall_ms_per_image"], abs=1e-9)
+    for stage in ("wait", "decode", "preprocess", "encode", "search", "total"):
+        _check_percentiles(st["latency_ms"][stage])
 
     rss = on_disk["memory_rss"]
     assert rss["peak_bytes"] >= rss["after_runs_bytes"] > 0
@@ -199,6 +207,8 @@ def test_bad_arguments(mobilenet_onnx, flowers, tmp_path):
         run_bench(encoder=mobilenet_onnx, out_dir=tmp_path, config=_config())  # neither memory nor images
     with pytest.raises(InvalidInputError):
         BenchConfig(runs=0)
+    with pytest.raises(InvalidInputError):
+        BenchConfig(prefetch=-1)
 
 
 def test_detect_is_timed_when_boxes_are_given(mobilenet_onnx, flowers, tmp_path):
