@@ -82,10 +82,10 @@ class _PeerChat:
     """llama-cpp-python's own chat completion, unconstrained and greedy, on the same prompt text (it
     reuses the longest common token prefix of consecutive prompts by itself)."""
 
-    def __init__(self, model: str, n_threads: int, n_ctx: int) -> None:
+    def __init__(self, model: str, n_threads: int, n_ctx: int, n_gpu_layers: int) -> None:
         import llama_cpp
 
-        self.llm = llama_cpp.Llama(model, n_ctx=n_ctx, n_threads=n_threads, verbose=False)
+        self.llm = llama_cpp.Llama(model, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, verbose=False)
 
     def ask(self, cands: list[str]) -> tuple[str, bool]:
         from rar_edge.prompts import RANKING_PROMPT_V1 as P
@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--n-ctx", type=int, default=2048)
+    ap.add_argument("--n-gpu-layers", type=int, default=0,
+                    help="layers offloaded by a GPU build of llama.cpp (-1: all), for the ranker and the peer alike")
     ap.add_argument("--no-peer", action="store_true", help="skip llama-cpp-python's free-form chat baseline")
     ap.add_argument("--shared", default=os.environ.get("RAR_EDGE_SHARED", str(REPO.parent / "shared")))
     ap.add_argument("--json", required=True, help="output JSON file")
@@ -121,14 +123,19 @@ def main(argv: list[str] | None = None) -> int:
     n_threads = args.threads or len(os.sched_getaffinity(0))
     queries = _queries(args.n, args.k, args.seed, Path(args.shared), with_images=args.mmproj is not None)
     t0 = time.perf_counter()
-    ranker = Ranker.load(args.model, mmproj=args.mmproj, n_threads=n_threads, n_ctx=args.n_ctx)
+    ranker = Ranker.load(args.model, mmproj=args.mmproj, n_threads=n_threads, n_ctx=args.n_ctx,
+                         n_gpu_layers=args.n_gpu_layers)
     load_ms = (time.perf_counter() - t0) * 1000
+    import llama_cpp
+
     res: dict = {"model": str(args.model), "mmproj": args.mmproj, "n": args.n, "k": args.k, "threads": n_threads,
+                 "n_gpu_layers": args.n_gpu_layers, "gpu_offload_supported": bool(llama_cpp.llama_supports_gpu_offload()),
+                 "llama_cpp_system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
                  "machine": platform.machine(), "cpus": os.cpu_count(), "load_ms": load_ms,
                  "loadavg_start": os.getloadavg()}
     peer = None
     if not args.no_peer and args.mmproj is None and not Path(args.model).is_dir():
-        peer = _PeerChat(args.model, n_threads, args.n_ctx)
+        peer = _PeerChat(args.model, n_threads, args.n_ctx, args.n_gpu_layers)
     times: dict[str, list[float]] = {"score": [], "generate": [], "peer_chat": []}
     answers: dict[str, list] = {"score": [], "generate": [], "peer_chat": []}
     with ranker:
