@@ -48,11 +48,15 @@ class EncoderConfig:
         provider: "cpu", "cuda" or "tensorrt".
         threads: intra-op threads per session (None: ONNX Runtime's default, all cores).
         batch_size: images or texts per model call.
+        allow_spinning: ONNX Runtime's intra-op threads busy-wait between parallel sections (its
+            default: lowest latency on otherwise idle cores). False lets them sleep, which frees the
+            cores for other work, such as the decode thread of `Pipeline.iter_classify` or the app.
     """
 
     provider: str = "cpu"
     threads: int | None = None
     batch_size: int = 16
+    allow_spinning: bool = True
 
     def __post_init__(self) -> None:
         if self.provider not in PROVIDERS:
@@ -70,6 +74,8 @@ def _session(path: Path, config: EncoderConfig):
     if config.threads is not None:
         opts.intra_op_num_threads = config.threads
         opts.inter_op_num_threads = 1
+    if not config.allow_spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3  # ORT's own fallback errors would be noise; we report it ourselves below
     wanted = PROVIDERS[config.provider]
     available = ort.get_available_providers()

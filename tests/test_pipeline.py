@@ -118,6 +118,12 @@ def test_streamed_classify_raises_a_bad_image_in_its_turn_and_stops_cleanly(enco
     assert not [t for t in threading.enumerate() if t.name.startswith("rar_edge-prefetch")]
 
 
+def test_encoder_without_spinning_threads_gives_the_same_embeddings(encoder, mobilenet_onnx, flowers_subset):
+    pixels = np.stack([encoder.preprocess(encoder.decode(p)) for p in sorted((flowers_subset / "tulip").iterdir())[:3]])
+    calm = Encoder(mobilenet_onnx, config=EncoderConfig(threads=2, allow_spinning=False))
+    np.testing.assert_allclose(calm.embed_pixels(pixels), encoder.embed_pixels(pixels), atol=1e-6)
+
+
 def test_bad_images_and_empty_memory(encoder, memory):
     pipe = Pipeline(memory=memory, encoder=encoder)
     with pytest.raises(ImageDecodeError):
