@@ -287,7 +287,7 @@ def environment(encoder: "Encoder", ranker: Any = None) -> dict[str, Any]:
         "logical_cpus": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "encoder_threads": cfg.threads if cfg.threads is not None else "onnxruntime default (one per physical core)",
-        "encoder_allow_spinning": cfg.allow_spinning,
+        "encoder_allow_spinning": "onnxruntime default (spinning)" if cfg.allow_spinning is None else cfg.allow_spinning,
         "provider_requested": cfg.provider,
         "providers_in_use": encoder.providers,
         "providers_available": list(ort.get_available_providers()),
@@ -604,7 +604,8 @@ def run_bench(
 
     ort_imported_here = "onnxruntime" not in sys.modules
     t0 = time.perf_counter()
-    enc = encoder if isinstance(encoder, Encoder) else Encoder(encoder, config=config.encoder)
+    enc_cfg = config.encoder if ranker is None else config.encoder.beside_ranker()
+    enc = encoder if isinstance(encoder, Encoder) else Encoder(encoder, config=enc_cfg)
     cold["encoder_load_ms"] = _ms(t0) if not isinstance(encoder, Encoder) else None
     inputs = _prepare_inputs(enc, memory=memory, images=images, queries=queries, config=config)
     # A loaded memory is part of a cold start; one built from images here is set-up, reported apart.
@@ -943,8 +944,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-k", type=int, default=5)
     p.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"])
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
-    p.add_argument("--no-spinning", action="store_true",
-                   help="ONNX Runtime's idle intra-op threads sleep instead of busy-waiting")
+    p.add_argument("--spinning", choices=["auto", "on", "off"], default="auto",
+                   help="ONNX Runtime's idle intra-op threads busy-wait (on) or sleep (off); auto: off when a "
+                        "ranker shares the process, else ONNX Runtime's default (on)")
     p.add_argument("--prefetch", type=int, default=1,
                    help="images decoded ahead in the extra streamed run (Pipeline.iter_classify); 0 skips it")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -955,7 +957,7 @@ def run_from_args(args: argparse.Namespace, *, notes: Sequence[str] = ()) -> dic
     """Runs the benchmark described by parsed `add_bench_arguments` options."""
     cfg = BenchConfig(runs=args.runs, warmup=args.warmup, k=args.k, shots=args.shots, seed=args.seed,
                       encoder=EncoderConfig(provider=args.provider, threads=args.threads, batch_size=16,
-                                            allow_spinning=not args.no_spinning),
+                                            allow_spinning={"auto": None, "on": True, "off": False}[args.spinning]),
                       ranker_mode=args.ranker_mode, ranker_gpu_layers=args.n_gpu_layers,
                       prefetch=args.prefetch, plots=not args.no_plots)
     return run_bench(encoder=args.encoder, out_dir=args.out, memory=args.memory, images=args.images,

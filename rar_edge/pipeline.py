@@ -89,7 +89,8 @@ class Pipeline:
             if self.memory.encoder is None:
                 raise InvalidInputError("the memory records no encoder: pass encoder=")
             encoder = self.memory.encoder.path
-        self.encoder = encoder if isinstance(encoder, Encoder) else Encoder(encoder, config=self.config.encoder)
+        enc_cfg = self.config.encoder if ranker is None else self.config.encoder.beside_ranker()
+        self.encoder = encoder if isinstance(encoder, Encoder) else Encoder(encoder, config=enc_cfg)
         self.memory.check_encoder(self.encoder)
         if ranker is not None and isinstance(ranker, (str, os.PathLike)):
             from .ranker import Ranker

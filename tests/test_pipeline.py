@@ -124,6 +124,18 @@ def test_encoder_without_spinning_threads_gives_the_same_embeddings(encoder, mob
     np.testing.assert_allclose(calm.embed_pixels(pixels), encoder.embed_pixels(pixels), atol=1e-6)
 
 
+def test_encoder_beside_a_ranker_does_not_spin_unless_asked(mobilenet_onnx, memory):
+    class Ranker:
+        def rank(self, image, candidates):
+            return Ranking(tuple(candidates), tuple(0.0 for _ in candidates))
+
+    assert Pipeline(memory=memory, encoder=mobilenet_onnx).encoder.config.allow_spinning is None  # ORT's default
+    assert Pipeline(memory=memory, encoder=mobilenet_onnx, ranker=Ranker()).encoder.config.allow_spinning is False
+    asked = PipelineConfig(encoder=EncoderConfig(allow_spinning=True))
+    assert Pipeline(memory=memory, encoder=mobilenet_onnx, ranker=Ranker(),
+                    config=asked).encoder.config.allow_spinning is True
+
+
 def test_bad_images_and_empty_memory(encoder, memory):
     pipe = Pipeline(memory=memory, encoder=encoder)
     with pytest.raises(ImageDecodeError):
