@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from rar_edge.errors import InvalidInputError, ManifestError, MissingDependencyError, RankerError
 from rar_edge.prompts import RANKING_PROMPT_V1, RankingExample, render_chat
-from rar_edge.ranker import build_grammar, parse_ranking
+from rar_edge.ranker import parse_ranking
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "export"))
 
@@ -212,23 +212,70 @@ def test_plain_prompt_without_chat_template(tmp_path):
         assert sorted(r.rank(None, ["a", "b", "c"]).labels) == ["a", "b", "c"]
 
 
-# --- generate mode: grammar, repair, fallback ----------------------------------------------------------
+# --- generate mode: constrained greedy lines, repair, fallback ------------------------------------------
 
 
-def test_grammar_escapes_names():
-    g = build_grammar(['say "hi"', "back\\slash", "\u00e9t\u00e9"])
-    assert '"say \\"hi\\""' in g and '"back\\\\slash"' in g and "\u00e9t\u00e9" in g
-    assert g.startswith('root ::= " " item "\\n" "2. " item "\\n" "3. " item "\\n"\n')
-    assert build_grammar(["a", "b"], first_number=4, lines=1) == 'root ::= "4. " item "\\n"\nitem ::= "a" | "b"\n'
+def _reference_generate(r: Ranker, cands: list[str]) -> list[str]:
+    """Generate mode the slow, obvious way: one token evaluated per llama_decode, the whole logit row read,
+    the argmax taken over the next tokens of the lines still possible."""
+    n = r._live()
+    n_past = r._eval_query(None, cands)
+    remaining, order = list(cands), []
+    for number in range(1, len(cands)):
+        live, pos = r._line_tokens(remaining, number), 0
+        while True:
+            nexts = sorted({t[pos] for t in live.values()})
+            row = n.logits(-1)
+            tok = max(nexts, key=lambda t: row[t])
+            n.decode([(tok, n_past, 0, True)])
+            n_past += 1
+            live = {c: t for c, t in live.items() if t[pos] == tok}
+            pos += 1
+            done = [c for c, t in live.items() if len(t) == pos]
+            if done:
+                break
+        order.append(done[0])
+        remaining.remove(done[0])
+    return order + remaining
 
 
-def test_generate_writes_each_name_once(tiny_gguf):
-    cands = ["rose", "rose hip", "primrose", "tulip"]
+@pytest.mark.parametrize("cands", [["rose", "rose hip", "primrose", "tulip"], FLOWERS,
+                                   ["common daisy", "common tansy", "common poppy", "daisy"]])
+def test_generate_equals_token_by_token_reference_in_fewer_decodes(tiny_gguf, cands):
     with Ranker.load(tiny_gguf, n_threads=1) as r:
+        r.rank(None, cands, mode="score")  # evaluates the cached prefix
+        calls0, toks0 = r.stats.decode_calls, r.stats.generated_tokens
         out = r.rank(None, cands, mode="generate")
+        calls, toks = r.stats.decode_calls - calls0, r.stats.generated_tokens - toks0
+        assert list(out.labels) == _reference_generate(r, cands) and not out.fallback
+        # Decodes: the query, then one at each point where the remaining lines differ (the tokens that
+        # no choice separates ride along); the first choice, if it is the very first token, reads the
+        # query's logits. The token-by-token reference needs one decode per token.
+        remaining, choices, first_free = list(cands), 0, False
+        for number, name in enumerate(out.labels[:-1], start=1):
+            live = r._line_tokens(remaining, number)
+            for pos, tok in enumerate(live[name]):
+                if len({t[pos] for t in live.values() if len(t) > pos}) > 1:
+                    choices += 1
+                    first_free = first_free or (choices == 1 and number == 1 and pos == 0)
+                live = {c: t for c, t in live.items() if len(t) > pos and t[pos] == tok}
+            remaining.remove(name)
+    assert calls == 1 + choices - first_free
+    assert calls - 1 < toks / 2  # the reference: one decode per token
     lines = out.raw.splitlines()
     assert [ln.split(". ", 1)[1] for ln in lines] == list(out.labels)  # no repair was needed
-    assert [ln.split(". ", 1)[0] for ln in lines] == ["1", "2", "3", "4"]
+    assert [ln.split(". ", 1)[0] for ln in lines] == [str(i) for i in range(1, len(cands) + 1)]
+
+
+def test_generate_falls_back_to_retrieval_order(tiny_gguf, monkeypatch):
+    cands = ["tulip", "rose", "daisy"]
+    with Ranker.load(tiny_gguf, n_threads=1) as r:
+        # Lines that cannot be told apart (a tokenizer that maps two names to one sequence)
+        monkeypatch.setattr(Ranker, "_line_tokens", lambda self, names, number: {c: [5, 6] for c in names})
+        out = r.rank(None, cands, mode="generate")
+        assert out.fallback and out.labels == tuple(cands)
+        monkeypatch.undo()
+        assert not r.rank(None, cands, mode="generate").fallback
 
 
 @pytest.mark.parametrize(
@@ -252,21 +299,6 @@ def test_parse_ranking_repairs(raw, want, repaired):
 def test_parse_prefers_longest_name_and_word_boundaries():
     got, _ = parse_ranking("rose hip, rose, primrose", ["rose", "rose hip", "primrose"])
     assert got == ["rose hip", "rose", "primrose"]
-
-
-def test_generate_falls_back_to_retrieval_order(tiny_gguf, monkeypatch):
-    import rar_edge.ranker as rk
-
-    cands = ["tulip", "rose", "daisy"]
-    with Ranker.load(tiny_gguf, n_threads=1) as r:
-        monkeypatch.setattr(rk, "build_grammar", lambda c, **kw: 'root ::= " zzz"\n')
-        out = r.rank(None, cands, mode="generate")
-        assert out.fallback and out.labels == tuple(cands) and "zzz" in out.raw
-        monkeypatch.setattr(rk, "build_grammar", lambda c, **kw: "root ::= (((\n")  # llama.cpp rejects it
-        out = r.rank(None, cands, mode="generate")
-        assert out.fallback and out.labels == tuple(cands)
-        monkeypatch.undo()
-        assert not r.rank(None, cands, mode="generate").fallback
 
 
 # --- lifecycle and loading -----------------------------------------------------------------------------
