@@ -308,11 +308,19 @@ class _Native:
         self.last_decode_calls = n_calls
         return out_idx
 
-    def logits(self, batch_index: int) -> np.ndarray:
+    def _logit_row(self, batch_index: int) -> np.ndarray:
+        """A batch position's float32 logits: a view of llama.cpp's buffer, valid until the next decode."""
         ptr = self.lc.llama_get_logits_ith(self.ctx, batch_index)
         if not ptr:
             raise RankerError(f"no logits for batch position {batch_index}")
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).astype(np.float64)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def logits(self, batch_index: int) -> np.ndarray:
+        return self._logit_row(batch_index).astype(np.float64)
+
+    def logits_of(self, batch_index: int, token_ids: Sequence[int]) -> np.ndarray:
+        """The logits of a few tokens at a batch position, without copying the whole vocabulary row."""
+        return self._logit_row(batch_index)[np.asarray(token_ids, np.int64)].astype(np.float64)
 
     # -- multimodal ----------------------------------------------------------------------------------
 
@@ -361,13 +369,6 @@ class _Native:
                 mt.mtmd_input_chunks_free(chunks)
             for bm in bitmaps:
                 mt.mtmd_bitmap_free(bm)
-
-    def logits_of(self, batch_index: int, token_ids: Sequence[int]) -> np.ndarray:
-        """The logits of a few tokens at a batch position, without copying the whole vocabulary row."""
-        ptr = self.lc.llama_get_logits_ith(self.ctx, batch_index)
-        if not ptr:
-            raise RankerError(f"no logits for batch position {batch_index}")
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))[np.asarray(token_ids, np.int64)].astype(np.float64)
 
     def close(self) -> None:
         lc = self.lc
@@ -769,20 +770,23 @@ class Ranker:
             raise RankerError(f"prompt {self._prompt.version}: query text does not start with its constant head")
         return text[len(self._head) :] + self._query_tail + self._prompt.answer_open
 
-    def _continuations(self, cands: Sequence[str]) -> list[list[int]]:
-        """Token ids of each candidate's continuation, tokenized in context after the answer opening."""
+    def _tokens_after(self, anchor: str, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text as tokenized in context, right after ``anchor``."""
         n = self._live()
-        anchor = self._prompt.answer_open
         base = n.tokenize(anchor, add_special=False)
         out = []
-        for i, c in enumerate(cands):
-            text = self._prompt.continuation(c, last=len(cands) == 1)
+        for text in texts:
             joint = n.tokenize(anchor + text, add_special=False)
             if joint[: len(base)] == base and len(joint) > len(base):
                 out.append(joint[len(base) :])
-            else:  # the anchor merged with the name: tokenize the name on its own
+            else:  # the anchor merged with the text: tokenize the text on its own
                 out.append(n.tokenize(text, add_special=False))
         return out
+
+    def _continuations(self, cands: Sequence[str]) -> list[list[int]]:
+        """Token ids of each candidate's continuation, tokenized in context after the answer opening."""
+        last = len(cands) == 1
+        return self._tokens_after(self._prompt.answer_open, [self._prompt.continuation(c, last=last) for c in cands])
 
     # -- evaluation -----------------------------------------------------------------------------------
 
@@ -931,18 +935,9 @@ class Ranker:
     def _line_tokens(self, names: Sequence[str], number: int) -> dict[str, list[int]]:
         """Each name's whole answer line ``"number. name\n"`` as tokens, tokenized in context (line 1 follows
         the prompt's ``1.``, later lines the previous line break)."""
-        n = self._live()
         if number == 1:
             return dict(zip(names, self._continuations(names)))
-        anchor = "\n"
-        base = n.tokenize(anchor, add_special=False)
-        out = {}
-        for name in names:
-            text = f"{number}. {name}\n"
-            joint = n.tokenize(anchor + text, add_special=False)
-            ok = joint[: len(base)] == base and len(joint) > len(base)
-            out[name] = joint[len(base) :] if ok else n.tokenize(text, add_special=False)
-        return out
+        return dict(zip(names, self._tokens_after("\n", [f"{number}. {name}\n" for name in names])))
 
     def _rank_generate(self, img: np.ndarray | None, cands: tuple[str, ...]) -> Ranking:
         """The model writes the list line by line, greedily, each line restricted to the names not yet
