@@ -56,6 +56,9 @@ class PipelineConfig:
             raise InvalidInputError("gate_margin must be >= 0 or None")
 
 
+_END = object()  # end of an image stream
+
+
 def _ms(t0: float) -> float:
     return (time.perf_counter() - t0) * 1e3
 
@@ -209,10 +212,10 @@ class Pipeline:
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rar_edge-prefetch")
         pending: deque = deque()
 
-        def submit() -> None:
-            for image in source:
+        def submit() -> None:  # the next image, if any, to the worker
+            image = next(source, _END)
+            if image is not _END:
                 pending.append(pool.submit(self._prepare, image))
-                return
 
         try:
             for _ in range(prefetch):
