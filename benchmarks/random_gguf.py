@@ -63,18 +63,23 @@ def _copy_metadata(gguf, reader, writer, skip: set[str]) -> None:
         writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
 
 
-def layout(src: Path, out: Path) -> None:
-    gguf = _gguf()
-    reader = gguf.GGUFReader(src)
-    arch = reader.fields["general.architecture"].contents()
-    writer = gguf.GGUFWriter(out, arch)
-    _copy_metadata(gguf, reader, writer, skip={TENSORS_KEY})
-    writer.add_string(TENSORS_KEY, json.dumps(_tensor_list(reader)))
+def _write(writer) -> None:
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    print(json.dumps({"layout": str(out), "bytes": out.stat().st_size, "tensors": len(_tensor_list(reader))}))
+
+
+def layout(src: Path, out: Path) -> None:
+    gguf = _gguf()
+    reader = gguf.GGUFReader(src)
+    arch = reader.fields["general.architecture"].contents()
+    tensors = _tensor_list(reader)
+    writer = gguf.GGUFWriter(out, arch)
+    _copy_metadata(gguf, reader, writer, skip={TENSORS_KEY})
+    writer.add_string(TENSORS_KEY, json.dumps(tensors))
+    _write(writer)
+    print(json.dumps({"layout": str(out), "bytes": out.stat().st_size, "tensors": len(tensors)}))
 
 
 def _random_tensor(gguf, rng: np.random.Generator, name: str, ne: list[int], type_name: str) -> tuple[np.ndarray, object]:
@@ -117,10 +122,7 @@ def make(src: Path, out: Path, seed: int) -> None:
     for t in tensors:
         data, qtype = _random_tensor(gguf, rng, t["name"], t["ne"], t["type"])
         writer.add_tensor(t["name"], data, raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    _write(writer)
     print(json.dumps({"model": str(out), "bytes": out.stat().st_size, "tensors": len(tensors),
                       "seconds": round(time.perf_counter() - t0, 1)}))
 
