@@ -126,9 +126,9 @@ run() {
   export PYTHONPATH="$root:$bundle/py:$bundle/gguf-py:${PYTHONPATH:-}"
   python3 -c 'import llama_cpp as l; print("llama.cpp GPU offload:", bool(l.llama_supports_gpu_offload())); print(l.llama_print_system_info().decode())' \
     | tee -a "$res/gpu.txt"
-  [[ " ${STEPS:-ranker bench} " == *" ranker "* ]] && python3 benchmarks/random_gguf.py make "$bundle/qwen-layout.gguf" -o /tmp/qwen-random.gguf
-  local threads; threads="$(nproc)"
-  local steps="${STEPS:-ranker bench}"  # which parts to run
+  local threads steps="${STEPS:-ranker bench}"  # which parts to run
+  threads="$(nproc)"
+  [[ " $steps " == *" ranker "* ]] && python3 benchmarks/random_gguf.py make "$bundle/qwen-layout.gguf" -o /tmp/qwen-random.gguf
   [[ " $steps " == *" ranker "* ]] && for where in gpu cpu; do
     # Fewer queries on the CPU (N_CPU): a random-weight model never says stop, so the peer's free-form chat
     # always writes its whole token budget, which costs seconds per query there.
