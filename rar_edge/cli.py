@@ -41,6 +41,15 @@ def _add_encoder_args(p: argparse.ArgumentParser, *, required: bool) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="images or texts per model call")
 
 
+def _add_few_shot_eval_args(p: argparse.ArgumentParser, *, queries_help: str) -> None:
+    """The options `eval` and `eval-detect` share: the encoder, the few-shot split, k, other queries."""
+    _add_encoder_args(p, required=True)
+    p.add_argument("--shots", type=int, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-k", type=int, default=5)
+    p.add_argument("--queries", default=None, help=queries_help)
+
+
 def _add_ranker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ranker", default=None, help="MLLM ranker model folder or GGUF (rar-edge export mllm)")
     p.add_argument("--ranker-mode", default="score", choices=["score", "generate"],
@@ -265,11 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="few-shot accuracy on an image folder")
     e.add_argument("folder")
-    _add_encoder_args(e, required=True)
-    e.add_argument("--shots", type=int, required=True)
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("-k", type=int, default=5)
-    e.add_argument("--queries", default=None, help="query every image of this folder instead of the rest of FOLDER")
+    _add_few_shot_eval_args(e, queries_help="query every image of this folder instead of the rest of FOLDER")
     _add_ranker_args(e)
     _memory_args(e)
     e.add_argument("--json", default=None, help="write the results here (default: stdout)")
@@ -277,11 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ed = sub.add_parser("eval-detect", help="few-shot box classification accuracy on a YOLO folder or COCO json")
     ed.add_argument("dataset")
-    _add_encoder_args(ed, required=True)
-    ed.add_argument("--shots", type=int, required=True)
-    ed.add_argument("--seed", type=int, default=0)
-    ed.add_argument("-k", type=int, default=5)
-    ed.add_argument("--queries", default=None, help="classify every box of this dataset instead")
+    _add_few_shot_eval_args(ed, queries_help="classify every box of this dataset instead")
     ed.add_argument("--crop-scale", default=None, help="box enlargement factor, or 'adaptive'")
     ed.add_argument("--blur-sigma", type=float, default=None, help="Gaussian sigma (px) around the box; 0 = off")
     _add_ranker_args(ed)
