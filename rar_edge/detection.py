@@ -20,7 +20,7 @@ from .encoders import Encoder
 from .errors import DatasetError, InvalidInputError
 from .memory import HnswParams, Memory
 from .pipeline import Pipeline, PipelineConfig
-from .preprocess import image_to_array, load_image
+from .preprocess import decode_rgb, load_image
 
 log = logging.getLogger("rar_edge")
 
@@ -150,7 +150,7 @@ def _crop_memory(images: list, name: str, *, encoder: Encoder, shots: int | None
 
         it = tqdm(it, desc="cropping exemplars", unit="img")
     for i, picks in it:
-        arr = image_to_array(load_image(images[i].path))
+        arr = decode_rgb(images[i].path)
         boxes = images[i].boxes[[j for j, _ in picks]]
         valid, kept, reasons = validate_boxes(boxes, arr.shape[:2], on_invalid="skip")
         for r in reasons:
@@ -209,7 +209,7 @@ def evaluate_detection(
         it = tqdm(it, desc="classifying boxes", unit="img")
     skipped = 0
     for im in it:
-        arr = image_to_array(load_image(im.path))
+        arr = decode_rgb(im.path)
         _, kept, _ = validate_boxes(im.boxes, arr.shape[:2], on_invalid="skip")
         skipped += len(im.boxes) - len(kept)
         dets = pipe.detect(arr, im.boxes[kept], k=k)  # all valid now: nothing is validated away twice

@@ -18,7 +18,7 @@ import numpy as np
 
 from .errors import InvalidInputError, ManifestError, MissingDependencyError
 from .manifest import Manifest, load_manifest
-from .preprocess import ImageLike, draft_size, load_image, normalize, resize_for_model
+from .preprocess import ImageLike, decode_rgb, draft_size, normalize, resize_for_model
 
 log = logging.getLogger("rar_edge")
 
@@ -169,12 +169,12 @@ class Encoder:
         }
 
     # -- images ---------------------------------------------------------------------------------
-    def decode(self, image: ImageLike):
-        """Decodes an input to RGB, at reduced JPEG scale when the model input is smaller."""
-        return load_image(image, draft_size_px=draft_size(self.image_spec))
+    def decode(self, image: ImageLike) -> np.ndarray:
+        """Decodes an input to HxWx3 uint8 RGB, at reduced JPEG scale when the model input is smaller."""
+        return decode_rgb(image, draft_size_px=draft_size(self.image_spec))
 
     def preprocess(self, image) -> np.ndarray:
-        """A decoded RGB PIL image -> HxWx3 uint8 pixels at the model's input size."""
+        """Decoded RGB pixels (an HxWx3 uint8 array or a PIL image) -> HxWx3 uint8 at the model's input size."""
         return resize_for_model(image, self.image_spec)
 
     def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:

@@ -20,7 +20,7 @@ import numpy as np
 from .encoders import Encoder, EncoderConfig
 from .errors import InvalidInputError, RarEdgeError
 from .memory import Memory
-from .preprocess import ImageLike, image_to_array, load_image
+from .preprocess import ImageLike, decode_rgb
 from .types import Candidate, Classification, Detection, Ranking
 
 if TYPE_CHECKING:
@@ -70,7 +70,8 @@ class Pipeline:
         memory: a `Memory` or the path of a saved one.
         encoder: an `Encoder` or a model folder; None uses the folder recorded in the memory.
         ranker: an object with ``rank(image, candidates) -> Ranking`` (e.g. `rar_edge.ranker.Ranker`),
-            a ranker model folder / GGUF path, or None for retrieval only.
+            a ranker model folder / GGUF path, or None for retrieval only. ``image`` is an HxWx3 uint8
+            RGB array: the decoded photo (classify) or the prepared box crop (detect).
         config: k, encoder settings, the confidence gate, crop settings.
 
     Raises:
@@ -265,8 +266,7 @@ class Pipeline:
         t_all = time.perf_counter()
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        img = load_image(image)
-        arr = image_to_array(img)
+        arr = decode_rgb(image)
         timings["decode"] = _ms(t0)
         t0 = time.perf_counter()
         valid, kept, reasons = validate_boxes(boxes, arr.shape[:2], on_invalid=on_invalid)
@@ -290,12 +290,9 @@ class Pipeline:
         n = max(len(valid), 1)
         shared = {s: v / n for s, v in timings.items()}
         out = []
-        from PIL import Image
-
         for i, retrieved in enumerate(retrieved_all):
             t = dict(shared)
-            crop_img = Image.fromarray(crops[i]) if self.ranker is not None else None
-            ranked, ran, fallback = self._rank(crop_img, retrieved, t)
+            ranked, ran, fallback = self._rank(crops[i], retrieved, t)
             t["total"] = sum(v for s, v in t.items() if s != "total")
             out.append(Detection(box=tuple(float(v) for v in valid[i]), label=ranked[0].label, score=ranked[0].score,
                                  candidates=ranked, retrieved=tuple(retrieved), ranker_ran=ran,

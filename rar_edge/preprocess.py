@@ -59,6 +59,25 @@ def _to_rgb(img: Image.Image, what: str) -> Image.Image:
         raise ImageDecodeError(f"cannot convert image {what} from mode {mode} to RGB: {e}") from e
 
 
+def _encoded_bytes(src: ImageLike) -> bytes:
+    """The encoded bytes of a path or bytes-like input."""
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return bytes(src)
+    if isinstance(src, (str, os.PathLike)):
+        p = Path(src)
+        try:
+            # One read, then decode from memory: Pillow's many small reads through a Python file object
+            # cost ~0.1 ms per photo.
+            return p.read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise ImageDecodeError(f"no such image file: {p}") from None
+        except OSError as e:
+            raise ImageDecodeError(f"cannot read image file {p}: {e}") from e
+    raise InvalidInputError(
+        f"unsupported image type {type(src).__name__}: pass a path, bytes, a PIL image or an HxWx3 uint8 array"
+    )
+
+
 def load_image(
     src: ImageLike,
     *,
@@ -87,31 +106,16 @@ def load_image(
         if src.width * src.height > max_pixels:
             raise ImageDecodeError(f"image {what} has {src.width}x{src.height} pixels, more than max_pixels={max_pixels}")
         return _to_rgb(src, what)
-    if isinstance(src, (bytes, bytearray, memoryview)):
-        fp: object = io.BytesIO(bytes(src))
-    elif isinstance(src, (str, os.PathLike)):
-        p = Path(src)
-        if not p.is_file():
-            raise ImageDecodeError(f"no such image file: {p}")
-        try:
-            # One read, then decode from memory: Pillow's many small reads through a Python file object
-            # cost ~0.1 ms per photo.
-            fp = io.BytesIO(p.read_bytes())
-        except OSError as e:
-            raise ImageDecodeError(f"cannot read image file {p}: {e}") from e
-    else:
-        raise InvalidInputError(
-            f"unsupported image type {type(src).__name__}: pass a path, bytes, a PIL image or an HxWx3 uint8 array"
-        )
+    return _pil_decode(_encoded_bytes(src), what, draft_size_px, max_pixels)
+
+
+def _pil_decode(data: bytes, what: str, draft_size_px: tuple[int, int] | None, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(fp)  # type: ignore[arg-type]
+            img = Image.open(io.BytesIO(data))
             if img.width * img.height > max_pixels:
-                raise ImageDecodeError(
-                    f"image {what} is {img.width}x{img.height} = {img.width * img.height} pixels, "
-                    f"more than max_pixels={max_pixels} (decompression-bomb guard)"
-                )
+                raise ImageDecodeError(_too_many_pixels(what, img.width, img.height, max_pixels))
             if draft_size_px is not None and img.format == "JPEG":
                 img.draft("RGB", (int(draft_size_px[0]), int(draft_size_px[1])))
             img.load()
@@ -124,6 +128,76 @@ def load_image(
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageDecodeError(f"image {what} is corrupt or truncated: {e}") from e
     return _to_rgb(img, what)
+
+
+def decode_rgb(
+    src: ImageLike,
+    *,
+    draft_size_px: tuple[int, int] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
+    """Like `load_image`, but returns a C-contiguous HxWx3 uint8 array, decoding JPEGs straight into it.
+
+    Baseline and progressive YCbCr or grayscale JPEGs go through libjpeg-turbo (simplejpeg) at the
+    same DCT scale `load_image` picks, giving the same pixels about a third faster and without
+    Pillow's header parsing or a copy out of the PIL image. Everything else, and any JPEG
+    libjpeg-turbo reports a problem with, takes the `load_image` path and its errors.
+    """
+    if isinstance(src, (np.ndarray, Image.Image)):
+        return image_to_array(load_image(src, max_pixels=max_pixels))
+    data, what = _encoded_bytes(src), _describe(src)
+    fast = _decode_jpeg_fast(data, draft_size_px, max_pixels, what)
+    return fast if fast is not None else image_to_array(_pil_decode(data, what, draft_size_px, max_pixels))
+
+
+def _too_many_pixels(what: str, width: int, height: int, max_pixels: int) -> str:
+    return (f"image {what} is {width}x{height} = {width * height} pixels, "
+            f"more than max_pixels={max_pixels} (decompression-bomb guard)")
+
+
+_SIMPLEJPEG: object = None  # the module once imported, False where it is not installed
+
+
+def _simplejpeg():
+    global _SIMPLEJPEG
+    if _SIMPLEJPEG is None:
+        try:
+            import simplejpeg
+
+            _SIMPLEJPEG = simplejpeg
+        except ImportError:  # pragma: no cover - a core dependency; Pillow decodes everything without it
+            _SIMPLEJPEG = False
+    return _SIMPLEJPEG or None
+
+
+def _jpeg_draft_scale(width: int, height: int, draft_size_px: tuple[int, int] | None) -> int:
+    """The DCT scale divisor (1, 2, 4 or 8) Pillow's JPEG draft mode picks for this request."""
+    if draft_size_px is None:
+        return 1
+    fit = min(width // max(int(draft_size_px[0]), 1), height // max(int(draft_size_px[1]), 1))
+    return next((s for s in (8, 4, 2) if fit >= s), 1)
+
+
+def _decode_jpeg_fast(data: bytes, draft_size_px: tuple[int, int] | None, max_pixels: int, what: str) -> np.ndarray | None:
+    sj = _simplejpeg()
+    if sj is None or data[:3] != b"\xff\xd8\xff":
+        return None
+    try:
+        height, width, colorspace, _ = sj.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    if colorspace not in ("YCbCr", "Gray"):  # CMYK/YCCK (Adobe inversion) and RGB JPEGs: Pillow's handling
+        return None
+    if width * height > max_pixels:
+        raise ImageDecodeError(_too_many_pixels(what, width, height, max_pixels))
+    s = _jpeg_draft_scale(width, height, draft_size_px)
+    h, w = -(-height // s), -(-width // s)
+    try:
+        # min_factor=s with min sizes of ceil(size/s) leaves exactly the scale 1/s (libjpeg-turbo also has M/8).
+        out = sj.decode_jpeg(data, colorspace="RGB", min_height=h, min_width=w, min_factor=s, strict=True)
+    except ValueError:
+        return None
+    return out if out.shape == (h, w, 3) and out.flags.c_contiguous else None
 
 
 def _array_to_image(a: np.ndarray) -> Image.Image:
@@ -167,7 +241,7 @@ def _model_region(width: int, height: int, spec: ImageSpec) -> tuple[float, floa
     return (x0, y0, x0 + cw, y0 + ch)
 
 
-def resize_for_model(img: Image.Image, spec: ImageSpec) -> np.ndarray:
+def resize_for_model(img: Image.Image | np.ndarray, spec: ImageSpec) -> np.ndarray:
     """Resizes (and centre-crops) as the spec says; returns an HxWx3 uint8 array of spec.size_px.
 
     One resampling pass over exactly the region the spec keeps (no resize-then-crop rounding).
@@ -175,15 +249,19 @@ def resize_for_model(img: Image.Image, spec: ImageSpec) -> np.ndarray:
     other filters use Pillow's own.
     """
     th, tw = spec.size_px
-    region = _model_region(img.width, img.height, spec)
+    pixels = img if isinstance(img, np.ndarray) else image_to_array(img)
+    if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
+        raise InvalidInputError(f"pixels must be HxWx3 uint8, got {pixels.shape} {pixels.dtype}")
+    height, width = pixels.shape[:2]
+    region = _model_region(width, height, spec)
     if spec.resample == "bilinear" and th == tw:
         from . import _native
 
         box = np.asarray([region], np.float64)
-        return _native.crop_blur(image_to_array(img), box, th, 1.0, False, 0.0, False, 0, 1)[0]
-    if region == (0.0, 0.0, float(img.width), float(img.height)) and img.size == (tw, th):
-        return image_to_array(img)
-    return image_to_array(img.resize((tw, th), _RESAMPLE[spec.resample], box=region))
+        return _native.crop_blur(np.ascontiguousarray(pixels), box, th, 1.0, False, 0.0, False, 0, 1)[0]
+    if region == (0.0, 0.0, float(width), float(height)) and (height, width) == (th, tw):
+        return np.ascontiguousarray(pixels)
+    return image_to_array(Image.fromarray(np.ascontiguousarray(pixels), "RGB").resize((tw, th), _RESAMPLE[spec.resample], box=region))
 
 
 def normalize(pixels: np.ndarray, spec: ImageSpec) -> np.ndarray:

@@ -160,7 +160,7 @@ class _ReverseRanker:
 
     def rank(self, image, candidates):
         self.calls += 1
-        assert isinstance(image, Image.Image)
+        assert isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
         labels = tuple(reversed(candidates))
         return Ranking(labels=labels, scores=tuple(np.linspace(0.5, 0.1, len(labels))))
 

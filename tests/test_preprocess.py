@@ -6,7 +6,7 @@ from PIL import Image
 
 from rar_edge.errors import ImageDecodeError, InvalidInputError
 from rar_edge.manifest import ImageSpec
-from rar_edge.preprocess import load_image, normalize, resize_for_model
+from rar_edge.preprocess import decode_rgb, load_image, normalize, resize_for_model
 
 
 def _jpeg_bytes(w=64, h=48, seed=0):
@@ -136,3 +136,70 @@ def test_native_bilinear_resize_matches_pillow(mode, crop, size):
     assert psnr >= 35, psnr
     via_pillow = resize_for_model(img, dataclasses.replace(spec, resample="bicubic"))
     assert via_pillow.shape == native.shape
+
+
+def _encode(arr, mode, **kw):
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode).save(buf, "JPEG", **kw)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("draft", [None, (32, 32), (100, 60), (224, 224), (2000, 2000)])
+def test_decode_rgb_gives_pillows_pixels_for_every_jpeg_kind(draft):
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, (333, 517, 3), dtype=np.uint8)
+    gray = rgb[..., 0].copy()
+    cmyk = np.concatenate([rgb, rgb[..., :1]], axis=2)
+    cases = [
+        _encode(rgb, "RGB", quality=90),
+        _encode(rgb, "RGB", quality=90, progressive=True),
+        _encode(rgb, "RGB", quality=90, subsampling=0),  # 4:4:4
+        _encode(gray, "L", quality=90),
+        _encode(cmyk, "CMYK", quality=90),  # not the libjpeg-turbo path: Pillow inverts Adobe CMYK
+    ]
+    for data in cases:
+        want = np.asarray(load_image(data, draft_size_px=draft))
+        got = decode_rgb(data, draft_size_px=draft)
+        assert got.dtype == np.uint8 and got.flags.c_contiguous
+        np.testing.assert_array_equal(got, want)
+
+
+def test_decode_rgb_takes_the_libjpeg_turbo_path_for_ordinary_jpegs(monkeypatch):
+    data = _jpeg_bytes(1000, 800)
+    seen = []
+    import rar_edge.preprocess as pre
+
+    real = pre._decode_jpeg_fast
+    monkeypatch.setattr(pre, "_decode_jpeg_fast", lambda *a: seen.append(real(*a)) or seen[-1])
+    out = decode_rgb(data, draft_size_px=(224, 224))
+    assert seen[0] is not None and out.shape == (400, 500, 3)  # scale 1/2, as Pillow's draft picks
+
+
+def test_decode_rgb_errors_match_load_image(tmp_path):
+    with pytest.raises(ImageDecodeError, match="not an image"):
+        decode_rgb(b"this is not an image at all")
+    data = _jpeg_bytes(256, 256)
+    with pytest.raises(ImageDecodeError, match="corrupt or truncated"):
+        decode_rgb(data[: len(data) // 2])
+    with pytest.raises(ImageDecodeError, match="no such image file"):
+        decode_rgb(tmp_path / "missing.jpg")
+    with pytest.raises(ImageDecodeError, match="no such image file"):
+        decode_rgb(tmp_path)
+    with pytest.raises(InvalidInputError, match="unsupported image type"):
+        decode_rgb(12345)  # type: ignore[arg-type]
+    with pytest.raises(ImageDecodeError, match="decompression-bomb"):
+        decode_rgb(_jpeg_bytes(1200, 1000), max_pixels=1_000_000)
+    p = tmp_path / "a.jpg"
+    p.write_bytes(data)
+    np.testing.assert_array_equal(decode_rgb(p), decode_rgb(data))
+    np.testing.assert_array_equal(decode_rgb(Image.open(p)), np.asarray(load_image(p)))
+    np.testing.assert_array_equal(decode_rgb(np.asarray(load_image(p))), np.asarray(load_image(p)))
+
+
+def test_resize_for_model_takes_arrays_and_pil_images_alike():
+    a = np.random.default_rng(2).integers(0, 256, (250, 318, 3), dtype=np.uint8)
+    for spec in (ImageSpec(size_px=(224, 224), resample="bilinear", resize_mode="squash", crop_mode="none"),
+                 ImageSpec(size_px=(224, 224), resample="bicubic")):
+        np.testing.assert_array_equal(resize_for_model(a, spec), resize_for_model(Image.fromarray(a), spec))
+    with pytest.raises(InvalidInputError, match="HxWx3 uint8"):
+        resize_for_model(a.astype(np.float32), ImageSpec(size_px=(224, 224)))
