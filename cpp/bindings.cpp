@@ -126,6 +126,31 @@ std::tuple<py::array_t<int32_t>, py::array_t<float>> topk_classes(py::array vect
   return {out_c, out_s};
 }
 
+template <class T>
+std::tuple<py::array_t<float>, bool> unit_rows_as(const py::array& x, float zero_point) {
+  const auto n = static_cast<std::size_t>(x.shape(0)), d = static_cast<std::size_t>(x.shape(1));
+  py::array_t<float> out({x.shape(0), x.shape(1)});
+  const T* src = static_cast<const T*>(x.data());
+  float* dst = out.mutable_data();
+  bool finite;
+  {
+    py::gil_scoped_release release;
+    finite = rar::unit_rows(src, n, d, zero_point, dst);
+  }
+  return {out, finite};
+}
+
+std::tuple<py::array_t<float>, bool> unit_rows(py::array x, double zero_point) {
+  if (x.ndim() != 2) throw py::value_error("x must be (N, d), got shape " + shape_str(x));
+  require_c_contiguous(x, "x");
+  if (!std::isfinite(zero_point)) throw py::value_error("zero_point must be finite");
+  const auto zp = static_cast<float>(zero_point);
+  if (is_dtype<float>(x)) return unit_rows_as<float>(x, zp);
+  if (is_dtype<uint8_t>(x)) return unit_rows_as<uint8_t>(x, zp);
+  if (is_dtype<int8_t>(x)) return unit_rows_as<int8_t>(x, zp);
+  throw py::type_error("x must be float32, uint8 or int8, not " + dtype_str(x));
+}
+
 py::array_t<uint8_t> crop_blur(py::array image, py::array boxes, int out_size, double crop_scale, bool adaptive, double sigma,
                     bool letterbox, int pad_value, int threads) {
   if (!is_dtype<uint8_t>(image)) throw py::type_error("image must be uint8, not " + dtype_str(image));
@@ -215,6 +240,10 @@ PYBIND11_MODULE(_native, m) {
         py::arg("adaptive"), py::arg("sigma"), py::arg("letterbox"), py::arg("pad_value"), py::arg("threads") = 1,
         "Crop (enlarged), blur around and resize every box of one image: (N, S, S, 3) uint8.\n\n"
         "image: (H, W, 3) uint8 C-contiguous; boxes: (N, 4) float64 x1, y1, x2, y2 in pixels.");
+  m.def("unit_rows", &unit_rows, py::arg("x"), py::arg("zero_point") = 0.0,
+        "Rows minus zero_point, scaled to unit L2 length (zero rows stay zero): ((N, d) float32, all_finite).\n\n"
+        "x: (N, d) float32, uint8 or int8, C-contiguous. A row holding NaN or inf comes back all NaN, and "
+        "all_finite is then False.");
   m.def("build_info", &build_info, "What was compiled and which kernel family the CPU dispatch picked.");
   m.def(
       "_set_simd",

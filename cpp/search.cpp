@@ -664,4 +664,31 @@ void topk_classes(const VectorView& v, const int32_t* labels, int32_t n_classes,
   }
 }
 
+template <class T>
+bool unit_rows(const T* x, std::size_t n, std::size_t dim, float zero_point, float* out) {
+  bool all_finite = true;
+  for (std::size_t i = 0; i < n; ++i) {
+    const T* src = x + i * dim;
+    float* dst = out + i * dim;
+    double ss = 0.0;
+    for (std::size_t j = 0; j < dim; ++j) {
+      const float v = static_cast<float>(src[j]) - zero_point;
+      dst[j] = v;
+      ss += static_cast<double>(v) * v;
+    }
+    if (!std::isfinite(ss)) {  // a NaN or inf value (a float32 sum of squares cannot overflow a double)
+      std::fill(dst, dst + dim, std::numeric_limits<float>::quiet_NaN());
+      all_finite = false;
+    } else if (ss > 0.0) {
+      const float inv = static_cast<float>(1.0 / std::sqrt(ss));
+      for (std::size_t j = 0; j < dim; ++j) dst[j] *= inv;
+    }
+  }
+  return all_finite;
+}
+
+template bool unit_rows<uint8_t>(const uint8_t*, std::size_t, std::size_t, float, float*);
+template bool unit_rows<int8_t>(const int8_t*, std::size_t, std::size_t, float, float*);
+template bool unit_rows<float>(const float*, std::size_t, std::size_t, float, float*);
+
 }  // namespace rar

@@ -28,6 +28,12 @@ struct VectorView {
 void topk_classes(const VectorView& vectors, const int32_t* labels, int32_t n_classes, const float* queries,
                   std::size_t n_queries, int k, int threads, int32_t* out_classes, float* out_scores);
 
+// Rows (n x dim, C-contiguous) minus zero_point, scaled to unit L2 length, into out (float32, n x dim);
+// the norm is summed in double. Rows of zeros stay zero; rows holding a NaN or inf become all NaN, and
+// the return value is then false. T: uint8_t, int8_t or float.
+template <class T>
+bool unit_rows(const T* x, std::size_t n, std::size_t dim, float zero_point, float* out);
+
 // Exact binary16 -> float (software; used where F16C is absent).
 float half_to_float(uint16_t h);
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['ADAPTIVE_MAX_SCALE', 'ADAPTIVE_MIN_SCALE', 'ADAPTIVE_TARGET_AREA', 'MAX_CROP_SCALE', 'MAX_OUT_SIZE', 'MAX_SIGMA', 'build_info', 'crop_blur', 'topk_classes']
+__all__: list[str] = ['ADAPTIVE_MAX_SCALE', 'ADAPTIVE_MIN_SCALE', 'ADAPTIVE_TARGET_AREA', 'MAX_CROP_SCALE', 'MAX_OUT_SIZE', 'MAX_SIGMA', 'build_info', 'crop_blur', 'topk_classes', 'unit_rows']
 def _set_simd(name: str) -> str:
     """
     Testing hook: force a kernel family ('scalar', 'avx2', 'avx512', 'neon').
@@ -29,6 +29,12 @@ def topk_classes(vectors: numpy.ndarray, labels: numpy.ndarray, n_classes: typin
     in float32, giving the float32 result);
     labels: (N,) int32 in [0, n_classes); queries: (Q, d) float32. Returns (classes int32 (Q, k),
     scores float32 (Q, k)); class score = best inner product among its rows; -1 / -inf pad.
+    """
+def unit_rows(x: numpy.ndarray, zero_point: typing.SupportsFloat | typing.SupportsIndex = 0.0) -> tuple[numpy.typing.NDArray[numpy.float32], bool]:
+    """
+    Rows minus zero_point, scaled to unit L2 length (zero rows stay zero): ((N, d) float32, all_finite).
+    
+    x: (N, d) float32, uint8 or int8, C-contiguous. A row holding NaN or inf comes back all NaN, and all_finite is then False.
     """
 ADAPTIVE_MAX_SCALE: float = 3.0
 ADAPTIVE_MIN_SCALE: float = 1.25

@@ -16,6 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
+from . import _native
 from .errors import InvalidInputError, ManifestError, MissingDependencyError
 from .manifest import Manifest, load_manifest
 from .preprocess import ImageLike, decode_rgb, draft_size, normalize, resize_for_model
@@ -196,13 +197,17 @@ class Encoder:
             outs.append(np.asarray(y).reshape(len(x), -1))
         if not outs:
             return np.zeros((0, self.dim), np.float32)
-        emb = np.concatenate(outs).astype(np.float32)
+        raw = outs[0] if len(outs) == 1 else np.concatenate(outs)
+        if raw.shape[1] != self.dim:
+            raise ManifestError(f"model output has {raw.shape[1]} values, manifest says embedding_dim={self.dim}")
+        zero_point = 0.0
         deq = self.image_spec.output_dequantize
-        if deq is not None and np.issubdtype(outs[0].dtype, np.integer):
-            emb = (emb - np.float32(deq[1])) * np.float32(deq[0])
-        if emb.shape[1] != self.dim:
-            raise ManifestError(f"model output has {emb.shape[1]} values, manifest says embedding_dim={self.dim}")
-        return l2_normalize(emb)
+        if deq is not None and np.issubdtype(raw.dtype, np.integer):
+            # (q - zero_point) * scale, then unit length: a positive scale cancels.
+            if not deq[0] > 0:
+                raise ManifestError(f"output_dequantize scale must be > 0, got {deq[0]}")
+            zero_point = deq[1]
+        return l2_normalize(raw, zero_point)
 
     def embed_images(self, images: Sequence[ImageLike]) -> np.ndarray:
         """Decodes, preprocesses and embeds images: (N, dim) float32, L2-normalised."""
@@ -271,8 +276,14 @@ class Encoder:
         return l2_normalize(emb)
 
 
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (zero rows stay zero)."""
-    x = np.asarray(x, dtype=np.float32)
-    n = np.linalg.norm(x, axis=-1, keepdims=True)
-    return (x / np.maximum(n, np.float32(1e-12))).astype(np.float32)
+def l2_normalize(x: np.ndarray, zero_point: float = 0.0) -> np.ndarray:
+    """Rows minus zero_point, scaled to unit length (zero rows stay zero) in one native pass: float32.
+
+    Rows holding NaN or inf come back all NaN, so Memory.add and Memory.search refuse them.
+    """
+    x = np.asarray(x)
+    if x.dtype not in (np.float32, np.uint8, np.int8):
+        x = x.astype(np.float32)
+    shape = x.shape
+    rows, _ = _native.unit_rows(np.ascontiguousarray(x.reshape(-1, shape[-1]) if x.ndim != 2 else x), float(zero_point))
+    return rows.reshape(shape)

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
+from . import _native
 from ._lookup import DEFAULT_STORAGE, STORAGES, VectorStore
 from .errors import (
     CorruptFileError,
@@ -405,9 +406,9 @@ class Memory:
             q = q[None, :]
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise InvalidInputError(f"queries must be (Q, {self.dim}), got {np.shape(queries)}")
-        if not np.all(np.isfinite(q)):
+        q, finite = _native.unit_rows(np.ascontiguousarray(q))
+        if not finite:
             raise InvalidInputError("queries contain NaN or inf")
-        q = np.ascontiguousarray(q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12))
         if self.active_backend == "hnsw":
             classes, scores = self._search_hnsw(q, int(k))
         else:

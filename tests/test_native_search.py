@@ -295,3 +295,32 @@ def test_stub_matches_the_module():
             runtime_funcs[name] = re.findall(r"(\w+)\s*:", inner)
     assert stub_funcs == runtime_funcs, "regenerate: pybind11-stubgen rar_edge._native -o <dir>"
     assert stub_consts == {n for n in dir(_native) if n.isupper()}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.uint8, np.int8])
+def test_unit_rows_matches_numpy(dtype):
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((7, 1024)) * 50).clip(-128, 127).astype(dtype)
+    x[2] = 5 if dtype != np.int8 else 0  # a constant row: zero after the zero point below for uint8/float32
+    zp = 5.0 if dtype != np.int8 else 0.0
+    got, finite = _native.unit_rows(x, zp)
+    ref = x.astype(np.float64) - zp
+    norms = np.linalg.norm(ref, axis=1, keepdims=True)
+    ref = np.where(norms > 0, ref / np.where(norms > 0, norms, 1), 0)
+    assert finite and got.dtype == np.float32 and got.shape == x.shape
+    np.testing.assert_allclose(got, ref, rtol=0, atol=2e-7)
+    assert np.all(got[2] == 0)
+
+
+def test_unit_rows_flags_nan_and_inf_rows_and_refuses_bad_input():
+    x = np.ones((3, 4), np.float32)
+    x[1, 2] = np.nan
+    x[2, 0] = np.inf
+    got, finite = _native.unit_rows(x)
+    assert not finite and np.all(np.isnan(got[1:])) and np.allclose(got[0], 0.5)
+    with pytest.raises(TypeError, match="float32, uint8 or int8"):
+        _native.unit_rows(np.ones((2, 2), np.float64))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _native.unit_rows(np.ones((4, 4), np.float32)[:, ::2])
+    with pytest.raises(ValueError, match=r"\(N, d\)"):
+        _native.unit_rows(np.ones(4, np.float32))
