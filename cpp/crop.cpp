@@ -255,24 +255,21 @@ RAR_FORCE_INLINE void px_store(Px a, float* d) { std::memcpy(d, a.v, 4 * sizeof(
 RAR_FORCE_INLINE void px_store(Px a, uint8_t* d) { to_u8(a.v, d, 3); }
 #endif
 
-// Vertical resize: dst row y = sum of weighted source rows; len elements per row.
+// Vertical resize of one output row y: d = sum of weighted source rows; len elements, then kPad zeros.
 template <class TIn>
-RAR_FORCE_INLINE void vresize(const TIn* src, std::size_t sstride, int len, const Coeffs& cy, float* dst,
-                              std::size_t dstride) {
-  for (int y = 0; y < cy.out; ++y) {
-    const float* w = &cy.w[static_cast<std::size_t>(y) * cy.taps];
-    const int s = cy.start[static_cast<std::size_t>(y)], n = cy.count[static_cast<std::size_t>(y)];
-    float* __restrict d = dst + static_cast<std::size_t>(y) * dstride;
-    const TIn* __restrict r0 = src + static_cast<std::size_t>(s) * sstride;
-    const float w0 = w[0];
-    for (int i = 0; i < len; ++i) d[i] = w0 * static_cast<float>(r0[i]);
-    for (int t = 1; t < n; ++t) {
-      const TIn* __restrict r = src + static_cast<std::size_t>(s + t) * sstride;
-      const float wt = w[t];
-      for (int i = 0; i < len; ++i) d[i] += wt * static_cast<float>(r[i]);
-    }
-    for (std::size_t i = 0; i < kPad; ++i) d[len + i] = 0.f;
+RAR_FORCE_INLINE void vresize_row(const TIn* src, std::size_t sstride, int len, const Coeffs& cy, int y,
+                                  float* __restrict d) {
+  const float* w = &cy.w[static_cast<std::size_t>(y) * cy.taps];
+  const int s = cy.start[static_cast<std::size_t>(y)], n = cy.count[static_cast<std::size_t>(y)];
+  const TIn* __restrict r0 = src + static_cast<std::size_t>(s) * sstride;
+  const float w0 = w[0];
+  for (int i = 0; i < len; ++i) d[i] = w0 * static_cast<float>(r0[i]);
+  for (int t = 1; t < n; ++t) {
+    const TIn* __restrict r = src + static_cast<std::size_t>(s + t) * sstride;
+    const float wt = w[t];
+    for (int i = 0; i < len; ++i) d[i] += wt * static_cast<float>(r[i]);
   }
+  for (std::size_t i = 0; i < kPad; ++i) d[len + i] = 0.f;
 }
 
 template <int T, class TOut>
@@ -548,9 +545,12 @@ RAR_FORCE_INLINE void resize(const Plan& p, const TIn* src, std::size_t sstride,
                              float* r1, float* r2, float* tmp) {
   const std::size_t cstride = static_cast<std::size_t>(p.cw) * 3 + kPad;
   const std::size_t nstride = static_cast<std::size_t>(p.nw) * 3 + kPad;
-  if (!p.h_first) {
-    vresize(src, sstride, p.cw * 3, p.cy, r1, cstride);
-    hresize(r1, cstride, p.nh, p.cx, dst, dstride);
+  if (!p.h_first) {  // row by row: each vertically resized row is resized horizontally while in L1
+    (void)r1;
+    for (int y = 0; y < p.nh; ++y) {
+      vresize_row(src, sstride, p.cw * 3, p.cy, y, tmp);
+      hresize(tmp, cstride, 1, p.cx, dst + static_cast<std::size_t>(y) * dstride, dstride);
+    }
     return;
   }
   const float* fsrc;
@@ -735,7 +735,7 @@ void plan_box(const double* box, int h, int w, const CropParams& prm, Plan* p, S
   const std::size_t nstride = static_cast<std::size_t>(p->nw) * 3 + kPad;
   const std::size_t crop_f = static_cast<std::size_t>(p->ch) * cstride;   // the crop as floats
   const std::size_t out_f = static_cast<std::size_t>(p->nh) * nstride;    // the resized content
-  const std::size_t r1 = p->h_first ? crop_f : static_cast<std::size_t>(p->nh) * cstride;  // resize pass 1
+  const std::size_t r1 = p->h_first ? crop_f : 0;  // resize pass 1 (vertical first goes row by row in tmp)
   const std::size_t r2 = p->h_first ? static_cast<std::size_t>(p->ch) * nstride : 0;       // resize pass 2
   const bool blur = prm.sigma > 0.0;
   const bool first = static_cast<long long>(p->cw) * p->ch > static_cast<long long>(p->nw) * p->nh;
@@ -750,7 +750,7 @@ void plan_box(const double* box, int h, int w, const CropParams& prm, Plan* p, S
     ensure(&s->d, out_f);
     ensure(&s->e, out_f);
   } else {  // blur then resize
-    ensure(&s->a, std::max(crop_f, p->h_first ? 0 : r1));
+    ensure(&s->a, crop_f);
     ensure(&s->b, crop_f);
     ensure(&s->c, r2);
     ensure(&s->d, crop_f);
