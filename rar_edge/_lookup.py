@@ -27,6 +27,10 @@ from .errors import InvalidInputError
 
 STORAGES = ("float32", "float16", "int8", "int8_rerank")
 DEFAULT_STORAGE = "int8_rerank"
+#: Below this many rows "int8_rerank" scans the float32 rows directly (its result is the float32 search's
+#: anyway): the int8 pass and the rescoring cost more than they save. d=1024, one query, 1 thread: 64 rows
+#: 6.7 us float32 vs 8.6 us int8_rerank, 256 rows 18.4 vs 13.1 (d=512: 4.7 vs 6.0, 11.6 vs 8.7).
+RERANK_MIN_ROWS = 128
 
 
 def quantize_int8(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -71,9 +75,12 @@ class VectorStore:
         elif storage == "float16":
             self._v = np.ascontiguousarray(v.astype(np.float16))
         else:
-            self._v, self._scales = quantize_int8(v)
-            if storage == "int8_rerank":
-                self._rerank = v
+            if storage == "int8_rerank" and v.shape[0] < RERANK_MIN_ROWS:
+                self._v = v
+            else:
+                self._v, self._scales = quantize_int8(v)
+                if storage == "int8_rerank":
+                    self._rerank = v
 
     @property
     def n(self) -> int:

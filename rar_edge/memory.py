@@ -415,9 +415,10 @@ class Memory:
             if self._store is None:
                 self._store = VectorStore(self._vectors, storage=self.storage)
             classes, scores = self._store.topk_classes(self._labels, len(self._classes), q, int(k))
+        names = self._classes
         return [
-            [Candidate(self._classes[int(c)], float(s)) for c, s in zip(crow, srow) if c >= 0]
-            for crow, srow in zip(classes, scores)
+            [Candidate(names[c], s) for c, s in zip(crow, srow) if c >= 0]
+            for crow, srow in zip(classes.tolist(), scores.tolist())
         ]
 
     def _hnsw_index(self):

@@ -15,6 +15,7 @@ from typing import Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from . import _native
 from .errors import ImageDecodeError, InvalidInputError
 from .manifest import ImageSpec
 
@@ -264,8 +265,6 @@ def resize_for_model(img: Image.Image | np.ndarray, spec: ImageSpec) -> np.ndarr
     height, width = pixels.shape[:2]
     region = _model_region(width, height, spec)
     if spec.resample == "bilinear" and th == tw:
-        from . import _native
-
         box = np.asarray([region], np.float64)
         return _native.crop_blur(np.ascontiguousarray(pixels), box, th, 1.0, False, 0.0, False, 0, 1)[0]
     if region == (0.0, 0.0, float(width), float(height)) and (height, width) == (th, tw):
