@@ -88,6 +88,14 @@ def storage_tolerance(storage: str, vectors: np.ndarray, queries: np.ndarray) ->
     return base
 
 
+@pytest.fixture(autouse=True)
+def _int8_rerank_at_every_size(monkeypatch):
+    """These tests check the native kernels: int8_rerank takes its int8 path even for tiny memories."""
+    import rar_edge._lookup as lookup
+
+    monkeypatch.setattr(lookup, "RERANK_MIN_ROWS", 0)
+
+
 def check_against_reference(store_storage: str, vectors, labels, n_classes, queries, k, threads=1):
     store = VectorStore(vectors, storage=store_storage)
     classes, scores = store.topk_classes(labels, n_classes, queries, k, threads=threads)
@@ -324,3 +332,17 @@ def test_unit_rows_flags_nan_and_inf_rows_and_refuses_bad_input():
         _native.unit_rows(np.ones((4, 4), np.float32)[:, ::2])
     with pytest.raises(ValueError, match=r"\(N, d\)"):
         _native.unit_rows(np.ones(4, np.float32))
+
+
+def test_small_memories_scan_float32_with_the_same_result(monkeypatch):
+    import rar_edge._lookup as lookup
+
+    v, labels, q = clustered(100, 20, 64, n_queries=5, seed=9)
+    monkeypatch.setattr(lookup, "RERANK_MIN_ROWS", 128)
+    small = VectorStore(v, storage="int8_rerank")
+    assert small._scales is None and small._v.dtype == np.float32  # the shortcut is taken below 128 rows
+    monkeypatch.setattr(lookup, "RERANK_MIN_ROWS", 0)
+    forced = VectorStore(v, storage="int8_rerank")
+    assert forced._v.dtype == np.int8
+    for a, b in zip(small.topk_classes(labels, 20, q, 5), forced.topk_classes(labels, 20, q, 5)):
+        np.testing.assert_array_equal(a, b)
