@@ -231,3 +231,23 @@ def test_detect_is_timed_when_boxes_are_given(mobilenet_onnx, flowers, tmp_path)
     assert d["boxes_per_s"] > 0 and 0.0 <= d["overhead"]["overhead_share"] <= 1.0
     for name in res["files"]["plots"]:
         _check_png(tmp_path / "b" / name)
+
+
+def test_decode_benchmark_compares_with_pillow_and_opencv(tmp_path):
+    """benchmarks/decode.py on a few photos: every peer timed, and the native resize matches Pillow's."""
+    pytest.importorskip("cv2")
+    import os
+    import subprocess
+    import sys
+
+    from conftest import shared_file
+
+    shared = shared_file("data/flowers17").parents[1]
+    out = tmp_path / "decode.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "decode.py"
+    subprocess.run([sys.executable, str(script), "--limit", "6", "--repeats", "1", "--json", str(out)],
+                   check=True, capture_output=True, env={**os.environ, "RAR_EDGE_SHARED": str(shared)})
+    res = json.loads(out.read_text())
+    assert set(res["per_photo_ms"]) == {"rar_edge", "pillow_draft", "pillow", "opencv"}
+    assert all(v > 0 for v in res["per_photo_ms"].values()) and res["photos"] == 6
+    assert res["psnr_rar_edge_vs_pillow_draft"]["psnr_db_min"] > 40  # same decode, resize within rounding
