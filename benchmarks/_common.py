@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -16,6 +17,15 @@ def shared_dir() -> Path:
     """The read-only ../shared folder beside the checkout (env RAR_EDGE_SHARED overrides)."""
     default = Path(__file__).resolve().parents[1].parent / "shared"
     return Path(os.environ.get("RAR_EDGE_SHARED", default))
+
+
+def photo_bench_args(doc: str | None) -> argparse.Namespace:
+    """--json, --limit and --repeats: the options of the scripts that time a pass over shared photos."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--limit", type=int, default=None, help="first N photos only")
+    ap.add_argument("--repeats", type=int, default=5)
+    return ap.parse_args()
 
 
 def median_ms(fn: Callable[[], object], *, repeats: int, warmup: int = 1) -> float:

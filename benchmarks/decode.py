@@ -19,7 +19,6 @@ photo: what decoding at reduced DCT scale costs in fidelity.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -27,17 +26,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import interleaved_median_ms, shared_dir, write_json  # noqa: E402
+from _common import interleaved_median_ms, photo_bench_args, shared_dir, write_json  # noqa: E402
 
 SIZE = 224
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--json", help="write the results here")
-    ap.add_argument("--limit", type=int, default=None, help="first N photos only")
-    ap.add_argument("--repeats", type=int, default=5)
-    args = ap.parse_args()
+    args = photo_bench_args(__doc__)
 
     import cv2
     from PIL import Image

@@ -14,7 +14,6 @@ PSNR compares the native output with the Pillow output box by box.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import interleaved_median_ms, shared_dir, write_json  # noqa: E402
+from _common import interleaved_median_ms, photo_bench_args, shared_dir, write_json  # noqa: E402
 
 
 def load_coco128(limit: int | None) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -55,11 +54,7 @@ def geometry(box: np.ndarray, h: int, w: int, scale: float) -> tuple[tuple[int, 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--json", help="write the results here")
-    ap.add_argument("--limit", type=int, default=None, help="first N photos only")
-    ap.add_argument("--repeats", type=int, default=5)
-    args = ap.parse_args()
+    args = photo_bench_args(__doc__)
 
     import cv2
     from PIL import Image, ImageFilter
