@@ -216,7 +216,11 @@ def _export_parser(sub) -> None:
     try:
         from rar_edge_export import add_export_subcommands
     except ImportError as e:  # the runtime can be installed without the export tools
-        p.set_defaults(func=lambda a: _fail(f"export tools unavailable ({e}); pip install 'rar-edge[export]'"))
+        msg = f"export tools unavailable ({e}); pip install 'rar-edge[export]'"  # `e` is gone after except
+        for name in ("clip", "tflite", "mllm"):  # each subcommand answers with the install hint
+            sp = esub.add_parser(name, help="needs the 'export' extras")
+            sp.add_argument("args", nargs=argparse.REMAINDER)
+            sp.set_defaults(func=lambda a: _fail(msg))
         return
     add_export_subcommands(esub)
 

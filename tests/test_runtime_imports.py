@@ -17,3 +17,16 @@ def test_runtime_modules_import_no_export_stack():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == ""
+
+
+def test_export_without_the_export_tools_names_the_extra():
+    """A runtime-only install: `rar-edge export clip ...` says which extra to install (exit 2)."""
+    code = (
+        "import sys\n"
+        "sys.modules['rar_edge_export'] = None  # as if the export package were not installed\n"
+        "from rar_edge.cli import main\n"
+        "sys.exit(main(['export', 'clip', 'some/model', '-o', 'out']))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "pip install 'rar-edge[export]'" in out.stderr and "Traceback" not in out.stderr
