@@ -27,7 +27,7 @@ import os
 import tempfile
 import time
 import zipfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
@@ -486,8 +486,7 @@ class Memory:
             "next_id": self._next_id,
             "backend": self.backend,
             "storage": self.storage,
-            "hnsw": {"M": self.hnsw_params.M, "ef_construction": self.hnsw_params.ef_construction,
-                     "ef": self.hnsw_params.ef},
+            "hnsw": asdict(self.hnsw_params),
             "encoder": None if self.encoder is None else {
                 "name": self.encoder.name, "path": self.encoder.path,
                 "fingerprint": self.encoder.fingerprint, "embedding_dim": self.encoder.embedding_dim},
@@ -632,8 +631,7 @@ class Memory:
             "backend": self.backend,
             "active_backend": self.active_backend,
             "storage": self.storage,
-            "hnsw": {"M": self.hnsw_params.M, "ef_construction": self.hnsw_params.ef_construction,
-                     "ef": self.hnsw_params.ef},
+            "hnsw": asdict(self.hnsw_params),
             "encoder": None if self.encoder is None else {
                 "name": self.encoder.name, "path": self.encoder.path, "fingerprint": self.encoder.fingerprint},
             "entries_per_class": counts,

@@ -6,7 +6,6 @@ Every stage is timed; results carry both the retrieval order and the final ranki
 from __future__ import annotations
 
 import logging
-import math
 import os
 import threading
 import time
@@ -18,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from .encoders import Encoder, EncoderConfig
-from .errors import InvalidInputError, RarEdgeError
+from .errors import InvalidInputError
 from .memory import Memory
 from .preprocess import ImageLike, decode_rgb
 from .types import Candidate, Classification, Detection, Ranking

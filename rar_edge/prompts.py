@@ -21,7 +21,7 @@ manifest or a fine-tuned model that names ``"rar-rank-v1"`` keeps meaning the sa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 from .errors import InvalidInputError, RankerError
 
