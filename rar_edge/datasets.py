@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DatasetError
+from .preprocess import upright_size
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -125,7 +126,7 @@ def read_yolo_dataset(folder: str | os.PathLike) -> tuple[list[str], list[BoxIma
     out: list[BoxImage] = []
     for ip in sorted(p for p in img_dir.iterdir() if _is_image(p)):
         with Image.open(ip) as im:
-            w, h = im.size
+            w, h = upright_size(im)  # YOLO labels are normalised to the upright image (EXIF orientation applied)
         lp = lab_dir / (ip.stem + ".txt")
         boxes, labels = [], []
         if lp.is_file():

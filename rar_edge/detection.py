@@ -20,7 +20,7 @@ from .encoders import Encoder
 from .errors import DatasetError, InvalidInputError
 from .memory import HnswParams, Memory
 from .pipeline import Pipeline, PipelineConfig
-from .preprocess import decode_rgb, load_image
+from .preprocess import decode_rgb, load_image, upright_size
 
 log = logging.getLogger("rar_edge")
 
@@ -43,7 +43,7 @@ def read_boxes_file(path: str | os.PathLike, *, image: Any = None) -> np.ndarray
         from PIL import Image
 
         with Image.open(image) if isinstance(image, (str, os.PathLike)) else load_image(image) as im:
-            w, h = im.size
+            w, h = upright_size(im)  # the frame detect() decodes into (EXIF orientation applied)
         rows = []
         for n, line in enumerate(text.splitlines(), 1):
             parts = line.split()

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import warnings
 from pathlib import Path
 from typing import Union
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import _native
 from .errors import ImageDecodeError, InvalidInputError
@@ -103,7 +104,8 @@ def load_image(
         max_pixels: refuse images larger than this (decompression-bomb guard).
 
     Returns:
-        An RGB image (grayscale, palette, RGBA and 16-bit inputs are converted).
+        An RGB image (grayscale, palette, RGBA and 16-bit inputs are converted), upright: an EXIF
+        Orientation tag (phone photos) is applied, as OpenCV's imread and Hugging Face's load_image do.
 
     Raises:
         ImageDecodeError: missing file, corrupt/truncated data, unsupported format, or too many pixels.
@@ -115,8 +117,36 @@ def load_image(
     if isinstance(src, Image.Image):
         if src.width * src.height > max_pixels:
             raise ImageDecodeError(f"image {what} has {src.width}x{src.height} pixels, more than max_pixels={max_pixels}")
-        return _to_rgb(src, what)
+        return _to_rgb(_upright(src, what), what)
     return _pil_decode(_encoded_bytes(src), what, draft_size_px, max_pixels)
+
+
+#: EXIF orientations (2-8) that swap width and height.
+_TRANSPOSING = (5, 6, 7, 8)
+
+
+def _exif_orientation_of(img: Image.Image) -> int:
+    try:
+        v = img.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - a malformed EXIF block is ignored, as Pillow's exif_transpose does
+        return 1
+    return v if isinstance(v, int) and 1 <= v <= 8 else 1
+
+
+def upright_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) of an opened image once its EXIF orientation is applied (as decoding gives it)."""
+    w, h = img.size
+    return (h, w) if _exif_orientation_of(img) in _TRANSPOSING else (w, h)
+
+
+def _upright(img: Image.Image, what: str) -> Image.Image:
+    """The image turned as its EXIF Orientation tag says (the tag is then dropped); unchanged without one."""
+    if _exif_orientation_of(img) == 1:
+        return img
+    try:
+        return ImageOps.exif_transpose(img)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ImageDecodeError(f"image {what} is corrupt or truncated: {e}") from e
 
 
 def _pil_decode(data: bytes, what: str, draft_size_px: tuple[int, int] | None, max_pixels: int) -> Image.Image:
@@ -127,8 +157,10 @@ def _pil_decode(data: bytes, what: str, draft_size_px: tuple[int, int] | None, m
             if img.width * img.height > max_pixels:
                 raise ImageDecodeError(_too_many_pixels(what, img.width, img.height, max_pixels))
             if draft_size_px is not None and img.format == "JPEG":
-                img.draft("RGB", (int(draft_size_px[0]), int(draft_size_px[1])))
+                dw, dh = int(draft_size_px[0]), int(draft_size_px[1])
+                img.draft("RGB", (dh, dw) if _exif_orientation_of(img) in _TRANSPOSING else (dw, dh))
             img.load()
+            img = _upright(img, what)
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -151,7 +183,8 @@ def decode_rgb(
     Baseline and progressive YCbCr or grayscale JPEGs go through libjpeg-turbo (simplejpeg) at the
     same DCT scale `load_image` picks, giving the same pixels about a third faster and without
     Pillow's header parsing or a copy out of the PIL image. Everything else, and any JPEG
-    libjpeg-turbo reports a problem with, takes the `load_image` path and its errors.
+    libjpeg-turbo reports a problem with, takes the `load_image` path and its errors. Either way an
+    EXIF Orientation tag is applied: the pixels come back upright.
     """
     if isinstance(src, (np.ndarray, Image.Image)):
         return image_to_array(load_image(src, max_pixels=max_pixels))
@@ -190,16 +223,17 @@ def _jpeg_draft_scale(width: int, height: int, draft_size_px: tuple[int, int] | 
 
 def _decode_jpeg_fast(data: bytes, draft_size_px: tuple[int, int] | None, max_pixels: int, what: str) -> np.ndarray | None:
     sj = _simplejpeg()
-    if sj is None or data[:3] != b"\xff\xd8\xff":
+    if sj is None:
         return None
-    try:
-        height, width, colorspace, _ = sj.decode_jpeg_header(data)
-    except ValueError:
+    info = jpeg_header(data)
+    # CMYK/YCCK (Adobe inversion), RGB, 12-bit, lossless and arithmetic-coded JPEGs: Pillow's handling
+    if info is None or info[2] not in ("YCbCr", "Gray"):
         return None
-    if colorspace not in ("YCbCr", "Gray"):  # CMYK/YCCK (Adobe inversion) and RGB JPEGs: Pillow's handling
-        return None
+    width, height, _, orientation = info
     if width * height > max_pixels:
         raise ImageDecodeError(_too_many_pixels(what, width, height, max_pixels))
+    if draft_size_px is not None and orientation in _TRANSPOSING:
+        draft_size_px = (draft_size_px[1], draft_size_px[0])
     s = _jpeg_draft_scale(width, height, draft_size_px)
     h, w = -(-height // s), -(-width // s)
     try:
@@ -207,7 +241,109 @@ def _decode_jpeg_fast(data: bytes, draft_size_px: tuple[int, int] | None, max_pi
         out = sj.decode_jpeg(data, colorspace="RGB", min_height=h, min_width=w, min_factor=s, strict=True)
     except ValueError:
         return None
-    return out if out.shape == (h, w, 3) and out.flags.c_contiguous else None
+    if out.shape != (h, w, 3) or not out.flags.c_contiguous:
+        return None
+    return out if orientation == 1 else orient(out, orientation)
+
+
+def orient(pixels: np.ndarray, orientation: int) -> np.ndarray:
+    """HxWxC pixels turned upright as an EXIF Orientation value (1-8) says (Pillow's exif_transpose)."""
+    a = pixels
+    if orientation in _TRANSPOSING:
+        a = a.transpose(1, 0, 2)  # 5: transpose; 6, 7, 8 add a flip to it
+    flip_rows, flip_cols = {2: (False, True), 3: (True, True), 4: (True, False), 6: (False, True),
+                            7: (True, True), 8: (True, False)}.get(orientation, (False, False))
+    if flip_rows:
+        a = a[::-1]
+    if flip_cols:
+        a = a[:, ::-1]
+    return np.ascontiguousarray(a)
+
+
+_SOF_HUFFMAN_8BIT = (0xC0, 0xC1, 0xC2)  # baseline, extended sequential and progressive, Huffman-coded
+
+
+def jpeg_header(data: bytes | memoryview) -> tuple[int, int, str, int] | None:
+    """What a JPEG's header says, read without decoding: (width, height, colorspace, EXIF orientation).
+
+    colorspace is "YCbCr" or "Gray" for the 8-bit Huffman-coded JPEGs libjpeg-turbo decodes to RGB as
+    Pillow does, guessed as libjpeg does (a JFIF marker, else an Adobe marker's transform, else the
+    component ids); "other" for the rest (CMYK, YCCK, RGB, 12-bit, lossless, arithmetic coding).
+    orientation is the EXIF Orientation tag (1-8; 1 when absent or malformed). None: not a JPEG, or a
+    header that ends or breaks before its scan starts.
+    """
+    n = len(data)
+    if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
+        return None
+    pos, sof, jfif, adobe_transform, orientation, exif_seen = 2, None, False, None, 1, False
+    while True:
+        if pos + 4 > n or data[pos] != 0xFF:
+            return None
+        m = data[pos + 1]
+        if m == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if m == 0xDA:  # start of scan: the header is complete
+            break
+        if m in (0x00, 0x01, 0xD8, 0xD9) or 0xD0 <= m <= 0xD7:  # no segment of its own here: malformed
+            return None
+        (length,) = struct.unpack_from(">H", data, pos + 2)
+        seg, end = pos + 4, pos + 2 + length
+        if length < 2 or end > n:
+            return None
+        if m == 0xE0 and length >= 16 and data[seg:seg + 5] == b"JFIF\0":
+            jfif = True
+        elif m == 0xE1 and not exif_seen and data[seg:seg + 6] == b"Exif\0\0":
+            exif_seen = True  # the first Exif block counts, as in Pillow
+            orientation = _tiff_orientation(data, seg + 6, end)
+        elif m == 0xEE and length >= 14 and data[seg:seg + 5] == b"Adobe":
+            adobe_transform = data[seg + 11]
+        elif 0xC0 <= m <= 0xCF and m not in (0xC4, 0xC8, 0xCC):  # a start of frame (not DHT, JPG, DAC)
+            if sof is not None or length < 8:
+                return None
+            precision, height, width, nc = struct.unpack_from(">BHHB", data, seg)
+            if length < 8 + 3 * nc:
+                return None
+            sof = (m, precision, height, width, nc, bytes(data[seg + 6 : seg + 6 + 3 * nc : 3]))
+        pos = end
+    if sof is None:
+        return None
+    m, precision, height, width, nc, ids = sof
+    colorspace = "other"
+    if m in _SOF_HUFFMAN_8BIT and precision == 8 and width > 0 and height > 0:
+        if nc == 1:
+            colorspace = "Gray"
+        elif nc == 3:  # libjpeg's guess (jdapimin.c default_decompress_parms)
+            if jfif:
+                colorspace = "YCbCr"
+            elif adobe_transform is not None:
+                colorspace = "YCbCr" if adobe_transform == 1 else "other"
+            else:
+                colorspace = "other" if ids == b"RGB" else "YCbCr"
+    return width, height, colorspace, orientation
+
+
+def _tiff_orientation(data: bytes | memoryview, t: int, end: int) -> int:
+    """The Orientation tag (1-8) in IFD0 of the TIFF block data[t:end]; 1 where absent or malformed."""
+    if end - t < 8:
+        return 1
+    e = {b"II": "<", b"MM": ">"}.get(bytes(data[t : t + 2]))
+    if e is None:
+        return 1
+    magic, ifd = struct.unpack_from(e + "HI", data, t + 2)
+    p = t + ifd
+    if magic != 42 or ifd < 8 or p + 2 > end:
+        return 1
+    (count,) = struct.unpack_from(e + "H", data, p)
+    p += 2
+    for i in range(min(count, (end - p) // 12)):
+        tag, typ, cnt = struct.unpack_from(e + "HHI", data, p + 12 * i)
+        if tag == 0x0112:
+            if cnt != 1 or typ not in (3, 4):  # SHORT (the standard) or LONG
+                return 1
+            (v,) = struct.unpack_from(e + ("H" if typ == 3 else "I"), data, p + 12 * i + 8)
+            return v if 1 <= v <= 8 else 1
+    return 1
 
 
 def _array_to_image(a: np.ndarray) -> Image.Image:

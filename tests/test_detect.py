@@ -129,3 +129,21 @@ def test_cli_memory_from_boxes_detect_and_eval_detect(mobilenet_onnx, coco_subse
     d = json.loads(out.read_text())
     assert d["n_queries"] > 0 and set(d["recall"]) == {"1", "2", "3"} and d["per_class_top1"]
     assert d["setup"]["crop"]["crop_scale"] == "adaptive" and d["setup"]["crop"]["blur_sigma_px"] == 2.0
+
+
+def test_yolo_boxes_are_read_in_the_upright_frame_of_an_exif_rotated_photo(tmp_path):
+    """A phone photo stored landscape with Orientation 6 is decoded portrait; normalised YOLO boxes follow."""
+    import io
+    import struct
+
+    from rar_edge.preprocess import decode_rgb
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((40, 100, 3), np.uint8)).save(buf, "JPEG")
+    tiff = b"II" + struct.pack("<HIH", 42, 8, 1) + struct.pack("<HHIHHI", 0x0112, 3, 1, 6, 0, 0)
+    app1 = b"\xff\xe1" + struct.pack(">H", len(tiff) + 8) + b"Exif\0\0" + tiff
+    img = tmp_path / "phone.jpg"
+    img.write_bytes(buf.getvalue()[:2] + app1 + buf.getvalue()[2:])
+    assert decode_rgb(img).shape[:2] == (100, 40)
+    (tmp_path / "b.txt").write_text("0 0.5 0.5 0.5 0.1\n")
+    np.testing.assert_allclose(read_boxes_file(tmp_path / "b.txt", image=img), [[10, 45, 30, 55]])

@@ -6,7 +6,7 @@ from PIL import Image
 
 from rar_edge.errors import ImageDecodeError, InvalidInputError
 from rar_edge.manifest import ImageSpec
-from rar_edge.preprocess import decode_rgb, load_image, normalize, resize_for_model
+from rar_edge.preprocess import _jpeg_draft_scale, decode_rgb, load_image, normalize, resize_for_model
 
 
 def _jpeg_bytes(w=64, h=48, seed=0):
@@ -159,7 +159,10 @@ def test_decode_rgb_gives_pillows_pixels_for_every_jpeg_kind(draft):
         _encode(rgb, "RGB", quality=90, subsampling=0),  # 4:4:4
         _encode(gray, "L", quality=90),
         _encode(cmyk, "CMYK", quality=90),  # not the libjpeg-turbo path: Pillow inverts Adobe CMYK
+        _encode(rgb, "RGB", quality=90, keep_rgb=True),  # Adobe RGB: not the libjpeg-turbo path either
     ]
+    adobe = cases[-1]
+    cases.append(adobe[:17] + b"\x01" + adobe[18:])  # Adobe transform 1 (YCbCr): the libjpeg-turbo path
     for data in cases:
         want = np.asarray(load_image(data, draft_size_px=draft))
         got = decode_rgb(data, draft_size_px=draft)
@@ -196,3 +199,137 @@ def test_resize_for_model_takes_arrays_and_pil_images_alike():
         np.testing.assert_array_equal(resize_for_model(a, spec), resize_for_model(Image.fromarray(a), spec))
     with pytest.raises(InvalidInputError, match="HxWx3 uint8"):
         resize_for_model(a.astype(np.float32), ImageSpec(size_px=(224, 224)))
+
+
+# -- EXIF orientation ---------------------------------------------------------------------------------
+def _with_orientation(jpeg: bytes, orientation: int, *, big_endian: bool = False, typ: int = 3) -> bytes:
+    """The same JPEG (same scan, same pixels) with an EXIF APP1 block holding only an Orientation tag."""
+    import struct
+
+    e = ">" if big_endian else "<"
+    value = struct.pack(e + "HH", orientation, 0) if typ == 3 else struct.pack(e + "I", orientation)
+    tiff = (b"MM" if big_endian else b"II") + struct.pack(e + "HI", 42, 8) + struct.pack(e + "H", 1)
+    tiff += struct.pack(e + "HHI", 0x0112, typ, 1) + value + struct.pack(e + "I", 0)
+    body = b"Exif\0\0" + tiff
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(body) + 2) + body + jpeg[2:]
+
+
+def _pillow_upright(data: bytes, draft=None) -> np.ndarray:
+    from PIL import ImageOps
+
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied_like_pillows_exif_transpose(orientation):
+    from rar_edge.preprocess import orient
+
+    plain = _jpeg_bytes(90, 60, seed=orientation)
+    data = _with_orientation(plain, orientation)
+    upright = _pillow_upright(data)
+    assert upright.shape == ((90, 60, 3) if orientation >= 5 else (60, 90, 3))
+    np.testing.assert_array_equal(decode_rgb(data), upright)  # libjpeg-turbo path
+    np.testing.assert_array_equal(np.asarray(load_image(data)), upright)  # Pillow path
+    np.testing.assert_array_equal(decode_rgb(Image.open(io.BytesIO(data))), upright)  # a PIL image as given
+    np.testing.assert_array_equal(orient(decode_rgb(plain), orientation), upright)
+    # big-endian TIFF and a LONG-typed tag read the same
+    np.testing.assert_array_equal(decode_rgb(_with_orientation(plain, orientation, big_endian=True, typ=4)), upright)
+
+
+@pytest.mark.parametrize("draft", [(32, 32), (40, 100), (100, 40), (224, 224)])
+def test_exif_rotated_jpegs_get_the_same_draft_scale_on_both_paths(draft):
+    plain = _jpeg_bytes(800, 320, seed=3)
+    for orientation in (1, 6, 8):
+        data = _with_orientation(plain, orientation)
+        got, want = decode_rgb(data, draft_size_px=draft), np.asarray(load_image(data, draft_size_px=draft))
+        np.testing.assert_array_equal(got, want)
+        # the DCT scale fits the upright image to the requested (width, height)
+        uw, uh = (320, 800) if orientation in (6, 8) else (800, 320)
+        s = _jpeg_draft_scale(uw, uh, draft)
+        assert got.shape == (-(-uh // s), -(-uw // s), 3) and got.shape[1] >= draft[0] and got.shape[0] >= draft[1]
+
+
+def test_exif_orientation_on_a_png_goes_through_pillow():
+    from PIL import ImageOps
+
+    a = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    img = Image.fromarray(a)
+    exif = img.getexif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    img.save(buf, "PNG", exif=exif)
+    got = decode_rgb(buf.getvalue())
+    assert got.shape == (30, 20, 3)
+    np.testing.assert_array_equal(got, np.rot90(a, -1))
+    np.testing.assert_array_equal(got, np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(buf.getvalue())))))
+
+
+def test_jpeg_header_agrees_with_libjpeg_turbo():
+    import simplejpeg
+
+    from rar_edge.preprocess import jpeg_header
+
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, (33, 51, 3), dtype=np.uint8)
+    def first_segment_dropped(data):  # the APP0 (JFIF) or APP14 (Adobe) block right after SOI
+        return data[:2] + data[4 + int.from_bytes(data[4:6], "big"):]
+
+    ycc, adobe_rgb = _encode(rgb, "RGB"), _encode(rgb, "RGB", keep_rgb=True)  # keep_rgb: Adobe transform 0
+    assert ycc[2:4] == b"\xff\xe0" and adobe_rgb[2:4] == b"\xff\xee"
+    adobe_ycc = adobe_rgb[:17] + b"\x01" + adobe_rgb[18:]  # the Adobe transform byte says YCbCr
+    cases = {
+        "YCbCr": [ycc, _encode(rgb, "RGB", progressive=True), _encode(rgb, "RGB", subsampling=0),
+                  first_segment_dropped(ycc)],  # no JFIF marker: component ids 1, 2, 3
+        "Gray": [_encode(rgb[..., 0].copy(), "L")],
+        "other": [_encode(np.concatenate([rgb, rgb[..., :1]], axis=2), "CMYK"), adobe_rgb,
+                  first_segment_dropped(adobe_rgb)],  # no marker: component ids 'R', 'G', 'B'
+    }
+    h, w, cs, _ = simplejpeg.decode_jpeg_header(adobe_ycc)
+    assert jpeg_header(adobe_ycc) == (w, h, "YCbCr", 1) and cs == "YCbCr"
+    for colorspace, blobs in cases.items():
+        for data in blobs:
+            h, w, sj_colorspace, _ = simplejpeg.decode_jpeg_header(data)
+            assert jpeg_header(data) == (w, h, colorspace, 1)
+            assert (sj_colorspace in ("YCbCr", "Gray")) == (colorspace != "other")
+    assert jpeg_header(b"\x89PNG\r\n\x1a\n") is None and jpeg_header(b"") is None
+
+
+def test_jpeg_header_agrees_with_libjpeg_turbo_on_the_shared_photos(shared_path):
+    import simplejpeg
+
+    from rar_edge.preprocess import jpeg_header
+
+    photos = sorted((shared_path / "data").glob("*/**/*.jpg"))
+    if not photos:
+        pytest.skip(f"no photos under {shared_path / 'data'}")
+    for p in photos:
+        data = p.read_bytes()
+        h, w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        assert jpeg_header(data)[:3] == (w, h, colorspace), p
+
+
+def test_jpeg_header_never_raises_on_damaged_headers():
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from rar_edge.preprocess import jpeg_header
+
+    base = _with_orientation(_jpeg_bytes(40, 30), 6)
+    head = base[: base.index(b"\xff\xda") + 2]
+
+    @settings(max_examples=400, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(st.integers(0, len(head)), st.lists(st.tuples(st.integers(0, len(head) - 1), st.integers(0, 255)), max_size=4))
+    def check(cut, edits):
+        b = bytearray(head[:cut] if cut < len(head) else base)
+        for i, v in edits:
+            if i < len(b):
+                b[i] = v
+        info = jpeg_header(bytes(b))
+        assert info is None or (len(info) == 4 and 1 <= info[3] <= 8)
+        try:
+            decode_rgb(bytes(b))  # either pixels or the decode error, never anything else
+        except ImageDecodeError:
+            pass
+
+    check()
