@@ -26,9 +26,8 @@ from _common import interleaved_median_ms, photo_bench_args, shared_dir, write_j
 
 def load_coco128(limit: int | None) -> list[tuple[np.ndarray, np.ndarray]]:
     """(image RGB uint8, boxes float64 (N, 4) in pixels) for every photo with at least one box."""
-    from PIL import Image
-
     from rar_edge.datasets import read_yolo_dataset
+    from rar_edge.preprocess import decode_rgb
 
     root = shared_dir() / "data" / "coco128"
     if not root.is_dir():
@@ -37,8 +36,7 @@ def load_coco128(limit: int | None) -> list[tuple[np.ndarray, np.ndarray]]:
     out = []
     for im in images[:limit]:
         if len(im.boxes):
-            with Image.open(im.path) as f:
-                out.append((np.ascontiguousarray(np.asarray(f.convert("RGB"))), im.boxes))
+            out.append((decode_rgb(im.path), im.boxes))  # upright, the frame the boxes are read in
     return out
 
 

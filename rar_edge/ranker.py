@@ -754,14 +754,10 @@ class Ranker:
     def _example_images(self) -> list[np.ndarray]:
         if self._marker() is None:
             return []
-        from PIL import Image
+        from .preprocess import decode_rgb
 
-        out = []
-        for ex in self._examples:
-            if ex.image is not None:
-                with Image.open(ex.image) as im:
-                    out.append(_to_rgb_array(im))
-        return out
+        # decoded as queries are (upright: EXIF orientation applied)
+        return [decode_rgb(ex.image) for ex in self._examples if ex.image is not None]
 
     def _query_text(self, cands: Sequence[str], with_image: bool) -> str:
         marker = self._marker() if with_image else None
