@@ -45,10 +45,20 @@ def _to_rgb(img: Image.Image, what: str) -> Image.Image:
     if mode == "RGB":
         return img
     if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # 16-bit / 32-bit single channel: scale the full range to 8 bits rather than clipping.
+        # One 16- or 32-bit channel. 16-bit data (and 32-bit data within 0..65535) maps 65535 to 255, as
+        # OpenCV and torchvision scale it; float data within 0..1 maps 1 to 255; anything else has no
+        # known white level, so its own range is stretched (a constant image then keeps its clipped value).
         a = np.asarray(img, dtype=np.float64)
+        if a.size == 0:
+            raise InvalidInputError(f"image {what} is empty: {img.width}x{img.height}")
         lo, hi = float(a.min()), float(a.max())
-        a8 = np.zeros(a.shape, np.uint8) if hi <= lo else ((a - lo) * (255.0 / (hi - lo))).round().astype(np.uint8)
+        if mode.startswith("I;16") or (0.0 <= lo and hi <= 65535.0 and mode == "I"):
+            a = a * (255.0 / 65535.0)
+        elif mode == "F" and 0.0 <= lo and hi <= 1.0:
+            a = a * 255.0
+        elif hi > lo:
+            a = (a - lo) * (255.0 / (hi - lo))
+        a8 = np.clip(np.nan_to_num(a).round(), 0, 255).astype(np.uint8)
         return Image.fromarray(np.repeat(a8[..., None], 3, axis=2), "RGB")
     if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
         # Composite over white so transparent areas do not turn black.
@@ -80,8 +90,10 @@ def _encoded_bytes(src: ImageLike) -> bytes:
             finally:
                 os.close(fd)
             return data
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            raise ImageDecodeError(f"no such image file: {Path(src)}") from None
+        except IsADirectoryError:
+            raise ImageDecodeError(f"{os.fspath(src)!r} is a folder, not an image file") from None
+        except (FileNotFoundError, NotADirectoryError):
+            raise ImageDecodeError(f"no such image file: {os.fspath(src)!r}") from None
         except OSError as e:
             raise ImageDecodeError(f"cannot read image file {Path(src)}: {e}") from e
     raise InvalidInputError(
@@ -117,6 +129,12 @@ def load_image(
     if isinstance(src, Image.Image):
         if src.width * src.height > max_pixels:
             raise ImageDecodeError(f"image {what} has {src.width}x{src.height} pixels, more than max_pixels={max_pixels}")
+        if src.width < 1 or src.height < 1:
+            raise InvalidInputError(f"image {what} is empty: {src.width}x{src.height}")
+        try:
+            src.load()  # a lazily opened image reads its file now: corrupt data is an ImageDecodeError
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            raise ImageDecodeError(f"image {what} is corrupt or truncated: {e}") from e
         return _to_rgb(_upright(src, what), what)
     return _pil_decode(_encoded_bytes(src), what, draft_size_px, max_pixels)
 
@@ -152,7 +170,9 @@ def _upright(img: Image.Image, what: str) -> Image.Image:
 def _pil_decode(data: bytes, what: str, draft_size_px: tuple[int, int] | None, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # max_pixels (checked below) decides, not Pillow's warning level; Pillow still refuses
+            # images over twice Image.MAX_IMAGE_PIXELS outright.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             if img.width * img.height > max_pixels:
                 raise ImageDecodeError(_too_many_pixels(what, img.width, img.height, max_pixels))
@@ -347,6 +367,8 @@ def _tiff_orientation(data: bytes | memoryview, t: int, end: int) -> int:
 
 
 def _array_to_image(a: np.ndarray) -> Image.Image:
+    if a.size == 0:
+        raise InvalidInputError(f"image array is empty: shape {a.shape}")
     if a.dtype == np.uint16 and a.ndim == 2:
         return _to_rgb(Image.fromarray(a), "array")
     if a.dtype != np.uint8:
@@ -391,16 +413,20 @@ def resize_for_model(img: Image.Image | np.ndarray, spec: ImageSpec) -> np.ndarr
     """Resizes (and centre-crops) as the spec says; returns an HxWx3 uint8 array of spec.size_px.
 
     One resampling pass over exactly the region the spec keeps (no resize-then-crop rounding).
-    Square bilinear targets use the native resampler (Pillow's antialiased bilinear filter);
-    other filters use Pillow's own.
+    Square bilinear targets over a whole-pixel region use the native resampler (Pillow's antialiased
+    bilinear filter); other filters, and fractional centre crops, use Pillow's own.
     """
     th, tw = spec.size_px
     pixels = img if isinstance(img, np.ndarray) else image_to_array(img)
     if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
         raise InvalidInputError(f"pixels must be HxWx3 uint8, got {pixels.shape} {pixels.dtype}")
     height, width = pixels.shape[:2]
+    if height < 1 or width < 1:
+        raise InvalidInputError(f"image is empty: shape {pixels.shape}")
     region = _model_region(width, height, spec)
-    if spec.resample == "bilinear" and th == tw:
+    if spec.resample == "bilinear" and th == tw and all(float(v).is_integer() for v in region):
+        # the native resampler crops whole pixels (it rounds a box outwards); a fractional centre crop
+        # goes to Pillow, which resamples exactly that region
         box = np.asarray([region], np.float64)
         return _native.crop_blur(np.ascontiguousarray(pixels), box, th, 1.0, False, 0.0, False, 0, 1)[0]
     if region == (0.0, 0.0, float(width), float(height)) and (height, width) == (th, tw):

@@ -39,7 +39,7 @@ def test_corrupt_and_truncated_images_raise_clear_errors(tmp_path, decode):
         decode(data[: len(data) // 2])
     with pytest.raises(ImageDecodeError, match="no such image file"):
         decode(tmp_path / "missing.jpg")
-    with pytest.raises(ImageDecodeError, match="no such image file"):
+    with pytest.raises(ImageDecodeError, match="is a folder, not an image file"):
         decode(tmp_path)
     with pytest.raises(InvalidInputError, match="unsupported image type"):
         decode(12345)  # type: ignore[arg-type]
@@ -61,7 +61,13 @@ def test_gray_rgba_palette_and_16bit_become_rgb():
     assert (np.asarray(load_image(rgba)) == 255).all()
     img16 = np.array([[0, 65535], [32768, 1000]], np.uint16)
     out = np.asarray(load_image(img16))
-    assert out.shape == (2, 2, 3) and out[0, 0, 0] == 0 and out[0, 1, 0] == 255
+    assert out.shape == (2, 2, 3) and out[:, :, 0].tolist() == [[0, 255], [128, 4]]  # 65535 -> 255, as OpenCV
+    assert np.asarray(load_image(np.full((3, 3), 65535, np.uint16))).min() == 255  # white stays white
+    assert (np.asarray(load_image(np.full((3, 3), 4095, np.uint16))) == 16).all()  # not stretched to white
+    f = Image.fromarray(np.array([[0.0, 1.0], [0.5, 0.25]], np.float32), "F")
+    assert np.asarray(load_image(f))[:, :, 0].tolist() == [[0, 255], [128, 64]]
+    wide = Image.fromarray(np.array([[-10.0, 30.0]], np.float32), "F")  # no known white level: its range
+    assert np.asarray(load_image(wide))[:, :, 0].tolist() == [[0, 255]]
     with pytest.raises(InvalidInputError, match="uint8"):
         load_image(np.zeros((4, 4, 3), np.float32))
     with pytest.raises(InvalidInputError, match="HxWx3"):
@@ -333,3 +339,43 @@ def test_jpeg_header_never_raises_on_damaged_headers():
             pass
 
     check()
+
+
+def test_unusual_inputs_get_the_sdks_errors():
+    good = _jpeg_bytes(200, 150)
+    with pytest.raises(ImageDecodeError, match="corrupt or truncated"):  # a lazily opened, truncated image
+        decode_rgb(Image.open(io.BytesIO(good[: len(good) // 2])))
+    for empty in (np.zeros((0, 5, 4), np.uint8), np.zeros((0, 5), np.uint16), Image.new("RGB", (0, 0))):
+        with pytest.raises(InvalidInputError, match="empty"):
+            decode_rgb(empty)
+    with pytest.raises(InvalidInputError, match="empty"):
+        resize_for_model(np.zeros((0, 4, 3), np.uint8), ImageSpec(size_px=(8, 8)))
+
+
+def test_paths_that_are_folders_or_missing_say_so(tmp_path):
+    with pytest.raises(ImageDecodeError, match="is a folder, not an image file"):
+        decode_rgb(tmp_path)
+    with pytest.raises(ImageDecodeError, match="no such image file: ''"):
+        decode_rgb("")
+
+
+def test_max_pixels_above_pillows_warning_level_is_honoured_for_every_format(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # Pillow warns above this, refuses above twice it
+    buf = io.BytesIO()
+    Image.new("L", (150, 100)).save(buf, "PNG")  # 15,000 pixels: over Pillow's warning level
+    assert decode_rgb(buf.getvalue(), max_pixels=20_000).shape == (100, 150, 3)
+    with pytest.raises(ImageDecodeError, match="max_pixels"):
+        decode_rgb(buf.getvalue(), max_pixels=12_000)
+
+
+def test_a_fractional_centre_crop_is_resampled_exactly():
+    """A bilinear centre-crop spec whose region is not whole pixels resamples exactly that region."""
+    rng = np.random.default_rng(5)
+    img = rng.integers(0, 256, (499, 635, 3), dtype=np.uint8)
+    spec = ImageSpec(size_px=(224, 224), resample="bilinear", resize_shortest_edge_px=256)
+    from rar_edge.preprocess import _model_region
+
+    region = _model_region(635, 499, spec)
+    assert not all(float(v).is_integer() for v in region)
+    want = np.asarray(Image.fromarray(img).resize((224, 224), Image.Resampling.BILINEAR, box=region))
+    np.testing.assert_array_equal(resize_for_model(img, spec), want)
