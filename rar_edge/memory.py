@@ -24,6 +24,7 @@ import io
 import json
 import logging
 import os
+import stat
 import tempfile
 import time
 import zipfile
@@ -320,6 +321,12 @@ class Memory:
             v = v[None, :]
         if v.ndim != 2 or v.shape[1] != self.dim:
             raise InvalidInputError(f"vectors must be (n, {self.dim}), got {v.shape}")
+        if isinstance(labels, (str, bytes)):
+            raise InvalidInputError("labels must be a sequence of class names, one per row, not one string")
+        labels = list(labels)
+        if any(not isinstance(lbl, (str, np.str_)) for lbl in labels):
+            bad = next(lbl for lbl in labels if not isinstance(lbl, (str, np.str_)))
+            raise InvalidInputError(f"class labels must be strings, got {type(bad).__name__} {bad!r}")
         labels = [str(x) for x in labels]
         if len(labels) != len(v):
             raise InvalidInputError(f"{len(v)} vectors but {len(labels)} labels")
@@ -327,10 +334,11 @@ class Memory:
             raise InvalidInputError("class labels must be non-empty strings")
         if not np.all(np.isfinite(v)):
             raise InvalidInputError("vectors contain NaN or inf")
-        norms = np.linalg.norm(v, axis=1)
-        if np.any(norms < 1e-12):
+        v64 = v.astype(np.float64)  # norms of large float32 values overflow in float32
+        norms = np.linalg.norm(v64, axis=1)
+        if np.any(norms == 0):
             raise InvalidInputError("vectors contain an all-zero row")
-        v = (v / norms[:, None]).astype(np.float32)
+        v = (v64 / norms[:, None]).astype(np.float32)
         srcs = list(sources) if sources is not None else [""] * len(v)
         if len(srcs) != len(v):
             raise InvalidInputError(f"{len(v)} vectors but {len(srcs)} sources")
@@ -409,12 +417,8 @@ class Memory:
         q, finite = _native.unit_rows(np.ascontiguousarray(q))
         if not finite:
             raise InvalidInputError("queries contain NaN or inf")
-        if self.active_backend == "hnsw":
-            classes, scores = self._search_hnsw(q, int(k))
-        else:
-            if self._store is None:
-                self._store = VectorStore(self._vectors, storage=self.storage)
-            classes, scores = self._store.topk_classes(self._labels, len(self._classes), q, int(k))
+        k = min(int(k), len(self._classes))  # no more classes than there are (and no (Q, k) arrays beyond)
+        classes, scores = self._search_hnsw(q, k) if self.active_backend == "hnsw" else self._search_exact(q, k)
         names = self._classes
         return [
             [Candidate(names[c], s) for c, s in zip(crow, srow) if c >= 0]
@@ -439,26 +443,40 @@ class Memory:
             h.n_indexed = self.size
         return h.index
 
+    def _search_exact(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._store is None:
+            self._store = VectorStore(self._vectors, storage=self.storage)
+        return self._store.topk_classes(self._labels, len(self._classes), q, k)
+
     def _search_hnsw(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Nearest entries from the graph, widened until k distinct classes are among them. A query whose
+        neighbourhood one class crowds (a class with far more entries than the rest, many duplicates) would
+        need most of the memory: it gets the exact scan instead, as does hnswlib refusing a large fetch."""
         index = self._hnsw_index()
-        n_classes = len(self._classes)
-        kk = min(k, n_classes)
         out_c = np.full((len(q), k), -1, np.int32)
         out_s = np.full((len(q), k), -np.inf, np.float32)
         for qi in range(len(q)):
-            fetch = min(self.size, max(4 * k, 32))
-            while True:
+            fetch, best = max(4 * k, 32), None
+            while fetch < self.size // 2:
                 index.set_ef(max(self.hnsw_params.ef, fetch))
-                nn, dist = index.knn_query(q[qi : qi + 1], k=fetch)
-                best: dict[int, float] = {}
+                try:
+                    nn, dist = index.knn_query(q[qi : qi + 1], k=fetch)
+                except RuntimeError:  # "cannot return the results in a contiguous 2D array": nodes unreachable
+                    break
+                found: dict[int, float] = {}
                 for e, d in zip(nn[0], dist[0]):
                     c = int(self._labels[int(e)])
                     s = 1.0 - float(d)  # hnswlib "ip" distance is 1 - <a, b>
-                    if s > best.get(c, -np.inf):
-                        best[c] = s
-                if len(best) >= kk or fetch >= self.size:
+                    if s > found.get(c, -np.inf):
+                        found[c] = s
+                if len(found) >= k:
+                    best = found
                     break
-                fetch = min(self.size, fetch * 4)
+                fetch *= 4
+            if best is None:
+                c, s = self._search_exact(q[qi : qi + 1], k)
+                out_c[qi], out_s[qi] = c[0], s[0]
+                continue
             top = sorted(best.items(), key=lambda cs: (-cs[1], cs[0]))[:k]
             for j, (c, s) in enumerate(top):
                 out_c[qi, j], out_s[qi, j] = c, s
@@ -514,6 +532,8 @@ class Memory:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
+            # mkstemp makes the file 0600: give it the permissions of the file it replaces, else the umask's
+            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode) if path.exists() else 0o666 & ~_umask())
             with os.fdopen(fd, "wb") as f:
                 with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as z:
                     z.writestr("meta.json", json.dumps(meta, indent=1))
@@ -561,6 +581,8 @@ class Memory:
                 if bad is not None:
                     raise CorruptFileError(f"{path}: member {bad} is damaged (CRC mismatch)")
                 meta = json.loads(z.read("meta.json"))
+                if not isinstance(meta, dict) or not isinstance(meta.get("checksums"), dict):
+                    raise CorruptFileError(f"{path} is not a rar_edge memory file")
                 if meta.get("format") != FORMAT:
                     raise CorruptFileError(f"{path} is not a rar_edge memory file")
                 if int(meta.get("format_version", 0)) > FORMAT_VERSION:
@@ -616,7 +638,19 @@ class Memory:
             with open(p, "wb") as f:
                 f.write(blob)
             index = hnswlib.Index(space="ip", dim=self.dim)
-            index.load_index(p, max_elements=self.size)
+            try:
+                index.load_index(p, max_elements=self.size)
+                # the right entries of the right width: count, and entry 0's vector read back
+                ok = index.get_current_count() == self.size and (self.size == 0 or np.allclose(
+                    np.asarray(index.get_items([0]), np.float32).reshape(-1), self._vectors[0], atol=1e-6))
+            except RuntimeError as e:  # e.g. an index another hnswlib version wrote
+                ok, why = False, str(e)
+            else:
+                why = f"it holds {index.get_current_count()} entries (memory: {self.size}) or other vectors"
+        if not ok:
+            # the vectors are the source of truth: the graph is rebuilt from them on the first search
+            log.warning("the memory's HNSW index cannot be used (%s); it will be rebuilt from the vectors", why)
+            return
         self._hnsw = _Hnsw(index, self.size)
 
     def info(self) -> dict:
@@ -649,6 +683,12 @@ def _npy_bytes(a: np.ndarray) -> bytes:
 
 def _npy_load(b: bytes) -> np.ndarray:
     return np.load(io.BytesIO(b), allow_pickle=False)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(d: Path) -> None:

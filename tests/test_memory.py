@@ -239,3 +239,84 @@ def test_duplicate_vectors_do_not_duplicate_classes():
     assert sorted(c.label for c in got) == ["a", "b", "c"]
     assert all(abs(c.score - 1.0) < 1e-6 for c in got)
     assert [c.label for c in got] == ["a", "b", "c"]  # ties broken by class order
+
+
+def test_hnsw_falls_back_to_the_exact_scan_where_one_class_crowds_the_neighbourhood():
+    """Thousands of near-copies of one class around the query: the graph alone cannot reach k classes."""
+    rng = np.random.default_rng(1)
+    c = rng.standard_normal(64)
+    big = c + 0.3 * rng.standard_normal((20000, 64))  # hnswlib raised "Cannot return the results" here
+    small = rng.standard_normal((64, 64))
+    labels = ["a"] * 20000 + [f"o{i // 4}" for i in range(64)]
+    hnsw, exact = Memory(dim=64, backend="hnsw"), Memory(dim=64, backend="exact")
+    for m in (hnsw, exact):
+        m.add(np.vstack([big, small]), labels)
+    q = np.vstack([c + 0.3 * rng.standard_normal(64), small[5]])
+    got, want = hnsw.search(q, k=5), exact.search(q, k=5)
+    assert [[x.label for x in r] for r in got] == [[x.label for x in r] for r in want]
+    assert len(got[0]) == 5
+
+
+def test_k_beyond_the_classes_is_capped_not_allocated():
+    import sys
+
+    m = Memory(dim=8)
+    m.add(np.eye(8)[:3], ["a", "b", "c"])
+    for backend in ("exact", "hnsw"):
+        m.backend = backend
+        assert [c.label for c in m.search(np.eye(8)[1], k=sys.maxsize)[0]] == ["b", "a", "c"]
+
+
+def test_labels_must_be_strings_and_large_or_tiny_vectors_normalise():
+    m = Memory(dim=4)
+    with pytest.raises(InvalidInputError, match="not one string"):
+        m.add(np.eye(4)[:3], "dog")
+    with pytest.raises(InvalidInputError, match="must be strings, got NoneType"):
+        m.add(np.eye(4)[:1], [None])
+    m.add(np.array([[1e20, 0, 0, 0], [0, 1e-20, 0, 0]], np.float32), ["big", "tiny"])
+    np.testing.assert_allclose(m.vectors, np.eye(4)[:2], atol=1e-7)
+    with pytest.raises(InvalidInputError, match="all-zero"):
+        m.add(np.zeros((1, 4)), ["z"])
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    m = Memory(dim=4)
+    m.add(np.eye(4)[:2], ["a", "b"])
+    mask = os.umask(0)
+    os.umask(mask)
+    fresh = m.save(tmp_path / "fresh.rarmem")
+    assert os.stat(fresh).st_mode & 0o777 == 0o666 & ~mask
+    shared = tmp_path / "shared.rarmem"
+    shared.write_bytes(b"")
+    os.chmod(shared, 0o640)
+    m.save(shared)
+    assert os.stat(shared).st_mode & 0o777 == 0o640
+
+
+def test_foreign_zip_and_unusable_hnsw_index(tmp_path, caplog):
+    import hashlib
+
+    bad = tmp_path / "foreign.rarmem"
+    with zipfile.ZipFile(bad, "w") as z:
+        z.writestr("meta.json", "[]")
+    with pytest.raises(CorruptFileError, match="not a rar_edge memory"):
+        Memory.load(bad)
+    # an HNSW index that cannot be read (another hnswlib, say) is rebuilt from the vectors, with a warning
+    v, labels, _ = clustered(n_classes=5, per_class=20, dim=16)
+    m = Memory(dim=16, backend="hnsw")
+    m.add(v, labels)
+    path = m.save(tmp_path / "h.rarmem")
+    with zipfile.ZipFile(path) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    meta = json.loads(members["meta.json"])
+    members["hnsw.bin"] = b"\0" * 100
+    meta["checksums"]["hnsw.bin"] = hashlib.sha256(members["hnsw.bin"]).hexdigest()
+    members["meta.json"] = json.dumps(meta).encode()
+    with zipfile.ZipFile(path, "w") as z:
+        for n, b in members.items():
+            z.writestr(n, b)
+    with caplog.at_level("WARNING", logger="rar_edge"):
+        loaded = Memory.load(path)
+    assert "rebuilt from the vectors" in caplog.text
+    q = v[::7] + 0.01
+    assert [[c.label for c in r] for r in loaded.search(q, k=3)] == [[c.label for c in r] for r in m.search(q, k=3)]
