@@ -260,7 +260,17 @@ def load_manifest(folder: str | os.PathLike, *, verify: bool = True) -> Manifest
         raise ManifestError(f"cannot read {mpath}: {e}") from e
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ManifestError(f"{mpath} is not a rar_edge manifest (format != {FORMAT!r})")
-    if int(data.get("format_version", 0)) > FORMAT_VERSION:
+    version = data.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ManifestError(f"{mpath}: format_version must be an integer, got {version!r}")
+    files = data.get("files", {})
+    if not isinstance(files, dict) or not all(isinstance(f, dict) and isinstance(f.get("path"), str)
+                                              for f in files.values()):
+        raise ManifestError(f"{mpath}: 'files' must map each role to {{\"path\": ..., \"sha256\": ...}}")
+    dim = data.get("embedding_dim")
+    if dim is not None and (not isinstance(dim, int) or isinstance(dim, bool) or dim < 1):
+        raise ManifestError(f"{mpath}: embedding_dim must be a positive integer, got {dim!r}")
+    if version > FORMAT_VERSION:
         raise ManifestError(
             f"{mpath} has format_version {data.get('format_version')}, this rar_edge reads <= {FORMAT_VERSION}"
         )
