@@ -125,8 +125,11 @@ def read_yolo_dataset(folder: str | os.PathLike) -> tuple[list[str], list[BoxIma
         raise DatasetError(f"{root} has no images/ folder (YOLO layout: images/, labels/, classes.txt)")
     out: list[BoxImage] = []
     for ip in sorted(p for p in img_dir.iterdir() if _is_image(p)):
-        with Image.open(ip) as im:
-            w, h = upright_size(im)  # YOLO labels are normalised to the upright image (EXIF orientation applied)
+        try:
+            with Image.open(ip) as im:
+                w, h = upright_size(im)  # YOLO labels are normalised to the upright image (EXIF orientation applied)
+        except (OSError, ValueError, SyntaxError) as e:  # UnidentifiedImageError is an OSError
+            raise DatasetError(f"{ip} is not a readable image: {e}") from e
         lp = lab_dir / (ip.stem + ".txt")
         boxes, labels = [], []
         if lp.is_file():
@@ -134,8 +137,8 @@ def read_yolo_dataset(folder: str | os.PathLike) -> tuple[list[str], list[BoxIma
                 parts = line.split()
                 if not parts:
                     continue
-                if len(parts) < 5:
-                    raise DatasetError(f"{lp}:{n}: expected 'class cx cy w h', got {line!r}")
+                if len(parts) != 5:  # more columns: a segmentation polygon or a keypoint label, not a box
+                    raise DatasetError(f"{lp}:{n}: expected 'class cx cy w h' (a detection label), got {line!r}")
                 try:
                     c = int(parts[0])
                     cx, cy, bw, bh = (float(v) for v in parts[1:5])
@@ -168,9 +171,12 @@ def read_coco_json(path: str | os.PathLike, *, images_dir: str | os.PathLike | N
         raise DatasetError(f"cannot read COCO json {p}: {e}") from e
     base = Path(images_dir) if images_dir is not None else p.parent
     per: dict[int, list[tuple[tuple[float, ...], str]]] = {i: [] for i in imgs}
-    for a in anns:
-        x, y, w, h = (float(v) for v in a["bbox"])
-        per.setdefault(int(a["image_id"]), []).append(((x, y, x + w, y + h), cats[int(a["category_id"])]))
+    for i, a in enumerate(anns):
+        try:
+            x, y, w, h = (float(v) for v in a["bbox"])
+            per.setdefault(int(a["image_id"]), []).append(((x, y, x + w, y + h), cats[int(a["category_id"])]))
+        except (KeyError, ValueError, TypeError) as e:
+            raise DatasetError(f"{p}: annotation {i} ({a!r:.120}) is not a box with a known category: {e!r}") from e
     out = []
     for iid, info in sorted(imgs.items()):
         items = per.get(iid, [])

@@ -40,10 +40,7 @@ def read_boxes_file(path: str | os.PathLike, *, image: Any = None) -> np.ndarray
     if p.suffix.lower() == ".txt":
         if image is None:
             raise InvalidInputError("YOLO boxes are normalised: the image is needed for its size")
-        from PIL import Image
-
-        with Image.open(image) if isinstance(image, (str, os.PathLike)) else load_image(image) as im:
-            w, h = upright_size(im)  # the frame detect() decodes into (EXIF orientation applied)
+        w, h = _image_size(image)
         rows = []
         for n, line in enumerate(text.splitlines(), 1):
             parts = line.split()
@@ -67,14 +64,29 @@ def read_boxes_file(path: str | os.PathLike, *, image: Any = None) -> np.ndarray
         raise InvalidInputError(f"{p}: expected a json list of boxes")
     rows = []
     for i, b in enumerate(data):
-        if isinstance(b, dict) and "bbox" in b:
-            x, y, bw, bh = (float(v) for v in b["bbox"])
-            rows.append((x, y, x + bw, y + bh))
-        elif isinstance(b, (list, tuple)) and len(b) == 4:
-            rows.append(tuple(float(v) for v in b))
-        else:
-            raise InvalidInputError(f"{p}: box {i} is neither {{'bbox': [x,y,w,h]}} nor [x1,y1,x2,y2]: {b!r}")
+        coords = b["bbox"] if isinstance(b, dict) and "bbox" in b else b
+        try:
+            if not isinstance(coords, (list, tuple)) or len(coords) != 4:
+                raise ValueError("not four numbers")
+            v = [float(c) for c in coords]
+        except (TypeError, ValueError):
+            raise InvalidInputError(f"{p}: box {i} is neither {{'bbox': [x,y,w,h]}} nor [x1,y1,x2,y2]: {b!r}") from None
+        rows.append((v[0], v[1], v[0] + v[2], v[1] + v[3]) if coords is not b else tuple(v))
     return np.asarray(rows, np.float64).reshape(-1, 4)
+
+
+def _image_size(image: Any) -> tuple[int, int]:
+    """(width, height) of an image as detect() decodes it (upright: EXIF orientation applied)."""
+    if isinstance(image, (str, os.PathLike)):
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(image) as im:
+                return upright_size(im)
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
+            decode_rgb(image)  # raises the decoder's own ImageDecodeError for this file
+            raise
+    return upright_size(load_image(image))  # no `with`: a caller's PIL image stays open
 
 
 def _crop_config(encoder: Encoder, crop_scale: float | str | None, blur_sigma_px: float | None):
@@ -128,6 +140,8 @@ def _crop_memory(images: list, name: str, *, encoder: Encoder, shots: int | None
                  progress: bool = False) -> Memory:
     from .boxes import crop_boxes, validate_boxes
 
+    if shots is not None and (isinstance(shots, bool) or not isinstance(shots, (int, np.integer)) or shots < 1):
+        raise DatasetError(f"shots must be an integer >= 1 (boxes per class), got {shots!r}")
     idx = np.arange(len(images)) if image_indices is None else np.asarray(image_indices)
     pool: dict[str, list[tuple[int, int]]] = {}
     for i in idx:
@@ -215,6 +229,9 @@ def evaluate_detection(
         dets = pipe.detect(arr, im.boxes[kept], k=k)  # all valid now: nothing is validated away twice
         results.extend(dets)
         truths.extend(im.labels[int(j)] for j in kept)
+    if not results:
+        raise DatasetError(f"{queries if queries is not None else dataset}: no query boxes to classify "
+                           "(the query images hold no valid labelled boxes)")
     out = score_results(results, truths, k=k)
     known = set(mem.classes)
     out.update({

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import numpy as np
+from PIL import Image
 
 from .encoders import Encoder, EncoderConfig
 from .errors import InvalidInputError
@@ -201,6 +202,10 @@ class Pipeline:
         if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
             raise InvalidInputError(f"prefetch must be an integer >= 0, got {prefetch!r}")
         k = self.config.k if k is None else k
+        if isinstance(images, (str, bytes, bytearray, memoryview, os.PathLike, Image.Image)) or (
+                isinstance(images, np.ndarray) and images.ndim < 4):
+            raise InvalidInputError("iter_classify / classify_many take a sequence of images (a list of paths, "
+                                    "arrays...); for one image use classify")
         if prefetch == 0:
             for image in images:
                 yield self.classify(image, k=k)
@@ -269,6 +274,7 @@ class Pipeline:
         timings["decode"] = _ms(t0)
         t0 = time.perf_counter()
         valid, kept, reasons = validate_boxes(boxes, arr.shape[:2], on_invalid=on_invalid)
+        given = np.asarray(boxes, np.float64).reshape(-1, 4)  # as the caller wrote them (valid: clipped)
         for r in reasons:
             log.info("skipped box: %s", r)
         h, w = self.encoder.image_spec.size_px
@@ -293,9 +299,9 @@ class Pipeline:
             t = dict(shared)
             ranked, ran, fallback = self._rank(crops[i], retrieved, t)
             t["total"] = sum(v for s, v in t.items() if s != "total")
-            out.append(Detection(box=tuple(float(v) for v in valid[i]), label=ranked[0].label, score=ranked[0].score,
+            out.append(Detection(box=tuple(given[kept[i]]), label=ranked[0].label, score=ranked[0].score,
                                  candidates=ranked, retrieved=tuple(retrieved), ranker_ran=ran,
-                                 ranker_fallback=fallback, timings_ms=t))
+                                 ranker_fallback=fallback, timings_ms=t, index=int(kept[i])))
         log.debug("detect: %d boxes in %.1f ms", len(out), _ms(t_all))
         return out
 

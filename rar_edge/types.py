@@ -75,9 +75,10 @@ class Detection:
     """The answer for one box of an image.
 
     Attributes:
-        box: (x1, y1, x2, y2) in pixels of the original image, as given (before enlarging).
+        box: (x1, y1, x2, y2) in pixels of the original image, as given (before clipping and enlarging).
         label, score, candidates, retrieved, ranker_ran, ranker_fallback: as in `Classification`.
         timings_ms: this box's share of each stage in milliseconds.
+        index: the box's position in the boxes given to ``detect`` (boxes skipped as invalid leave gaps).
     """
 
     box: tuple[float, float, float, float]
@@ -88,6 +89,7 @@ class Detection:
     ranker_ran: bool = False
     ranker_fallback: bool = False
     timings_ms: Mapping[str, float] = field(default_factory=dict)
+    index: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "box", tuple(float(v) for v in self.box))
@@ -97,7 +99,7 @@ class Detection:
 
     def to_dict(self) -> dict:
         """A JSON-ready dict."""
-        return {"box": list(self.box), **_answer_dict(self)}
+        return {"box": list(self.box), "index": self.index, **_answer_dict(self)}
 
 
 @dataclass(frozen=True)

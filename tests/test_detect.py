@@ -64,10 +64,12 @@ def test_invalid_boxes_raise_naming_the_box_or_are_skipped(encoder, coco_subset)
         pipe.detect(img, boxes)
     dets = pipe.detect(img, boxes, on_invalid="skip")
     assert [d.box for d in dets] == [(10.0, 10.0, 100.0, 100.0), (20.0, 20.0, 60.0, 60.0)]
-    # partly outside the image: clipped, still classified
+    assert [d.index for d in dets] == [0, 3]  # which input box each answer is for
+    # partly outside the image: clipped, still classified; the answer names the box as given
     with Image.open(img) as im:
         w, h = im.size
-    assert len(pipe.detect(img, [[w - 20, h - 20, w + 500, h + 500]])) == 1
+    (out,) = pipe.detect(img, [[w - 20, h - 20, w + 500, h + 500]])
+    assert out.box == (w - 20, h - 20, w + 500, h + 500) and out.to_dict()["index"] == 0
     with pytest.raises(InvalidInputError):
         pipe.detect(img, np.zeros((3, 5)))
     # thousands of boxes in one call

@@ -245,3 +245,15 @@ def test_cli_build_info_classify_and_eval(mobilenet_onnx, flowers_subset, tmp_pa
     out = subprocess.run([sys.executable, "-m", "rar_edge", "classify", img, "--memory", bad], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 2 and "rar-edge: error:" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_classify_many_refuses_a_single_image(encoder, memory, flowers_subset):
+    """One image where a list is expected would be iterated row by row (an array) or char by char (a path)."""
+    path = sorted((flowers_subset / "daisy").iterdir())[0]
+    pipe = Pipeline(memory=memory, encoder=encoder)
+    with Image.open(path) as im:
+        arr = np.asarray(im.convert("RGB"))
+        for single in (arr, str(path), path, path.read_bytes(), im):
+            with pytest.raises(InvalidInputError, match="for one image use classify"):
+                pipe.classify_many(single)
+    assert len(pipe.classify_many(arr[None])) == 1  # a batch array (N, H, W, 3) is a sequence of images
