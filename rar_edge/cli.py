@@ -27,6 +27,15 @@ def _write_json(obj: Any, out: str | None) -> None:
     os.replace(tmp, p)
 
 
+def _crop_scale_arg(v: str) -> float | str:
+    if v == "adaptive":
+        return v
+    try:
+        return float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number (e.g. 1.5) or 'adaptive', got {v!r}") from None
+
+
 def _encoder(args) -> "Any":
     from .encoders import Encoder, EncoderConfig
 
@@ -287,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     ed = sub.add_parser("eval-detect", help="few-shot box classification accuracy on a YOLO folder or COCO json")
     ed.add_argument("dataset")
     _add_few_shot_eval_args(ed, queries_help="classify every box of this dataset instead")
-    ed.add_argument("--crop-scale", default=None, help="box enlargement factor, or 'adaptive'")
+    ed.add_argument("--crop-scale", default=None, type=_crop_scale_arg, help="box enlargement factor, or 'adaptive'")
     ed.add_argument("--blur-sigma", type=float, default=None, help="Gaussian sigma (px) around the box; 0 = off")
     _add_ranker_args(ed)
     ed.add_argument("--json", default=None)
@@ -327,6 +336,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(e))
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # e.g. `rar-edge classify ... | head -1`: the reader left, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except OSError as e:  # an output path that is a folder, a read-only location, a full disk
+        where = f"{e.filename}: " if e.filename else ""
+        return _fail(f"{where}{e.strerror or e}")
 
 
 if __name__ == "__main__":  # pragma: no cover

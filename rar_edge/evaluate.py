@@ -11,6 +11,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .encoders import Encoder
+from .errors import DatasetError
 from .memory import Memory
 from .pipeline import Pipeline, PipelineConfig
 from .types import Classification, Detection
@@ -97,6 +98,9 @@ def evaluate_classification(
         queries = [(p, c) for c, ps in read_image_folder(queries_folder).items() for p in ps]
     else:
         queries = split.queries
+    if not queries:
+        raise DatasetError(f"{queries_folder or folder}: no query images left (every class has at most "
+                           f"--shots={shots} images, all taken for the memory); pass a queries folder or fewer shots")
     mem = Memory.empty(encoder=encoder, backend=backend)
     mem.add_images([p for ps in split.support.values() for p in ps],
                    [c for c, ps in split.support.items() for _ in ps], encoder=encoder, progress=progress)

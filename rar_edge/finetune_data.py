@@ -35,6 +35,8 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from .datasets import IMAGE_SUFFIXES
+from .datasets import read_image_folder as _read_classes
 from .errors import DatasetError, InvalidInputError
 from .prompts import RankingExample, get_prompt
 
@@ -49,7 +51,7 @@ __all__ = [
     "write_jsonl",
 ]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+IMAGE_EXTENSIONS = IMAGE_SUFFIXES  # the image files a class folder is read for (rar_edge.datasets)
 IMAGE_TOKEN = "<image>"
 
 
@@ -96,21 +98,15 @@ class RankingRow:
 def read_image_folder(folder: str | os.PathLike) -> tuple[list[str], list[str]]:
     """(image paths, class names) of a folder with one sub-folder per class, sorted for reproducibility.
 
+    The same listing as `rar_edge.datasets.read_image_folder` (hidden files skipped, an empty class
+    folder refused), flattened.
+
     Raises:
-        DatasetError: no class folders or no images.
+        DatasetError: no class folders, or a class folder without images.
     """
-    root = Path(folder)
-    if not root.is_dir():
-        raise DatasetError(f"{root} is not a folder")
-    paths: list[str] = []
-    labels: list[str] = []
-    for cls in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for f in sorted(cls.iterdir()):
-            if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
-                paths.append(str(f))
-                labels.append(cls.name)
-    if not paths:
-        raise DatasetError(f"{root} has no class sub-folders with images ({', '.join(IMAGE_EXTENSIONS)})")
+    per_class = _read_classes(folder)
+    paths = [str(p) for ps in per_class.values() for p in ps]
+    labels = [c for c, ps in per_class.items() for _ in ps]
     return paths, labels
 
 
@@ -153,6 +149,13 @@ def _normalise(x: np.ndarray, what: str) -> np.ndarray:
     return x / np.maximum(n, 1e-12)
 
 
+def _check_sizes(k: int, neighbours: int, windows_per_image: int, *, n_classes: int | None = None) -> None:
+    if k < 1 or neighbours < 1 or windows_per_image < 1:
+        raise InvalidInputError("k, neighbours and windows_per_image must be >= 1")
+    if n_classes is not None and n_classes < k:
+        raise InvalidInputError(f"k={k} needs at least {k} classes, the data has {n_classes}")
+
+
 def build_ranking_rows(
     paths_a: Sequence[str],
     labels_a: Sequence[str],
@@ -182,8 +185,7 @@ def build_ranking_rows(
     Raises:
         InvalidInputError: mismatched lengths, overlapping subsets, or too few classes for ``k``.
     """
-    if k < 1 or neighbours < 1 or windows_per_image < 1:
-        raise InvalidInputError("k, neighbours and windows_per_image must be >= 1")
+    _check_sizes(k, neighbours, windows_per_image)
     a = _normalise(emb_a, "emb_a")
     b = _normalise(emb_b, "emb_b")
     if not (len(paths_a) == len(labels_a) == a.shape[0]) or not (len(paths_b) == len(labels_b) == b.shape[0]):
@@ -194,8 +196,7 @@ def build_ranking_rows(
     if overlap:
         raise InvalidInputError(f"Da and Db must be disjoint; {len(overlap)} images are in both, e.g. {sorted(overlap)[0]}")
     classes = sorted(set(labels_a) | set(labels_b))
-    if len(classes) < k:
-        raise InvalidInputError(f"k={k} needs at least {k} classes, the data has {len(classes)}")
+    _check_sizes(k, neighbours, windows_per_image, n_classes=len(classes))
     rng = np.random.default_rng(seed)
     labels_a_arr = np.asarray(labels_a, dtype=object)
     n_nb = min(neighbours, a.shape[0])
@@ -304,6 +305,7 @@ def run_finetune_data(
         a summary: ``{"out", "rows", "images_a", "images_b", "classes", "k", "prompt_version"}``.
     """
     paths, labels = read_image_folder(folder)
+    _check_sizes(k, neighbours, windows_per_image, n_classes=len(set(labels)))  # before the long embedding
     emb = np.asarray(embed_fn(list(paths)))
     if emb.ndim != 2 or emb.shape[0] != len(paths):
         raise InvalidInputError(f"embed_fn returned shape {emb.shape} for {len(paths)} images; expected (n, d)")

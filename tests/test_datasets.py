@@ -65,6 +65,26 @@ def test_yolo_labels_are_validated(tmp_path):
     (tmp_path / "labels" / "x.txt").write_text("7 0.5 0.5 0.5 0.5\n")
     with pytest.raises(DatasetError, match="class 7"):
         read_yolo_dataset(tmp_path)
+    (tmp_path / "labels" / "x.txt").write_text("0 0.1 0.1 0.9 0.1 0.9 0.9 0.1 0.9\n")  # a YOLO-seg polygon
+    with pytest.raises(DatasetError, match="a detection label"):
+        read_yolo_dataset(tmp_path)
+    (tmp_path / "labels" / "x.txt").write_text("1 0.5 0.5 0.5 0.5\n")
+    (tmp_path / "images" / "y.jpg").write_text("not an image")
+    with pytest.raises(DatasetError, match="y.jpg is not a readable image"):
+        read_yolo_dataset(tmp_path)
+
+
+def test_coco_annotations_are_validated(tmp_path):
+    import json
+
+    from rar_edge.datasets import read_coco_json
+
+    base = {"categories": [{"id": 1, "name": "cat"}], "images": [{"id": 1, "file_name": "a.jpg"}]}
+    for ann, what in (({"image_id": 1, "category_id": 7, "bbox": [0, 0, 5, 5]}, "7"),
+                      ({"image_id": 1, "category_id": 1}, "bbox")):
+        (tmp_path / "c.json").write_text(json.dumps({**base, "annotations": [ann]}))
+        with pytest.raises(DatasetError, match=f"annotation 0 .*{what}"):
+            read_coco_json(tmp_path / "c.json")
 
 
 def test_cli_names_a_corrupt_image_and_exits_2(tmp_path, mobilenet_onnx):
@@ -77,3 +97,39 @@ def test_cli_names_a_corrupt_image_and_exits_2(tmp_path, mobilenet_onnx):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "broken.jpg" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "m.rarmem").exists()  # nothing half-written
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "rar_edge", "-q", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_cli_refusals_are_one_line_errors(tmp_path, mobilenet_onnx):
+    """Inputs that used to end in a Python traceback: each is now one 'rar-edge: error:' line and exit 2."""
+    for c in ("a", "b"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(2):
+            _img(tmp_path / "data" / c / f"{i}.png", seed=i)
+    (tmp_path / "data" / "a" / "._0.png").write_bytes(b"macOS resource fork")  # skipped by every reader
+    (tmp_path / "yolo" / "images").mkdir(parents=True)
+    (tmp_path / "yolo" / "labels").mkdir()
+    (tmp_path / "yolo" / "classes.txt").write_text("cat\n")
+    _img(tmp_path / "yolo" / "images" / "x.png")
+    (tmp_path / "yolo" / "labels" / "x.txt").write_text("0 0.5 0.5 0.5 0.5\n")
+    (tmp_path / "b.txt").write_text("0 0.5 0.5 0.2 0.4\n")
+    enc = ("--encoder", mobilenet_onnx)
+    built = _cli("memory", "build", tmp_path / "data", *enc, "-o", tmp_path / "m")
+    assert built.returncode == 0, built.stderr
+    cases = [
+        (["eval", tmp_path / "data", *enc, "--shots", "4"], "no query images left"),
+        (["memory", "build", tmp_path / "data", *enc, "-o", tmp_path], "Is a directory"),
+        (["memory", "build", "--boxes", tmp_path / "yolo", *enc, "--shots", "0", "-o", tmp_path / "b"], "shots must be"),
+        (["eval-detect", tmp_path / "yolo", *enc, "--crop-scale", "foo"], "'adaptive'"),
+        (["detect", tmp_path / "missing.jpg", "--boxes", tmp_path / "b.txt", "--memory", tmp_path / "m"],
+         "no such image file"),
+    ]
+    for args, message in cases:
+        out = _cli(*args)
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
+    ok = _cli("finetune-data", tmp_path / "data", *enc, "-k", "2", "-o", tmp_path / "rows.jsonl")
+    assert ok.returncode == 0, ok.stderr
