@@ -351,7 +351,8 @@ def _prepare_inputs(encoder: "Encoder", *, memory: Any, images: Any, queries: An
         qs = [(Path(s), lbl) for s, lbl in zip(mem.sources, mem.labels) if s and Path(s).is_file()]
         meaningful = False
     if not qs:
-        raise InvalidInputError("no query images: pass queries= (a folder with one sub-folder per class) "
+        raise InvalidInputError("no query images: pass a query folder with one sub-folder per class (--queries, "
+                                "or queries= in Python), or --images with more images per class than --shots, "
                                 "or a memory built from image files that still exist")
     order = np.random.default_rng(config.seed).permutation(len(qs))
     qs = [qs[i] for i in order]

@@ -103,6 +103,9 @@ class Memory:
     (zero-shot text) or `Memory.empty`, then `add` / `remove` / `search` / `save`; reopen with
     `Memory.load`.
 
+    Searches may run from several threads at once; `add` and `remove` must not run while another
+    thread searches (guard the memory with a lock, or build a new one and swap it in).
+
     Args:
         dim: embedding size.
         encoder: the record of the encoder whose vectors this memory holds.
