@@ -138,6 +138,11 @@ class Encoder:
         return self.manifest.fingerprint
 
     @property
+    def preprocess_fingerprint(self) -> str:
+        """Identifies the manifest's preprocessing settings; a memory records it to refuse changed settings."""
+        return self.manifest.preprocess_fingerprint
+
+    @property
     def name(self) -> str:
         return self.manifest.name
 

@@ -227,6 +227,17 @@ class Manifest:
             h.update(str(self.files[role].get("sha256", "")).encode())
         return h.hexdigest()
 
+    @property
+    def preprocess_fingerprint(self) -> str:
+        """Identifies what turns inputs into vectors besides the weights: the image and text sections (size,
+        resize, crop, normalisation, tokenisation) in canonical form, and the embedding size."""
+        spec = {
+            "image": None if self.data.get("image") is None else self.image.to_dict(),
+            "text": None if self.text is None else self.text.to_dict(),
+            "embedding_dim": self.embedding_dim,
+        }
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
     def verify(self) -> None:
         """Checks that every listed file exists and matches its sha256; raises ManifestError if not."""
         for role in self.files:

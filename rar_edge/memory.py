@@ -77,16 +77,18 @@ class HnswParams:
 
 @dataclass(frozen=True)
 class EncoderRecord:
-    """Which encoder built a memory: its name, folder (as given when built) and fingerprint."""
+    """Which encoder built a memory: its name, folder (as given when built), the fingerprint of its model
+    files and of its preprocessing settings (None in memories saved before it was recorded)."""
 
     name: str
     path: str
     fingerprint: str
     embedding_dim: int
+    preprocess_fingerprint: str | None = None
 
     @classmethod
     def of(cls, encoder: "Encoder") -> "EncoderRecord":
-        return cls(encoder.name, str(encoder.path), encoder.fingerprint, encoder.dim)
+        return cls(encoder.name, str(encoder.path), encoder.fingerprint, encoder.dim, encoder.preprocess_fingerprint)
 
 
 @dataclass
@@ -307,6 +309,13 @@ class Memory:
                 f"from {self.encoder.path}) but encoder {encoder.name!r} (fingerprint {encoder.fingerprint[:12]}) was "
                 "given; rebuild the memory with this encoder or pass the one that built it"
             )
+        pre = None if self.encoder is None else self.encoder.preprocess_fingerprint
+        if pre is not None and pre != encoder.preprocess_fingerprint:
+            raise MemoryMismatchError(
+                f"this memory was built by the same model files as encoder {encoder.name!r} but with other "
+                "preprocessing settings (the image or text section of its manifest.json: input size, resize, crop, "
+                "normalisation, tokenisation); rebuild the memory or restore the settings it was built with"
+            )
 
     def add(self, vectors: np.ndarray, labels: Sequence[str], *, sources: Sequence[str] | None = None) -> np.ndarray:
         """Adds entries.
@@ -510,7 +519,8 @@ class Memory:
             "hnsw": asdict(self.hnsw_params),
             "encoder": None if self.encoder is None else {
                 "name": self.encoder.name, "path": self.encoder.path,
-                "fingerprint": self.encoder.fingerprint, "embedding_dim": self.encoder.embedding_dim},
+                "fingerprint": self.encoder.fingerprint, "embedding_dim": self.encoder.embedding_dim,
+                "preprocess_fingerprint": self.encoder.preprocess_fingerprint},
             "versions": {"rar_edge": __version__, "numpy": np.__version__, "hnswlib": hv,
                          "python": platform.python_version()},
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -606,7 +616,8 @@ class Memory:
             ids = _npy_load(raw["ids.npy"])
             sources = json.loads(raw["sources.json"])
             enc = meta.get("encoder")
-            rec = None if enc is None else EncoderRecord(enc["name"], enc["path"], enc["fingerprint"], int(enc["embedding_dim"]))
+            rec = None if enc is None else EncoderRecord(enc["name"], enc["path"], enc["fingerprint"],
+                                                         int(enc["embedding_dim"]), enc.get("preprocess_fingerprint"))
             hp = meta.get("hnsw") or {}
             mem = cls(dim=int(meta["dim"]), encoder=rec, backend=meta.get("backend", "auto"),
                       hnsw=HnswParams(**hp), storage=meta.get("storage", DEFAULT_STORAGE)

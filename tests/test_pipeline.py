@@ -152,6 +152,34 @@ def test_memory_from_another_encoder_is_refused(encoder, tiny_clip_onnx):
         Pipeline(memory=mem, encoder=encoder)
 
 
+def test_memory_refuses_the_same_model_with_other_preprocessing(encoder, memory, mobilenet_onnx, tmp_path):
+    """Same weights, another resize in manifest.json: the vectors would differ, so the memory says no."""
+    import shutil
+    import zipfile
+
+    changed = tmp_path / "enc"
+    shutil.copytree(mobilenet_onnx, changed)
+    manifest = json.loads((changed / "manifest.json").read_text())
+    manifest["image"]["resample"] = "nearest"
+    (changed / "manifest.json").write_text(json.dumps(manifest))
+    other = Encoder(changed, config=EncoderConfig(threads=1))
+    assert other.fingerprint == encoder.fingerprint and other.preprocess_fingerprint != encoder.preprocess_fingerprint
+    with pytest.raises(MemoryMismatchError, match="other preprocessing settings"):
+        memory.check_encoder(other)
+    # a memory saved before the settings were recorded still opens with either encoder
+    path = memory.save(tmp_path / "m.rarmem")
+    with zipfile.ZipFile(path) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    meta = json.loads(members["meta.json"])
+    del meta["encoder"]["preprocess_fingerprint"]
+    members["meta.json"] = json.dumps(meta).encode()
+    with zipfile.ZipFile(path, "w") as z:
+        for n, b in members.items():
+            z.writestr(n, b)
+    assert Memory.load(path, encoder=other).encoder.preprocess_fingerprint is None
+    assert Memory.load(memory.save(tmp_path / "new.rarmem"), encoder=encoder).encoder.preprocess_fingerprint
+
+
 class _ReverseRanker:
     """A stand-in ranker: reverses the retrieval order (checks the pipeline's wiring, not a model)."""
 
