@@ -71,7 +71,8 @@ class Pipeline:
         encoder: an `Encoder` or a model folder; None uses the folder recorded in the memory.
         ranker: an object with ``rank(image, candidates) -> Ranking`` (e.g. `rar_edge.ranker.Ranker`),
             a ranker model folder / GGUF path, or None for retrieval only. ``image`` is an HxWx3 uint8
-            RGB array: the decoded photo (classify) or the prepared box crop (detect).
+            RGB array: the decoded photo (classify), at least ``ranker.image_size_px`` on its shorter side
+            where the photo has that many pixels, or the prepared box crop (detect).
         config: k, encoder settings, the confidence gate, crop settings.
 
     Raises:
@@ -116,7 +117,7 @@ class Pipeline:
         self.close()
 
     # -- shared tail: search + rank ------------------------------------------------------------------
-    def _rank(self, image, retrieved: list[Candidate], timings: dict[str, float]) -> tuple[
+    def _rank(self, image, retrieved: list[Candidate], timings: dict[str, float], source: Any = None) -> tuple[
             tuple[Candidate, ...], bool, bool]:
         if self.ranker is None or len(retrieved) < 2:
             return tuple(retrieved), False, False
@@ -126,7 +127,7 @@ class Pipeline:
         t0 = time.perf_counter()
         names = [c.label for c in retrieved]
         try:
-            ranking: Ranking = self.ranker.rank(image, names)
+            ranking: Ranking = self.ranker.rank(self._ranker_view(image, source), names)
         finally:
             timings["rank"] = _ms(t0)
         if sorted(ranking.labels) != sorted(names) or len(ranking.scores) != len(ranking.labels):
@@ -134,6 +135,18 @@ class Pipeline:
             log.warning("ranker returned %r for candidates %r; keeping retrieval order", ranking.labels, names)
             return tuple(retrieved), True, True
         return tuple(Candidate(lbl, float(s)) for lbl, s in zip(ranking.labels, ranking.scores)), True, ranking.fallback
+
+    def _ranker_view(self, image: np.ndarray, source: Any) -> np.ndarray:
+        """The image the ranker sees. JPEGs are decoded for the encoder at the smallest DCT scale that
+        covers its input (often 224 px); a ranker whose vision tower takes more (its ``image_size_px``,
+        e.g. 384-512 px; None: unknown, so the full image) gets the photo decoded again at its own size.
+        Rankers without the attribute get the encoder's decode."""
+        want = getattr(self.ranker, "image_size_px", 0)
+        if want == 0 or not isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)):
+            return image  # no wish, or an array / PIL input: already decoded at full size
+        if want is not None and min(image.shape[:2]) >= want:
+            return image
+        return decode_rgb(source, draft_size_px=None if want is None else (int(want), int(want)))
 
     # -- classification ------------------------------------------------------------------------------
     def classify(self, image: ImageLike, *, k: int | None = None) -> Classification:
@@ -146,7 +159,7 @@ class Pipeline:
         k = self.config.k if k is None else k
         t_all = time.perf_counter()
         img, pixels, timings = self._prepare(image)
-        return self._finish(img, pixels, k, timings, t_all)
+        return self._finish(img, pixels, k, timings, t_all, image)
 
     def _prepare(self, image: ImageLike) -> tuple[Any, np.ndarray, dict[str, float]]:
         """Decode and resize: the part of classify that needs no model."""
@@ -159,7 +172,8 @@ class Pipeline:
         timings["preprocess"] = _ms(t0)
         return img, pixels, timings
 
-    def _finish(self, img: Any, pixels: np.ndarray, k: int, timings: dict[str, float], t_all: float) -> Classification:
+    def _finish(self, img: Any, pixels: np.ndarray, k: int, timings: dict[str, float], t_all: float,
+                source: Any = None) -> Classification:
         """Encode, search and rank prepared pixels."""
         t0 = time.perf_counter()
         vec = self.encoder.embed_pixels(pixels)
@@ -167,7 +181,7 @@ class Pipeline:
         t0 = time.perf_counter()
         retrieved = self.memory.search(vec, k=k)[0]
         timings["search"] = _ms(t0)
-        ranked, ran, fallback = self._rank(img, retrieved, timings)
+        ranked, ran, fallback = self._rank(img, retrieved, timings, source)
         timings["total"] = _ms(t_all)
         return Classification(
             label=ranked[0].label,
@@ -220,19 +234,19 @@ class Pipeline:
         def submit() -> None:  # the next image, if any, to the worker
             image = next(source, _END)
             if image is not _END:
-                pending.append(pool.submit(self._prepare, image))
+                pending.append((image, pool.submit(self._prepare, image)))
 
         try:
             for _ in range(prefetch):
                 submit()
             while pending:
                 t_all = time.perf_counter()
-                fut = pending.popleft()
+                image, fut = pending.popleft()
                 t0 = time.perf_counter()
                 img, pixels, timings = fut.result()
                 timings["wait"] = _ms(t0)
                 submit()
-                yield self._finish(img, pixels, k, timings, t_all)
+                yield self._finish(img, pixels, k, timings, t_all, image)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 

@@ -527,8 +527,10 @@ class Ranker:
         chat_template: str | None,
         in_context_examples: Sequence[RankingExample],
         name: str,
+        vision_image_size_px: int | None = None,
     ) -> None:
         self._native: _Native | None = native
+        self._vision_px = vision_image_size_px
         self._mode = mode
         self._prompt = prompt
         self._chat_template = chat_template or None
@@ -587,6 +589,7 @@ class Ranker:
         chat_template: str | None = None
         manifest_n_ctx = None
         manifest_prompt = None
+        vision_px = None
         if path.is_dir():
             if mmproj is not None:
                 raise InvalidInputError("mmproj= is for a bare GGUF; a model folder names its own mmproj")
@@ -598,6 +601,8 @@ class Ranker:
             chat_template = m.data.get("chat_template")
             manifest_n_ctx = m.data.get("n_ctx")
             manifest_prompt = m.data.get("prompt_version")
+            px = (m.data.get("vision") or {}).get("image_size_px")
+            vision_px = int(px) if isinstance(px, (int, float)) and px > 0 else None
             name = m.name
         elif path.is_file():
             lm_path = path
@@ -629,6 +634,7 @@ class Ranker:
                 chat_template=chat_template,
                 in_context_examples=in_context_examples or (),
                 name=name,
+                vision_image_size_px=vision_px,
             )
         except BaseException:
             native.close()
@@ -645,6 +651,15 @@ class Ranker:
     def has_vision(self) -> bool:
         """Whether a vision projector is loaded (images are used)."""
         return self._live().mtmd_ctx is not None
+
+    @property
+    def image_size_px(self) -> int | None:
+        """The side of the images the vision tower takes (from the model folder's manifest): `Pipeline`
+        decodes photos for the ranker at least this large. 0: no vision projector; None: not known (a bare
+        GGUF + mmproj), so the pipeline passes the full image and llama.cpp's preprocessor resizes it."""
+        if self._live().mtmd_ctx is None:
+            return 0
+        return self._vision_px
 
     @property
     def prompt_version(self) -> str:

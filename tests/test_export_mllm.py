@@ -171,6 +171,7 @@ def test_tiny_vlm_exports_and_ranks_an_image(tmp_path, lcpp, family, quant, hand
     cands = ["tulip", "rose", "bird's-foot trefoil", "daisy"]
     with Ranker.load(m.root, n_threads=2) as r:
         assert r.has_vision
+        assert r.image_size_px == d["vision"]["image_size_px"] > 0  # what Pipeline decodes photos to for it
         t0 = time.perf_counter()
         s = r.rank(image, cands, mode="score")
         t_score = time.perf_counter() - t0

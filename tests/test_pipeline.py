@@ -285,3 +285,31 @@ def test_classify_many_refuses_a_single_image(encoder, memory, flowers_subset):
             with pytest.raises(InvalidInputError, match="for one image use classify"):
                 pipe.classify_many(single)
     assert len(pipe.classify_many(arr[None])) == 1  # a batch array (N, H, W, 3) is a sequence of images
+
+
+class _SizedRanker:
+    """Records the image it is shown; ``image_size_px`` says how large its vision tower wants it."""
+
+    def __init__(self, size):
+        self.image_size_px = size
+        self.shapes = []
+
+    def rank(self, image, candidates):
+        self.shapes.append(image.shape)
+        return Ranking(labels=tuple(candidates), scores=tuple(np.linspace(0.5, 0.1, len(candidates))))
+
+
+def test_the_ranker_sees_the_photo_at_its_own_size(encoder, memory, flowers_subset):
+    """The encoder's JPEG decode stops at the DCT scale that covers 224 px; a ranker asking for 512 px
+    gets the photo decoded again at its own size (full size here), one asking for 0 the encoder's decode."""
+    path = sorted((flowers_subset / "daisy").iterdir())[0]
+    with Image.open(path) as im:
+        full = (im.height, im.width, 3)
+    small = Pipeline(memory=memory, encoder=encoder).encoder.decode(path).shape
+    assert min(small[:2]) < 512 and small != full
+    for size, want in ((512, full), (None, full), (0, small), (200, small)):
+        r = _SizedRanker(size)
+        pipe = Pipeline(memory=memory, encoder=encoder, ranker=r)
+        pipe.classify(path)
+        pipe.classify_many([path.read_bytes()])
+        assert r.shapes == [want, want], size
