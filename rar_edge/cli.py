@@ -148,7 +148,7 @@ def cmd_classify(args) -> int:
             ranked = " (ranked)" if r.ranker_ran else ""
             print(f"{img}: {r.label}{ranked}  [{cands}]  {r.timings_ms['total']:.1f} ms")
     if args.json:
-        _write_json(rows if len(rows) != 1 else rows[0], None)
+        _write_json(rows, None)  # always a list, one object per image: the same shape for one image or many
     pipe.close()
     return 0
 
@@ -271,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_encoder_args(c, required=False)
     c.add_argument("-k", type=int, default=5)
     _add_ranker_args(c)
-    c.add_argument("--json", action="store_true", help="print JSON results")
+    c.add_argument("--json", action="store_true", help="print the results as a JSON list, one object per image")
     c.set_defaults(func=cmd_classify)
 
     d = sub.add_parser("detect", help="classify the boxes of an image")

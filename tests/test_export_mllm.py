@@ -215,8 +215,8 @@ def test_tiny_multimodal_ranker_classifies_an_image_through_the_cli(tmp_path, lc
     run_cli("memory", "build", flowers, "--encoder", mobilenet_onnx, "--shots", 1, "--seed", 0, "-o", mem)
     img = sorted((flowers / "tulip").glob("*.jpg"))[-1]
     for mode in ("score", "generate"):
-        res = json.loads(run_cli("classify", img, "--memory", mem, "-k", 5, "--ranker", ranker, "--ranker-mode", mode,
-                                 "--json"))
+        (res,) = json.loads(run_cli("classify", img, "--memory", mem, "-k", 5, "--ranker", ranker, "--ranker-mode",
+                                    mode, "--json"))
         retrieved = [c["label"] for c in res["retrieved"]]
         ranked = [c["label"] for c in res["candidates"]]
         assert res["ranker_ran"] and not res["ranker_fallback"]

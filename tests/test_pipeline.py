@@ -258,7 +258,7 @@ def test_cli_build_info_classify_and_eval(mobilenet_onnx, flowers_subset, tmp_pa
     assert info["n_entries"] == 16 and info["n_classes"] == 4
     assert info["encoder"]["path"] == str(mobilenet_onnx.resolve())
     img = sorted((flowers_subset / "sunflower").iterdir())[-1]
-    res = json.loads(run("classify", img, "--memory", mem, "-k", 3, "--json"))
+    (res,) = json.loads(run("classify", img, "--memory", mem, "-k", 3, "--json"))  # a list even for one image
     assert res["label"] in info["entries_per_class"] and len(res["candidates"]) == 3
     ev = tmp_path / "eval.json"
     run("eval", flowers_subset, "--encoder", mobilenet_onnx, "--shots", 4, "--seed", 0, "-k", 3, "--json", ev)
