@@ -77,6 +77,13 @@ def _ranker(args) -> Any:
     return Ranker.load(args.ranker, mode=args.ranker_mode, n_gpu_layers=args.n_gpu_layers)
 
 
+def _close(pipe) -> None:
+    """Closes a pipeline and the ranker `_ranker` loaded for it (a pipeline leaves rankers passed in open)."""
+    pipe.close()
+    if pipe.ranker is not None:
+        pipe.ranker.close()
+
+
 def _memory_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "exact", "hnsw"])
     p.add_argument("--hnsw-m", type=int, default=16)
@@ -149,7 +156,7 @@ def cmd_classify(args) -> int:
             print(f"{img}: {r.label}{ranked}  [{cands}]  {r.timings_ms['total']:.1f} ms")
     if args.json:
         _write_json(rows, None)  # always a list, one object per image: the same shape for one image or many
-    pipe.close()
+    _close(pipe)
     return 0
 
 
@@ -165,7 +172,7 @@ def cmd_detect(args) -> int:
         for d in dets:
             x1, y1, x2, y2 = d.box
             print(f"[{x1:.0f},{y1:.0f},{x2:.0f},{y2:.0f}] {d.label} {d.score:.3f}")
-    pipe.close()
+    _close(pipe)
     return 0
 
 

@@ -43,6 +43,7 @@ from .errors import (
     MemoryMismatchError,
     MissingDependencyError,
 )
+from .prompts import has_line_break
 from .types import Candidate
 
 if TYPE_CHECKING:
@@ -344,6 +345,9 @@ class Memory:
             raise InvalidInputError(f"{len(v)} vectors but {len(labels)} labels")
         if any(not lbl.strip() for lbl in labels):
             raise InvalidInputError("class labels must be non-empty strings")
+        broken = next((lbl for lbl in labels if has_line_break(lbl)), None)
+        if broken is not None:  # a ranker lists candidates one per line
+            raise InvalidInputError(f"class label {broken!r} contains a line break")
         if not np.all(np.isfinite(v)):
             raise InvalidInputError("vectors contain NaN or inf")
         v64 = v.astype(np.float64)  # norms of large float32 values overflow in float32

@@ -97,7 +97,8 @@ class Pipeline:
         enc_cfg = self.config.encoder if ranker is None else self.config.encoder.beside_ranker()
         self.encoder = encoder if isinstance(encoder, Encoder) else Encoder(encoder, config=enc_cfg)
         self.memory.check_encoder(self.encoder)
-        if ranker is not None and isinstance(ranker, (str, os.PathLike)):
+        self._owns_ranker = ranker is not None and isinstance(ranker, (str, os.PathLike))
+        if self._owns_ranker:
             from .ranker import Ranker
 
             ranker = Ranker.load(ranker)
@@ -105,9 +106,11 @@ class Pipeline:
         self.load_ms = _ms(t0)
 
     def close(self) -> None:
-        """Frees the ranker's native memory (the encoder sessions go with the object)."""
+        """Frees the native memory of a ranker this pipeline loaded from a path. A ranker object passed in
+        stays open: whoever made it closes it (it may serve other pipelines). Encoder sessions go with
+        the object."""
         close = getattr(self.ranker, "close", None)
-        if callable(close):
+        if self._owns_ranker and callable(close):
             close()
 
     def __enter__(self) -> "Pipeline":

@@ -58,6 +58,12 @@ class RankingExample:
             raise InvalidInputError("an example's 'ranked' must be a permutation of its 'candidates'")
 
 
+def has_line_break(name: str) -> bool:
+    """Whether a name holds any line break Python splits lines at (\\n, \\r, \\v, \\f, \\x1c-\\x1e, \\x85,
+    \\u2028, \\u2029): such a name cannot be one line of a ranked list."""
+    return name != "".join(name.splitlines())
+
+
 def validate_candidates(candidates: Sequence[str]) -> tuple[str, ...]:
     """Checks a candidate list and returns it as a tuple.
 
@@ -75,7 +81,7 @@ def validate_candidates(candidates: Sequence[str]) -> tuple[str, ...]:
             raise InvalidInputError(f"candidate names must be str, got {type(c).__name__}")
         if not c.strip():
             raise InvalidInputError("a candidate name is empty or only whitespace")
-        if "\n" in c or "\r" in c:
+        if has_line_break(c):
             raise InvalidInputError(f"candidate name {c!r} contains a line break")
     if len(set(out)) != len(out):
         dups = sorted({c for c in out if out.count(c) > 1})

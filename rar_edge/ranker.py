@@ -199,10 +199,11 @@ class _Native:
                 self.ctx = None
                 raise RankerError(f"llama.cpp could not create a context (n_ctx={n_ctx}); try a smaller n_ctx")
             self.n_ctx = int(lc.llama_n_ctx(self.ctx))
-            self.n_batch = n_batch
+            # llama.cpp caps the batch at n_ctx: a larger decode call would abort the process (GGML_ASSERT)
+            self.n_batch = int(lc.llama_n_batch(self.ctx))
             self.n_seq_max = n_seq_max
             self.mem = lc.llama_get_memory(self.ctx)
-            self._batch = lc.llama_batch_init(n_batch, 0, n_seq_max)
+            self._batch = lc.llama_batch_init(self.n_batch, 0, n_seq_max)
             if self.mtmd is not None:
                 mp = self.mtmd.mtmd_context_params_default()
                 mp.use_gpu = n_gpu_layers != 0
@@ -352,6 +353,10 @@ class _Native:
             chunks = mt.mtmd_input_chunks_init()
             arr_t = (mt.mtmd_bitmap_p_ctypes * max(len(bitmaps), 1))(*bitmaps)
             rc = mt.mtmd_tokenize(self.mtmd_ctx, chunks, ctypes.byref(itext), arr_t, len(bitmaps))
+            if rc == 2:
+                shapes = ", ".join(f"{im.shape[0]}x{im.shape[1]}" for im in images)
+                raise RankerError(f"the vision preprocessor could not prepare the image ({shapes} pixels; an "
+                                  "extreme aspect ratio?)")
             if rc != 0:
                 raise RankerError(f"mtmd_tokenize failed with code {rc} (markers and images disagree?)")
             n_tok = int(mt.mtmd_helper_get_n_tokens(chunks))
@@ -509,8 +514,8 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 class Ranker:
     """Ranks the k retrieved candidate names for an image with a (multimodal) LLM through llama.cpp.
 
-    Create with `Ranker.load`; use as a context manager or call `close`. Not thread-safe: one ranker
-    per thread, or a lock around `rank`.
+    Create with `Ranker.load`; use as a context manager or call `close`. Calls from several threads
+    run one at a time (one llama.cpp context); for parallel ranking load one ranker per thread.
 
     Example:
         >>> with Ranker.load("models/smolvlm") as ranker:          # doctest: +SKIP
@@ -534,7 +539,14 @@ class Ranker:
         self._mode = mode
         self._prompt = prompt
         self._chat_template = chat_template or None
+        bad = [ex for ex in in_context_examples if not isinstance(ex, RankingExample)]
+        if bad:
+            raise InvalidInputError(f"in_context_examples must be rar_edge.prompts.RankingExample objects, got "
+                                    f"{type(bad[0]).__name__}")
         self._examples = tuple(in_context_examples)
+        # One llama.cpp context serves one call at a time; the module-level classify() cache hands the same
+        # ranker to every thread, so calls queue here instead of corrupting the KV cache.
+        self._lock = threading.Lock()
         self.name = name
         self._warned_no_vision = False
         self._stats: dict[str, int] = dict.fromkeys(RankerStats.__dataclass_fields__, 0)
@@ -583,8 +595,10 @@ class Ranker:
         """
         if mode not in MODES:
             raise InvalidInputError(f"mode must be one of {MODES}, not {mode!r}")
-        if max_candidates < 1:
-            raise InvalidInputError("max_candidates must be >= 1")
+        if not 1 <= max_candidates <= 255:  # llama.cpp holds at most 256 sequences, one is the shared prefix
+            raise InvalidInputError(f"max_candidates must be in [1, 255], got {max_candidates}")
+        if n_ctx is not None and n_ctx < 0:
+            raise InvalidInputError(f"n_ctx must be >= 0 (0 or None: the model folder's or the default), got {n_ctx}")
         path = Path(model)
         chat_template: str | None = None
         manifest_n_ctx = None
@@ -693,23 +707,25 @@ class Ranker:
             raise InvalidInputError(f"mode must be one of {MODES}, not {mode!r}")
         cands = validate_candidates(candidates)
         img = None if image is None else _to_rgb_array(image)
-        native = self._live()
-        if img is not None and native.mtmd_ctx is None:
-            if not self._warned_no_vision:
-                logger.warning("ranker %s has no vision projector: ranking from the names alone", self.name)
-                self._warned_no_vision = True
-            img = None
-        if len(cands) == 1:
-            return Ranking(labels=cands, scores=(1.0,), fallback=False, raw="")
-        if mode == "score":
-            return self._rank_score(img, cands)
-        return self._rank_generate(img, cands)
+        with self._lock:
+            native = self._live()
+            if img is not None and native.mtmd_ctx is None:
+                if not self._warned_no_vision:
+                    logger.warning("ranker %s has no vision projector: ranking from the names alone", self.name)
+                    self._warned_no_vision = True
+                img = None
+            if len(cands) == 1:
+                return Ranking(labels=cands, scores=(1.0,), fallback=False, raw="")
+            if mode == "score":
+                return self._rank_score(img, cands)
+            return self._rank_generate(img, cands)
 
     def close(self) -> None:
-        """Frees the model and its context (idempotent)."""
-        if self._native is not None:
-            self._native.close()
-            self._native = None
+        """Frees the model and its context (idempotent; waits for a call in progress)."""
+        with self._lock:
+            if self._native is not None:
+                self._native.close()
+                self._native = None
 
     def __enter__(self) -> "Ranker":
         return self
@@ -891,8 +907,9 @@ class Ranker:
                     total[ci] += float(_log_softmax(n.logits(next(rows)))[toks[j]])
 
         def prepare_slots(members: list[int]) -> None:
-            for slot in range(1, len(members) + 1):
+            for slot in range(1, n.n_seq_max):  # every slot: a larger earlier group's cells must go too
                 n.seq_rm(slot, -1, -1)
+            for slot in range(1, len(members) + 1):
                 n.seq_cp(0, slot)
 
         if img is None:
@@ -956,6 +973,7 @@ class Ranker:
         n = self._live()
         n_past = self._eval_query(img, cands)  # its last token's logits choose the first name
         remaining = list(cands)
+        chosen: list[str] = []
         lines: list[str] = []
         pending: list[int] = []  # decided tokens not evaluated yet
         for number in range(1, len(cands)):
@@ -985,12 +1003,12 @@ class Ranker:
                 if done:
                     break
             lines.append(("" if number == 1 else f"{number}.") + f" {done[0]}\n")
+            chosen.append(done[0])
             remaining.remove(done[0])
         raw = self._prompt.answer_open + "".join(lines) + f"{len(cands)}. {remaining[0]}"
-        names, repaired = parse_ranking(raw, cands)
-        if sorted(names) != sorted(cands) or repaired:  # cannot happen: every line was a candidate's
-            logger.warning("generate mode: unexpected answer %r; returning retrieval order", raw)
-            return self._fallback(cands, raw)
+        # Every line was decoded as one candidate's own tokens: the names are known without reading the text
+        # back (a parser would fold names that differ only in spaces or punctuation, e.g. "rose" / "rose.").
+        names = chosen + remaining
         return Ranking(labels=tuple(names), scores=_rank_weights(len(names)), fallback=False, raw=raw)
 
     @staticmethod

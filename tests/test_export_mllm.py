@@ -16,7 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "export"))
 
-from rar_edge.errors import ExportError  # noqa: E402
+from rar_edge.errors import ExportError, RankerError  # noqa: E402
 from rar_edge.manifest import load_manifest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -172,6 +172,10 @@ def test_tiny_vlm_exports_and_ranks_an_image(tmp_path, lcpp, family, quant, hand
     with Ranker.load(m.root, n_threads=2) as r:
         assert r.has_vision
         assert r.image_size_px == d["vision"]["image_size_px"] > 0  # what Pipeline decodes photos to for it
+        try:  # too thin for some vision towers (SmolVLM's): that must be said as such
+            r.rank(np.zeros((10, 1000, 3), np.uint8), cands)
+        except RankerError as e:
+            assert "vision preprocessor could not prepare the image (10x1000" in str(e)
         t0 = time.perf_counter()
         s = r.rank(image, cands, mode="score")
         t_score = time.perf_counter() - t0

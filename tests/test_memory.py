@@ -320,3 +320,11 @@ def test_foreign_zip_and_unusable_hnsw_index(tmp_path, caplog):
     assert "rebuilt from the vectors" in caplog.text
     q = v[::7] + 0.01
     assert [[c.label for c in r] for r in loaded.search(q, k=3)] == [[c.label for c in r] for r in m.search(q, k=3)]
+
+
+def test_labels_with_line_breaks_are_refused():
+    """A ranker lists the candidates one per line: a label with any line break could never be ranked."""
+    m = Memory(dim=4)
+    for bad in ("tulip\n", "a\u2028b", "x\ry"):
+        with pytest.raises(InvalidInputError, match="line break"):
+            m.add(np.eye(4)[:1], [bad])

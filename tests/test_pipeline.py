@@ -313,3 +313,25 @@ def test_the_ranker_sees_the_photo_at_its_own_size(encoder, memory, flowers_subs
         pipe.classify(path)
         pipe.classify_many([path.read_bytes()])
         assert r.shapes == [want, want], size
+
+
+def test_the_pipeline_cache_leaves_a_ranker_passed_in_open(encoder, flowers_subset, tmp_path):
+    """rar_edge.classify caches pipelines and closes the ones it evicts: not the caller's ranker object."""
+    import rar_edge.pipeline as pl
+
+    class _Ranker(_ReverseRanker):
+        closed = False
+
+        def close(self):
+            self.closed = True
+
+    mine = _Ranker()
+    path = sorted((flowers_subset / "daisy").iterdir())[0]
+    memories = [Memory.from_folder(flowers_subset, encoder=encoder, shots=1, seed=s) for s in range(pl._CACHE_SIZE + 1)]
+    for mem in memories:  # more pipelines than the cache keeps: the first is evicted and closed
+        rar_edge.classify(path, memory=mem, encoder=encoder, ranker=mine)
+    assert not mine.closed and mine.calls == len(memories)
+    pl._CACHE.clear()
+    owned = Pipeline(memory=memories[0], encoder=encoder, ranker=mine)
+    owned.close()
+    assert not mine.closed  # a Pipeline closes only a ranker it loaded from a path itself

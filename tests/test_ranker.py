@@ -363,3 +363,73 @@ def test_real_qwen_ranks_sensibly_in_both_modes():
             out = r.rank(None, cands, mode=mode)
             assert sorted(out.labels) == sorted(cands) and not out.fallback
         assert r.stats.prefix_evals == 1
+
+
+# --- found in review: limits, threads, names that differ only in spaces or punctuation ----------------------
+
+def test_a_small_context_caps_the_batch_instead_of_aborting(tiny_gguf):
+    """n_ctx=384: llama.cpp pads the context to 512 cells but caps its batch at 384 tokens, and every decode
+    call must stay within that (a 400-token prompt chunk used to abort the whole process on a GGML_ASSERT,
+    hence the subprocess)."""
+    import subprocess
+
+    code = (f"from rar_edge.ranker import Ranker\n"
+            f"with Ranker.load({str(tiny_gguf)!r}, n_threads=2, n_ctx=384) as r:\n"
+            f"    for mode in ('score', 'generate'):\n"
+            f"        print(sorted(r.rank(None, ['a', 'b', 'c'], mode=mode).labels))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[:2] == ["['a', 'b', 'c']"] * 2
+
+
+def test_names_that_differ_in_spaces_or_punctuation_are_ranked_in_generate_mode(ranker):
+    for cands in (["rose", "rose "], ["rose", "rose."], ["rose", "(rose)"], ["1", "1."], ["rose", "rose\u00a0"]):
+        out = ranker.rank(None, cands, mode="generate")
+        assert not out.fallback and sorted(out.labels) == sorted(cands), cands
+
+
+def test_threads_sharing_one_ranker_take_turns(ranker):
+    import threading
+
+    lists = [["tulip", "rose", "daisy", "iris"], ["a b", "c", "d e f"], ["red", "green", "blue", "cyan", "pink"]]
+    want = [ranker.rank(None, c) for c in lists]
+    got: list = [None] * 12
+    errors: list = []
+
+    def work(i):
+        try:
+            got[i] = ranker.rank(None, lists[i % 3])
+        except Exception as e:  # noqa: BLE001 - collected for the assertion
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and [g.labels for g in got] == [want[i % 3].labels for i in range(12)]
+
+
+def test_more_candidates_than_slots_reuse_them_cleanly(tiny_gguf):
+    """Groups of candidates share the slots: a larger earlier group's cells must not stay behind and fill the
+    KV cache for a later, longer name."""
+    cands = ["a1", "a2", "a3", "a4", "s"] + ["m%d " % i + "word " * 12 for i in range(3)] + ["long " * 36]
+    with Ranker.load(tiny_gguf, n_threads=1, n_ctx=1024, max_candidates=4) as r:  # fits; was "KV cache is full"
+        assert sorted(r.rank(None, cands).labels) == sorted(cands)
+
+
+def test_load_refuses_impossible_settings(tiny_gguf):
+    with pytest.raises(InvalidInputError, match=r"\[1, 255\]"):
+        Ranker.load(tiny_gguf, max_candidates=256)
+    with pytest.raises(InvalidInputError, match="n_ctx must be"):
+        Ranker.load(tiny_gguf, n_ctx=-5)
+    with pytest.raises(InvalidInputError, match="RankingExample"):
+        Ranker.load(tiny_gguf, in_context_examples=[{"candidates": ["a", "b"], "ranked": ["b", "a"]}])
+
+
+def test_line_breaks_of_every_kind_are_refused_in_names():
+    from rar_edge.prompts import validate_candidates
+
+    for bad in ("tulip\n", "a\u2028b", "x\x0by", "end\x85"):
+        with pytest.raises(InvalidInputError, match="line break"):
+            validate_candidates(["rose", bad])
