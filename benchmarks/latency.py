@@ -83,6 +83,10 @@ def export_variants(src: str, models_dir: Path) -> tuple[Path, list[Path], list[
         source, export, stem = Path(src), export_clip, Path(src).name
     dirs = {}
     for mode in (None, "int8", "fp16"):
+        if mode is not None and None in dirs and _quantization_mode(dirs[None]) is not None:
+            notes.append(f"{mode} variant not made: the source model is already "
+                         f"{_quantization_mode(dirs[None])}-quantized (no float32 twin to compare with)")
+            continue
         d = models_dir / f"{stem}.{mode or 'fp32'}"
         if not (d / "manifest.json").is_file():
             try:
@@ -93,12 +97,18 @@ def export_variants(src: str, models_dir: Path) -> tuple[Path, list[Path], list[
         dirs[mode] = d
     fn = export.__name__
     notes.append(f"variants exported with rar_edge_export.{fn}(quantize=None | 'int8' | 'fp16'); "
-                 "the float32 export is the reference")
+                 "the export made without quantize= is the reference (float32 unless the source is quantized)")
     return dirs[None], [dirs[m] for m in ("int8", "fp16") if m in dirs], notes
+
+
+def _quantization_mode(model_dir: Path) -> str | None:
+    q = json.loads((model_dir / "manifest.json").read_text(encoding="utf-8")).get("quantization")
+    return None if not q else q.get("mode")
 
 
 def main(argv: list[str] | None = None) -> int:
     from rar_edge.bench import add_bench_arguments, run_from_args, summary_lines
+    from rar_edge.errors import RarEdgeError
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--export-variants", default=None, metavar="SRC")
@@ -107,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     known, rest = pre.parse_known_args(argv)
     notes: list[str] = []
     if known.export_only:  # the child process below: export, print what was made, exit
+        if not (known.export_variants == RANDOM_CLIP or Path(known.export_variants).exists()):
+            print(f"latency.py: error: no model at {known.export_variants}", file=sys.stderr)
+            return 2
         ref, variants, notes = export_variants(known.export_variants, Path(known.models_dir))
         print(json.dumps({"reference": str(ref), "variants": [str(v) for v in variants], "notes": notes}))
         return 0
@@ -115,15 +128,21 @@ def main(argv: list[str] | None = None) -> int:
         # process (cold start, peak RSS).
         models_dir = Path(known.models_dir or tempfile.mkdtemp(prefix="rar_edge_variants_"))
         proc = subprocess.run([sys.executable, __file__, "--export-variants", known.export_variants,
-                               "--models-dir", str(models_dir), "--export-only"],
-                              stdout=subprocess.PIPE, text=True, check=True)
+                               "--models-dir", str(models_dir), "--export-only"], stdout=subprocess.PIPE, text=True)
+        if proc.returncode != 0:
+            print(f"latency.py: error: exporting {known.export_variants} failed (see above)", file=sys.stderr)
+            return 2
         made = json.loads(proc.stdout.strip().splitlines()[-1])
         notes = made["notes"]
         rest = ["--encoder", made["reference"], *[x for v in made["variants"] for x in ("--variant", v)], *rest]
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[pre])
     add_bench_arguments(p)
     args = p.parse_args(rest)
-    res = run_from_args(args, notes=notes)
+    try:
+        res = run_from_args(args, notes=notes)
+    except RarEdgeError as e:
+        print(f"latency.py: error: {e}", file=sys.stderr)
+        return 2
     for line in summary_lines(res, args.out):
         print(line)
     return 0

@@ -182,8 +182,8 @@ def run(args) -> dict:
         else:
             row["hnsw"] = {
                 "extrapolated": True,
-                "reason": f"predicted build {predicted:.0f} s would overrun the {args.budget_s:.0f} s budget"
-                if predicted is not None else "over --max-hnsw-n",
+                "reason": f"over --max-hnsw-n={args.max_hnsw_n}" if n > args.max_hnsw_n
+                else f"predicted build {predicted:.0f} s would overrun the {args.budget_s:.0f} s budget",
                 "build_s": predicted,
                 "index_bytes": None if hnsw_bytes_per_entry is None else int(hnsw_bytes_per_entry * n),
             }

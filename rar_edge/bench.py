@@ -26,6 +26,7 @@ Outputs in ``out_dir``: ``bench.json``, ``summary.md``, and PNG plots (matplotli
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -499,9 +500,12 @@ def _time_variants(reference: "Encoder", variant_dirs: Sequence[Any], queries: l
     """Reference and variants on the same pixels, interleaved per image; run latency and cosine."""
     from .encoders import Encoder
 
-    encs = [reference]
+    # Without spinning threads: several sessions that busy-wait between their parallel sections would
+    # compete for the cores, and the table would measure that contention, not the variants.
+    quiet = dataclasses.replace(config.encoder, allow_spinning=False)
+    encs = [Encoder(reference.path, config=quiet)]
     for d in variant_dirs:
-        e = Encoder(d, config=config.encoder)
+        e = Encoder(d, config=quiet)
         a, b = reference.image_spec.to_dict(), e.image_spec.to_dict()
         diff = [f for f in _SPEC_FIELDS if a.get(f) != b.get(f)]
         if diff or e.dim != reference.dim:
@@ -598,7 +602,8 @@ def run_bench(
     out = Path(out_dir)
     if config.plots:
         _require_matplotlib()
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise InvalidInputError(f"--out {out} is a file, not a folder")
     load_before = _loadavg()
     rss_start = _rss_bytes()
     cold: dict[str, float | None] = {}
@@ -682,8 +687,12 @@ def run_bench(
         "notes": list(notes),
         "files": {"json": "bench.json", "summary": "summary.md", "plots": []},
     }
+    out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails on its inputs leaves no empty folder
     if config.plots:
         result["files"]["plots"] = write_plots(result, out)
+    for stale in {"stage_breakdown.png", "latency_distribution.png", "encoder_variants.png"} - set(
+            result["files"]["plots"]):
+        (out / stale).unlink(missing_ok=True)  # from an earlier run into the same folder
     (out / "summary.md").write_text(summary_markdown(result), encoding="utf-8")
     tmp = out / "bench.json.tmp"
     tmp.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")

@@ -100,9 +100,9 @@ def _install_log_callback(llama_cpp: Any, mtmd: Any | None) -> None:
         native_logger = logging.getLogger("rar_edge.llama_cpp")
 
         def forward(level: int, text: bytes, user_data: Any) -> None:
-            # ggml levels: 1 info, 2 warn, 3 error, 4 debug, 5 continuation; only errors are worth more
-            # than DEBUG here (llama.cpp "warns" about routine things such as quantization fallbacks).
-            py_level = logging.ERROR if level == 3 else logging.DEBUG
+            # ggml.h levels: 0 none, 1 debug, 2 info, 3 warn, 4 error, 5 continuation; only errors are worth
+            # more than DEBUG here (llama.cpp "warns" about routine things such as quantization fallbacks).
+            py_level = logging.ERROR if level == 4 else logging.DEBUG
             if text and native_logger.isEnabledFor(py_level):
                 native_logger.log(py_level, "%s", text.decode("utf-8", "replace").rstrip("\n"))
 

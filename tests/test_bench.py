@@ -168,7 +168,7 @@ def test_ranker_time_is_the_native_calls_and_variants_compare(mobilenet_onnx, fl
     assert 0.0 <= res["overhead_share"] <= 1.0
 
     (ref, same) = res["encoder_variants"]
-    assert ref["name"] == "fp32 (reference)" and ref["latency_ratio_to_reference_p50"] == 1.0
+    assert ref["name"] == "int8 (reference)" and ref["latency_ratio_to_reference_p50"] == 1.0  # an int8 TFLite
     assert same["cosine_to_reference"]["min"] == pytest.approx(1.0, abs=1e-6)
     _check_percentiles(same["session_run_ms"])
     assert same["latency_ratio_to_reference_p50"] > 0
@@ -176,6 +176,9 @@ def test_ranker_time_is_the_native_calls_and_variants_compare(mobilenet_onnx, fl
     assert "encoder_variants.png" in res["files"]["plots"]
     for name in res["files"]["plots"]:
         _check_png(tmp_path / name)
+    # a later run into the same folder without variants leaves no plot of the earlier run behind
+    again = run_bench(encoder=mobilenet_onnx, images=flowers, out_dir=tmp_path, config=_config(runs=2, plots=True))
+    assert not (tmp_path / "encoder_variants.png").exists() and "encoder_variants.png" not in again["files"]["plots"]
 
 
 def test_cli_bench_prints_summary(mobilenet_onnx, flowers, tmp_path, capsys):
@@ -203,8 +206,12 @@ def test_saved_memory_without_queries_uses_its_exemplars(mobilenet_onnx, flowers
 
 
 def test_bad_arguments(mobilenet_onnx, flowers, tmp_path):
-    with pytest.raises(InvalidInputError):
-        run_bench(encoder=mobilenet_onnx, out_dir=tmp_path, config=_config())  # neither memory nor images
+    with pytest.raises(InvalidInputError):  # neither memory nor images; and no empty output folder left
+        run_bench(encoder=mobilenet_onnx, out_dir=tmp_path / "never", config=_config())
+    assert not (tmp_path / "never").exists()
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(InvalidInputError, match="is a file"):
+        run_bench(encoder=mobilenet_onnx, images=flowers, out_dir=tmp_path / "afile", config=_config())
     with pytest.raises(InvalidInputError):
         BenchConfig(runs=0)
     with pytest.raises(InvalidInputError):

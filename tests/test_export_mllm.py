@@ -120,9 +120,23 @@ def test_cli_subcommand(tmp_path, tiny_gguf, capsys):
     args = parser.parse_args(["mllm", str(tiny_gguf), "-o", str(tmp_path / "cli"), "--copy"])
     assert args.func(args) == 0
     assert json.loads(capsys.readouterr().out)["files"]["language_model"] == "tiny.gguf"
+    assert oct((tmp_path / "cli").stat().st_mode & 0o777) == oct(0o777 & ~_umask())  # not mkdtemp's 0700
     args = parser.parse_args(["mllm", str(tiny_gguf), "-o", str(tmp_path / "cli")])
-    assert args.func(args) == 1  # exists, no --overwrite: a message, not a traceback
-    assert "not empty" in capsys.readouterr().err
+    with pytest.raises(ExportError, match="not empty"):  # exists, no --overwrite: rar-edge says it, exit 2
+        args.func(args)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ExportError, match="not a folder"):  # refused before any conversion
+        args.func(parser.parse_args(["mllm", str(tiny_gguf), "-o", str(tmp_path / "afile"), "--overwrite"]))
+    with pytest.raises(ExportError, match="model folder ./no/such/folder does not exist"):
+        args.func(parser.parse_args(["mllm", "./no/such/folder", "-o", str(tmp_path / "x")]))
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_llama_cpp_source_without_sdist_or_download(tmp_path, monkeypatch):

@@ -90,6 +90,11 @@ def test_int8_keeps_the_natively_quantized_model(mobilenet_tflite: Path, mobilen
     assert q["source_sha256"] == {"image_model": MOBILENET_SHA256}
     assert q["cosine_to_source_min"]["image_model"] > 0.9999
     assert m.data["image"] == load_manifest(mobilenet_onnx).data["image"]
+    # the export without quantize= is the same int8 graph, and says so (bench must not call it fp32)
+    assert load_manifest(mobilenet_onnx).data["quantization"]["mode"] == "int8"
+    # two exports of one file are the same bytes (tf2onnx's counter-numbered names are canonicalised), so
+    # the encoder fingerprint, and the memories it admits, survive a re-export
+    assert m.files == load_manifest(mobilenet_onnx).files
 
 
 def test_fp16_is_refused_for_an_integer_model(mobilenet_tflite: Path, tmp_path: Path, capsys) -> None:

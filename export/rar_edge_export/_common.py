@@ -53,6 +53,18 @@ def check_quantize_mode(quantize: str | None) -> None:
         raise InvalidInputError(f"quantize must be one of {QUANTIZATION_MODES} or None, not {quantize!r}")
 
 
+def looks_like_path(src: str | os.PathLike) -> bool:
+    """Whether ``src`` names a local path rather than a Hugging Face model id ('name' or 'org/name')."""
+    text = os.fspath(src)
+    return (
+        isinstance(src, os.PathLike)
+        or Path(text).expanduser().is_absolute()
+        or text.startswith((".", "~"))
+        or text.count("/") > 1
+        or (os.sep != "/" and os.sep in text)
+    )
+
+
 def check_output_dir(out_dir: Path, *, overwrite: bool) -> None:
     """Refuses a path that is a file, or a non-empty folder unless ``overwrite``."""
     if out_dir.exists() and not out_dir.is_dir():

@@ -28,6 +28,7 @@ from ._common import (
     cosine_rows,
     exporter_id,
     logger,
+    looks_like_path,
     onnx_session,
     require,
     run_onnx,
@@ -197,14 +198,7 @@ def _resolve_source(src: str | os.PathLike) -> tuple[str, bool]:
     if path.exists():
         raise ExportError(f"{path} is a file; expected a CLIP model folder or a Hugging Face model id")
     # A hub id is 'name' or 'org/name'; anything else that does not exist is a missing folder.
-    looks_like_path = (
-        isinstance(src, os.PathLike)
-        or path.is_absolute()
-        or text.startswith((".", "~"))
-        or text.count("/") > 1
-        or (os.sep != "/" and os.sep in text)
-    )
-    if not text or looks_like_path:
+    if not text or looks_like_path(src):
         raise ExportError(f"model folder {path} does not exist")
     return text, False
 

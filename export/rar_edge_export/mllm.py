@@ -39,6 +39,8 @@ from rar_edge.errors import ExportError, MissingDependencyError
 from rar_edge.manifest import Manifest, load_manifest, write_manifest
 from rar_edge.prompts import RANKING_PROMPT_V1
 
+from ._common import atomic_output_dir, looks_like_path
+
 __all__ = [
     "QUANTS",
     "add_subcommand",
@@ -48,6 +50,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger("rar_edge")
+SDIST_DOWNLOAD_TIMEOUT_S = 300
 
 EXPORTER = "rar_edge_export 0.1.0"
 DEFAULT_LLAMA_CPP_PYTHON = "0.3.36"
@@ -132,7 +135,14 @@ def llama_cpp_source(
         tmp_dl = tempfile.mkdtemp(prefix="rar_edge_sdist_")
         cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
                f"llama-cpp-python=={version}", "-d", tmp_dl]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        logger.warning("downloading the llama-cpp-python==%s sources from the package index for llama.cpp's "
+                       "converters (skip with --sdist DIR or $RAR_EDGE_LLAMA_CPP_SDIST)", version)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=SDIST_DOWNLOAD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            shutil.rmtree(tmp_dl, ignore_errors=True)
+            raise ExportError(f"downloading llama-cpp-python=={version} sources took over "
+                              f"{SDIST_DOWNLOAD_TIMEOUT_S} s (no network?); pass --sdist DIR") from None
         tgz = Path(tmp_dl) / name
         if proc.returncode != 0 or not tgz.is_file():
             shutil.rmtree(tmp_dl, ignore_errors=True)
@@ -305,6 +315,8 @@ def _resolve_hf(src: str) -> Path:
         return p
     if p.suffix == ".gguf" or p.exists():
         raise ExportError(f"{src} is neither a folder with config.json nor a GGUF file")
+    if looks_like_path(src):
+        raise ExportError(f"model folder {src} does not exist")
     try:
         from huggingface_hub import snapshot_download
     except ImportError as e:
@@ -416,11 +428,8 @@ def export_mllm(
     if quant not in QUANTS:
         raise ExportError(f"quant must be one of {sorted(QUANTS)}, not {quant!r}")
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ExportError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    # a folder beside out_dir (umask permissions) that replaces it only once complete
+    with atomic_output_dir(out, overwrite=overwrite) as work:
         src_str = str(src)
         if src_str.endswith(".gguf") and Path(src_str).is_file():
             data, files, default_name = _from_gguf(Path(src_str), None if mmproj is None else Path(mmproj), work,
@@ -435,12 +444,6 @@ def export_mllm(
             data["source"] = src_str
         data["name"] = name or default_name
         write_manifest(work, data, files=files)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(work, out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return load_manifest(out, verify=False)
 
 
@@ -561,14 +564,11 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
 
 def _cli(args: argparse.Namespace) -> int:
     lcpp = args.llama_cpp_src
-    try:
-        if lcpp is None and args.sdist is not None and not str(args.src).endswith(".gguf"):
-            lcpp = llama_cpp_source(sdist=args.sdist)
-        m = export_mllm(args.src, args.out, quant=args.quant, mmproj=args.mmproj, overwrite=args.overwrite,
-                        copy=args.copy, llama_cpp_src=lcpp)
-    except (ExportError, MissingDependencyError) as e:
-        print(f"rar-edge export mllm: {e}", file=sys.stderr)
-        return 1
+    # errors (ExportError, MissingDependencyError) go to the command's wrapper, as for clip and tflite
+    if lcpp is None and args.sdist is not None and not str(args.src).endswith(".gguf"):
+        lcpp = llama_cpp_source(sdist=args.sdist)
+    m = export_mllm(args.src, args.out, quant=args.quant, mmproj=args.mmproj, overwrite=args.overwrite,
+                    copy=args.copy, llama_cpp_src=lcpp)
     print(json.dumps({"out": str(m.root), "files": {k: v["path"] for k, v in m.files.items()},
                       "chat_handler": m.data.get("chat_handler")}))
     return 0

@@ -102,6 +102,7 @@ def export_tflite(
         work.mkdir()
         onnx_path = tmp / MODEL_FILE
         _run_worker(path, work, onnx_path, opset=opset)
+        _canonical_names(onnx_path)
         details = json.loads((work / _tflite_worker.DETAILS_FILE).read_text(encoding="utf-8"))
         inp, out = _io_details(details, path)
         if quantize == "fp16" and out.quantization is not None:
@@ -118,7 +119,7 @@ def export_tflite(
         source_sha256 = sha256_file(path)
         quantization = None
         model_file = MODEL_FILE
-        if quantize == "int8" and is_quantized(onnx_path):
+        if quantize in (None, "int8") and is_quantized(onnx_path):  # an integer TFLite is int8 whatever was asked
             quantization = {
                 "mode": "int8",
                 "method": "native: the TFLite model is integer-quantized; its QDQ graph is kept as converted",
@@ -165,6 +166,49 @@ def export_tflite(
             files={"image_model": model_file},
         )
     return load_manifest(out_dir)
+
+
+def _canonical_names(onnx_path: Path) -> None:
+    """Renames the graph's inner tensors and nodes in graph order (inputs and outputs keep theirs).
+
+    tf2onnx numbers some of the names it makes from process-wide counters (``zero_point__110``), so two
+    exports of one TFLite file differed in a few names: another sha256, another encoder fingerprint, and
+    memories built with the first export refused by the second. Same graph, same bytes now.
+    """
+    import onnx
+
+    model = onnx.load(str(onnx_path))
+    g = model.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
+        return  # subgraphs (If, Loop) have their own scopes: left as converted
+    keep = {v.name for v in g.input} | {v.name for v in g.output}
+    initializers = {t.name for t in g.initializer}
+    names: dict[str, str] = {}
+
+    def canon(name: str) -> str:
+        if not name or name in keep:
+            return name
+        if name not in names:
+            names[name] = f"{'w' if name in initializers else 't'}{len(names)}"
+        return names[name]
+
+    for i, node in enumerate(g.node):
+        node.input[:] = [canon(x) for x in node.input]
+        node.output[:] = [canon(x) for x in node.output]
+        node.name = f"{node.op_type}_{i}"
+    order = {t.name: i for i, t in enumerate(g.initializer)}
+    for t in g.initializer:
+        t.name = canon(t.name)
+    for v in g.value_info:
+        v.name = canon(v.name)
+    rank = {new: i for i, new in enumerate(names.values())}
+    sorted_inits = sorted(g.initializer, key=lambda t: (rank.get(t.name, len(rank)), order.get(t.name, 0)))
+    del g.initializer[:]
+    g.initializer.extend(sorted_inits)
+    sorted_info = sorted(g.value_info, key=lambda v: rank.get(v.name, len(rank)))
+    del g.value_info[:]
+    g.value_info.extend(sorted_info)
+    onnx.save(model, str(onnx_path))
 
 
 def _run_worker(path: Path, work: Path, onnx_path: Path, *, opset: int) -> None:
