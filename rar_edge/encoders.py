@@ -96,8 +96,7 @@ def _session(path: Path, config: EncoderConfig):
             f"requested provider {config.provider!r} ({wanted[0]}) is not in use for {path.name}; "
             f"running on {in_use} (available: {available}). Install the 'gpu' extra and a matching CUDA."
         )
-        log.warning(msg)
-        warnings.warn(msg, ProviderFallbackWarning, stacklevel=3)
+        warnings.warn(msg, ProviderFallbackWarning, stacklevel=3)  # once: not also a log line
     return sess
 
 

@@ -236,6 +236,12 @@ def test_requested_gpu_that_falls_back_is_visible(mobilenet_onnx):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Encoder(mobilenet_onnx, config=EncoderConfig(provider="cpu"))
+    # the command line says it once, as one line
+    out = subprocess.run([sys.executable, "-m", "rar_edge", "-q", "memory", "build", "--classes", "/nonexistent",
+                          "--encoder", str(mobilenet_onnx), "--provider", "cuda", "-o", "/nonexistent/m"],
+                         capture_output=True, text=True, timeout=120)
+    lines = [ln for ln in out.stderr.splitlines() if "CUDAExecutionProvider" in ln]
+    assert len(lines) == 1 and lines[0].startswith("rar-edge: warning: requested provider 'cuda'"), out.stderr
 
 
 def test_zero_shot_memory_classifies_into_one_of_the_names(tiny_clip_onnx, tmp_path):
