@@ -203,7 +203,7 @@ def cmd_eval_detect(args) -> int:
     enc = _encoder(args)
     res = evaluate_detection(args.dataset, encoder=enc, shots=args.shots, seed=args.seed, k=args.k,
                              queries=args.queries, ranker=_ranker(args), crop_scale=args.crop_scale,
-                             blur_sigma_px=args.blur_sigma, progress=not args.quiet)
+                             blur_sigma_px=args.blur_sigma, gate_margin=args.gate_margin, progress=not args.quiet)
     _write_json(res, args.json)
     print(f"top1 {res['top1']:.4f}  recall@{args.k} {res['recall'][str(args.k)]:.4f}  n={res['n_queries']}",
           file=sys.stderr if args.json in (None, "-") else sys.stdout)

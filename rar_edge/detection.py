@@ -29,7 +29,8 @@ def read_boxes_file(path: str | os.PathLike, *, image: Any = None) -> np.ndarray
     """Reads boxes as (N, 4) x1, y1, x2, y2 pixels.
 
     Formats: a YOLO txt (``[class] cx cy w h`` normalised; needs ``image`` for its size), a
-    COCO-style json list (``[{"bbox": [x, y, w, h], ...}]`` or ``{"annotations": [...]}``), or a
+    COCO-style json list (``[{"bbox": [x, y, w, h], ...}]`` or ``{"annotations": [...]}``; from a COCO
+    instances file with several images only the boxes of ``image``, matched by file name), or a
     json list of ``[x1, y1, x2, y2]``.
     """
     p = Path(path)
@@ -59,7 +60,7 @@ def read_boxes_file(path: str | os.PathLike, *, image: Any = None) -> np.ndarray
     except json.JSONDecodeError as e:
         raise InvalidInputError(f"{p} is neither YOLO txt nor json: {e}") from e
     if isinstance(data, dict) and "annotations" in data:
-        data = data["annotations"]
+        data = _annotations_of(data, image, p)
     if not isinstance(data, list):
         raise InvalidInputError(f"{p}: expected a json list of boxes")
     rows = []
@@ -73,6 +74,23 @@ def read_boxes_file(path: str | os.PathLike, *, image: Any = None) -> np.ndarray
             raise InvalidInputError(f"{p}: box {i} is neither {{'bbox': [x,y,w,h]}} nor [x1,y1,x2,y2]: {b!r}") from None
         rows.append((v[0], v[1], v[0] + v[2], v[1] + v[3]) if coords is not b else tuple(v))
     return np.asarray(rows, np.float64).reshape(-1, 4)
+
+
+def _annotations_of(coco: dict, image: Any, p: Path) -> list:
+    """The annotations of ``image`` in a COCO instances dict (all of them when they are of one image)."""
+    anns = coco["annotations"]
+    if not isinstance(anns, list):
+        raise InvalidInputError(f"{p}: 'annotations' must be a list")
+    ids = {a.get("image_id") for a in anns if isinstance(a, dict)}
+    if len(ids) <= 1:
+        return anns
+    name = Path(image).name if isinstance(image, (str, os.PathLike)) else None
+    matches = [im.get("id") for im in coco.get("images", []) if isinstance(im, dict)
+               and name is not None and Path(str(im.get("file_name", ""))).name == name]
+    if len(matches) != 1:
+        raise InvalidInputError(f"{p} holds boxes of {len(ids)} images and none is named "
+                                f"{name or '(no image path given)'!r}: pass that image, or a file of its boxes only")
+    return [a for a in anns if isinstance(a, dict) and a.get("image_id") == matches[0]]
 
 
 def _image_size(image: Any) -> tuple[int, int]:
@@ -188,12 +206,14 @@ def evaluate_detection(
     ranker: Any = None,
     crop_scale: float | str | None = None,
     blur_sigma_px: float | None = None,
+    gate_margin: float | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Box classification accuracy with a few-shot crop memory.
 
     The images are split in two halves (seeded): the memory takes ``shots`` boxes per class from
     the first half and every box of the second half is classified (or every box of ``queries``).
+    ``gate_margin`` skips the ranker where retrieval is that sure (see `PipelineConfig`).
 
     Returns:
         The fields of `rar_edge.evaluate.evaluate_classification` plus per-class accuracy and the
@@ -214,7 +234,7 @@ def evaluate_detection(
     else:
         qimages = [images[i] for i in query_idx]
     pipe = Pipeline(memory=mem, encoder=encoder, ranker=ranker, config=PipelineConfig(k=k, encoder=encoder.config,
-                                                                                       crop=cfg))
+                                                                                       crop=cfg, gate_margin=gate_margin))
     results, truths = [], []
     it: Any = [im for im in qimages if len(im.boxes)]
     if progress:

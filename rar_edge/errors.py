@@ -42,10 +42,10 @@ class ManifestError(RarEdgeError, ValueError):
 class MissingDependencyError(RarEdgeError, ImportError):
     """An optional dependency is not installed; the message names the pip extra that brings it."""
 
-    def __init__(self, package: str, extra: str, purpose: str) -> None:
-        super().__init__(
-            f"{purpose} needs the '{package}' package: pip install 'rar-edge[{extra}]'"
-        )
+    def __init__(self, package: str, extra: str | None, purpose: str) -> None:
+        # extra None: a core dependency that went missing; the package itself is the fix
+        how = f"pip install {package}" if extra is None else f"pip install 'rar-edge[{extra}]'"
+        super().__init__(f"{purpose} needs the '{package}' package: {how}")
         self.package = package
         self.extra = extra
 

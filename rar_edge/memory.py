@@ -445,7 +445,7 @@ class Memory:
         try:
             import hnswlib
         except ImportError as e:  # pragma: no cover
-            raise MissingDependencyError("hnswlib", "cpu", "the HNSW back end") from e
+            raise MissingDependencyError("hnswlib", None, "the HNSW back end") from e
         h = self._hnsw
         if h is None or h.dirty:
             p = self.hnsw_params

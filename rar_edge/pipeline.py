@@ -95,6 +95,11 @@ class Pipeline:
                 raise InvalidInputError("the memory records no encoder: pass encoder=")
             encoder = self.memory.encoder.path
         enc_cfg = self.config.encoder if ranker is None else self.config.encoder.beside_ranker()
+        if isinstance(encoder, Encoder) and ranker is not None and encoder.config.allow_spinning is None:
+            # An encoder object made without a ranker in mind spins its ONNX Runtime threads, which starves a
+            # llama.cpp ranker on the same cores (EncoderConfig): this pipeline opens its own, quiet sessions.
+            log.debug("encoder %s reopened without spinning threads, beside the ranker", encoder.name)
+            encoder = Encoder(encoder.path, config=encoder.config.beside_ranker())
         self.encoder = encoder if isinstance(encoder, Encoder) else Encoder(encoder, config=enc_cfg)
         self.memory.check_encoder(self.encoder)
         self._owns_ranker = ranker is not None and isinstance(ranker, (str, os.PathLike))

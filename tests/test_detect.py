@@ -149,3 +149,35 @@ def test_yolo_boxes_are_read_in_the_upright_frame_of_an_exif_rotated_photo(tmp_p
     assert decode_rgb(img).shape[:2] == (100, 40)
     (tmp_path / "b.txt").write_text("0 0.5 0.5 0.5 0.1\n")
     np.testing.assert_allclose(read_boxes_file(tmp_path / "b.txt", image=img), [[10, 45, 30, 55]])
+
+
+def test_eval_detect_honours_the_gate_margin(encoder, coco_subset):
+    """--gate-margin skips the ranker where retrieval is that sure; it used to be accepted and ignored."""
+    from rar_edge.detection import evaluate_detection
+    from rar_edge.types import Ranking
+
+    class Counting:
+        calls = 0
+
+        def rank(self, image, candidates):
+            Counting.calls += 1
+            return Ranking(tuple(candidates), tuple(1.0 / (i + 1) for i in range(len(candidates))))
+
+    evaluate_detection(coco_subset, encoder=encoder, shots=1, ranker=Counting(), gate_margin=0.0)  # every margin >= 0
+    assert Counting.calls == 0
+    res = evaluate_detection(coco_subset, encoder=encoder, shots=1, ranker=Counting(), gate_margin=None)
+    assert Counting.calls == res["n_queries"] > 0  # no gate: every box is ranked
+
+
+def test_a_coco_instances_file_gives_the_boxes_of_the_image_named(tmp_path):
+    coco = {"images": [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "sub/b.jpg"}],
+            "annotations": [{"image_id": 1, "bbox": [10, 10, 50, 50]}, {"image_id": 2, "bbox": [300, 200, 100, 100]},
+                            {"image_id": 2, "bbox": [0, 0, 5, 5]}]}
+    (tmp_path / "inst.json").write_text(json.dumps(coco))
+    np.testing.assert_allclose(read_boxes_file(tmp_path / "inst.json", image=tmp_path / "b.jpg"),
+                               [[300, 200, 400, 300], [0, 0, 5, 5]])
+    with pytest.raises(InvalidInputError, match="boxes of 2 images"):
+        read_boxes_file(tmp_path / "inst.json", image=tmp_path / "c.jpg")
+    coco["annotations"] = coco["annotations"][:1]  # one image's boxes: taken as they are
+    (tmp_path / "one.json").write_text(json.dumps(coco))
+    np.testing.assert_allclose(read_boxes_file(tmp_path / "one.json"), [[10, 10, 60, 60]])

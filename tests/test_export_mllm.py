@@ -127,6 +127,8 @@ def test_cli_subcommand(tmp_path, tiny_gguf, capsys):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ExportError, match="not a folder"):  # refused before any conversion
         args.func(parser.parse_args(["mllm", str(tiny_gguf), "-o", str(tmp_path / "afile"), "--overwrite"]))
+    with pytest.raises(ExportError, match="keeps its own quantization"):  # --quant would be silently ignored
+        args.func(parser.parse_args(["mllm", str(tiny_gguf), "-o", str(tmp_path / "q"), "--quant", "Q8_0"]))
     with pytest.raises(ExportError, match="model folder ./no/such/folder does not exist"):
         args.func(parser.parse_args(["mllm", "./no/such/folder", "-o", str(tmp_path / "x")]))
 

@@ -134,6 +134,12 @@ def test_encoder_beside_a_ranker_does_not_spin_unless_asked(mobilenet_onnx, memo
     asked = PipelineConfig(encoder=EncoderConfig(allow_spinning=True))
     assert Pipeline(memory=memory, encoder=mobilenet_onnx, ranker=Ranker(),
                     config=asked).encoder.config.allow_spinning is True
+    # an Encoder object made without a ranker in mind (as `rar-edge eval --ranker` makes one) is reopened quietly
+    lone = Encoder(mobilenet_onnx, config=EncoderConfig(threads=1))
+    beside = Pipeline(memory=memory, encoder=lone, ranker=Ranker()).encoder
+    assert beside.config.allow_spinning is False and beside.config.threads == 1 and lone.config.allow_spinning is None
+    mine = Encoder(mobilenet_onnx, config=EncoderConfig(allow_spinning=True))  # asked for: kept as it is
+    assert Pipeline(memory=memory, encoder=mine, ranker=Ranker()).encoder is mine
 
 
 def test_bad_images_and_empty_memory(encoder, memory):

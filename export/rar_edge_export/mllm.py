@@ -552,7 +552,9 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
     )
     p.add_argument("src", help="Hugging Face folder or id, or a .gguf language model")
     p.add_argument("-o", "--out", required=True, help="output model folder")
-    p.add_argument("--quant", choices=sorted(QUANTS), default="Q4_K_M", help="language model quantization")
+    p.add_argument("--quant", choices=sorted(QUANTS), default=None,
+                   help="language model quantization of a converted model (default Q4_K_M); "
+                        "a .gguf SRC keeps its own")
     p.add_argument("--mmproj", default=None, help="mmproj GGUF, with a .gguf SRC")
     p.add_argument("--copy", action="store_true", help="copy a GGUF SRC instead of hard-linking it")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -565,9 +567,12 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
 def _cli(args: argparse.Namespace) -> int:
     lcpp = args.llama_cpp_src
     # errors (ExportError, MissingDependencyError) go to the command's wrapper, as for clip and tflite
+    if args.quant is not None and str(args.src).endswith(".gguf"):
+        raise ExportError("--quant applies to a converted Hugging Face model; a .gguf source keeps its own "
+                          "quantization (quantize it with llama.cpp's llama-quantize first)")
     if lcpp is None and args.sdist is not None and not str(args.src).endswith(".gguf"):
         lcpp = llama_cpp_source(sdist=args.sdist)
-    m = export_mllm(args.src, args.out, quant=args.quant, mmproj=args.mmproj, overwrite=args.overwrite,
+    m = export_mllm(args.src, args.out, quant=args.quant or "Q4_K_M", mmproj=args.mmproj, overwrite=args.overwrite,
                     copy=args.copy, llama_cpp_src=lcpp)
     print(json.dumps({"out": str(m.root), "files": {k: v["path"] for k, v in m.files.items()},
                       "chat_handler": m.data.get("chat_handler")}))
