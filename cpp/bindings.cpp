@@ -25,6 +25,9 @@ void require_c_contiguous(const py::array& a, const char* name) {
   if (!(a.flags() & py::array::c_style))
     throw py::value_error(std::string(name) + " must be C-contiguous (np.ascontiguousarray(" + name +
                           ") makes a copy you can keep)");
+  if (!(a.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_))  // np.frombuffer at an odd offset, say
+    throw py::value_error(std::string(name) + " must be aligned to its element size (np.require(" + name +
+                          ", requirements='CA') makes an aligned copy)");
 }
 
 template <class T>

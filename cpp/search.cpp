@@ -52,9 +52,10 @@ namespace {
 // Queries are float for f32/f16 rows and int16 (quantised per query) for int8 rows.
 using DotsFn = void (*)(const void* rows, std::size_t count, std::size_t dim, const void* const* q, float* out);
 
-// int8 x int16 products are summed exactly in int32 over chunks this long (127 * 16383 * 2 per pair and
-// lane: no overflow below 16k elements), then in float.
-constexpr std::size_t kIntChunk = 8192;
+// int8 x int16 products are summed exactly in int32 over chunks this long, then in float. The bound is the
+// whole chunk's sum, not one lane's: the lanes are added together in int32 before the float conversion, and
+// 1024 * 127 * 16383 = 2,130,576,384 < 2^31 (8192 overflowed for flat, non-negative vectors at d >= ~1032).
+constexpr std::size_t kIntChunk = 1024;
 constexpr float kQ16Max = 16383.f;
 
 // ----------------------------------------------------------------------------------------- scalar
@@ -456,17 +457,20 @@ struct Query {
 
 void prepare_query(const float* f, std::size_t dim, bool quantize, Query* q) {
   q->f = f;
-  float peak = 0.f, l1 = 0.f;
+  float peak = 0.f;
+  double l1 = 0.0;  // a finite query's L1 norm can pass FLT_MAX: summed in double, stored as inf then
+  bool finite = true;
   for (std::size_t j = 0; j < dim; ++j) {
     const float a = std::fabs(f[j]);
+    finite = finite && a <= std::numeric_limits<float>::max();  // false for NaN and inf
     peak = a > peak ? a : peak;
     l1 += a;
   }
-  q->l1 = l1;
+  q->l1 = static_cast<float>(l1);  // inf when huge: the rerank bound then rescores every row (exact)
   q->q16.clear();
   q->qscale = 1.f;
   if (!quantize) return;
-  if (!std::isfinite(l1)) {  // NaN / inf in the query: every score NaN, like the float storages
+  if (!finite) {  // NaN / inf in the query: every score NaN, like the float storages
     q->qscale = std::numeric_limits<float>::quiet_NaN();
     q->q16.assign(dim, 0);
     return;

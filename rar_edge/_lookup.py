@@ -61,7 +61,7 @@ class VectorStore:
     def __init__(self, vectors: np.ndarray, *, storage: str = DEFAULT_STORAGE) -> None:
         if storage not in STORAGES:
             raise InvalidInputError(f"storage must be one of {STORAGES}, not {storage!r}")
-        v = np.ascontiguousarray(vectors, dtype=np.float32)
+        v = np.require(vectors, np.float32, "CA")  # C-contiguous and aligned, as the native scan reads it
         if v.ndim != 2:
             raise InvalidInputError(f"vectors must be (N, d), got shape {v.shape}")
         if not np.isfinite(v).all():
@@ -122,7 +122,7 @@ class VectorStore:
         Raises:
             InvalidInputError: wrong shapes, labels out of range, k < 1, threads < 1.
         """
-        q = np.ascontiguousarray(queries, dtype=np.float32)
+        q = np.require(queries, np.float32, "CA")
         if q.ndim == 1:
             q = q[None, :]
         lab = np.asarray(labels)
@@ -132,7 +132,7 @@ class VectorStore:
             if lab.size and (lab.min() < 0 or lab.max() >= n_classes):
                 raise InvalidInputError(f"labels must lie in [0, n_classes={n_classes})")
             lab = lab.astype(np.int32)
-        lab = np.ascontiguousarray(lab)
+        lab = np.require(lab, requirements="CA")
         try:
             return _native.topk_classes(
                 self._v,

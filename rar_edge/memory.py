@@ -430,7 +430,7 @@ class Memory:
             q = q[None, :]
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise InvalidInputError(f"queries must be (Q, {self.dim}), got {np.shape(queries)}")
-        q, finite = _native.unit_rows(np.ascontiguousarray(q))
+        q, finite = _native.unit_rows(np.require(q, requirements="CA"))
         if not finite:
             raise InvalidInputError("queries contain NaN or inf")
         k = min(int(k), len(self._classes))  # no more classes than there are (and no (Q, k) arrays beyond)

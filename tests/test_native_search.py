@@ -346,3 +346,48 @@ def test_small_memories_scan_float32_with_the_same_result(monkeypatch):
     assert forced._v.dtype == np.int8
     for a, b in zip(small.topk_classes(labels, 20, q, 5), forced.topk_classes(labels, 20, q, 5)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_int8_sums_do_not_overflow_on_flat_long_vectors(family):
+    """Flat non-negative vectors at d >= 2048: a chunk's int32 sum of int8 x int16 products used to overflow
+    (one whole 8192-element chunk reached 1.7e10), so int8_rerank lost the exact match."""
+    d = 2048
+    v = np.full((2, d), 1 / np.sqrt(d), np.float32)
+    v[1] *= -1
+    labels = np.array([0, 1], np.int32)
+    for storage in ("int8", "int8_rerank"):
+        c, s = VectorStore(v, storage=storage).topk_classes(labels, 2, v[:1], 1)
+        assert c[0, 0] == 0 and s[0, 0] == pytest.approx(1.0, abs=2e-3), (family, storage)
+    rng = np.random.default_rng(0)
+    d = 4096
+    u = rng.uniform(0, 1, (400, d)).astype(np.float32)
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    lab = rng.integers(0, 20, 400).astype(np.int32)
+    q = u[:5] + 0.002 * rng.standard_normal((5, d)).astype(np.float32)
+    exact = VectorStore(u, storage="float32").topk_classes(lab, 20, q, 3)
+    got = VectorStore(u, storage="int8_rerank").topk_classes(lab, 20, q, 3)
+    np.testing.assert_array_equal(got[0], exact[0])
+
+
+def test_a_huge_finite_query_is_not_taken_for_nan(family):
+    v = np.full((200, 64), 1 / 8, np.float32)
+    v[100:] *= 0.5
+    labels = np.r_[np.zeros(100), np.ones(100)].astype(np.int32)
+    q = np.full((1, 64), 1e37, np.float32)  # finite, but its L1 norm passes FLT_MAX
+    for storage in STORAGES:
+        c, _ = VectorStore(v, storage=storage).topk_classes(labels, 2, q, 2)
+        assert c[0].tolist() == [0, 1], storage
+
+
+def test_misaligned_arrays_are_refused_natively_and_copied_by_the_wrappers():
+    buf = bytearray(4 * 64 * 8 + 1)
+    v = np.frombuffer(buf, np.float32, count=64 * 8, offset=1).reshape(64, 8)
+    v[:] = np.random.default_rng(0).standard_normal((64, 8))
+    assert v.flags.c_contiguous and not v.flags.aligned
+    labels = np.zeros(64, np.int32)
+    with pytest.raises(ValueError, match="aligned"):
+        _native.topk_classes(v, labels, 1, np.ones((1, 8), np.float32), 1)
+    with pytest.raises(ValueError, match="aligned"):
+        _native.unit_rows(v)
+    c, _ = VectorStore(v, storage="float32").topk_classes(labels, 1, v[:1], 1)  # the wrapper makes an aligned copy
+    assert c[0, 0] == 0
