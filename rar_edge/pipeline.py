@@ -5,6 +5,7 @@ Every stage is timed; results carry both the retrieval order and the final ranki
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -12,7 +13,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -72,7 +73,8 @@ class Pipeline:
         ranker: an object with ``rank(image, candidates) -> Ranking`` (e.g. `rar_edge.ranker.Ranker`),
             a ranker model folder / GGUF path, or None for retrieval only. ``image`` is an HxWx3 uint8
             RGB array: the decoded photo (classify), at least ``ranker.image_size_px`` on its shorter side
-            where the photo has that many pixels, or the prepared box crop (detect).
+            where the photo has that many pixels, or the prepared box crop (detect), made at that size
+            when it is larger than the encoder's.
         config: k, encoder settings, the confidence gate, crop settings.
 
     Raises:
@@ -125,8 +127,10 @@ class Pipeline:
         self.close()
 
     # -- shared tail: search + rank ------------------------------------------------------------------
-    def _rank(self, image, retrieved: list[Candidate], timings: dict[str, float], source: Any = None) -> tuple[
+    def _rank(self, view: Callable[[], np.ndarray], retrieved: list[Candidate], timings: dict[str, float]) -> tuple[
             tuple[Candidate, ...], bool, bool]:
+        """Ranks ``retrieved`` unless the gate or a single candidate makes it moot; ``view()`` makes the
+        image the ranker sees (only when it runs: it may decode or crop again)."""
         if self.ranker is None or len(retrieved) < 2:
             return tuple(retrieved), False, False
         gate = self.config.gate_margin
@@ -135,7 +139,7 @@ class Pipeline:
         t0 = time.perf_counter()
         names = [c.label for c in retrieved]
         try:
-            ranking: Ranking = self.ranker.rank(self._ranker_view(image, source), names)
+            ranking: Ranking = self.ranker.rank(view(), names)
         finally:
             timings["rank"] = _ms(t0)
         if sorted(ranking.labels) != sorted(names) or len(ranking.scores) != len(ranking.labels):
@@ -144,12 +148,26 @@ class Pipeline:
             return tuple(retrieved), True, True
         return tuple(Candidate(lbl, float(s)) for lbl, s in zip(ranking.labels, ranking.scores)), True, ranking.fallback
 
+    def _ranker_px(self) -> int | None:
+        """The ranker's wish for its image size: ``image_size_px`` (0 or absent: none; None: unknown)."""
+        return getattr(self.ranker, "image_size_px", 0)
+
+    def _ranker_crop(self, arr: np.ndarray, box: np.ndarray, crop_cfg: Any, crop: np.ndarray) -> np.ndarray:
+        """The box as the ranker sees it: the encoder's crop, or the same crop made at the ranker's size
+        when its vision tower takes more pixels (a size it does not state keeps the encoder's crop)."""
+        want = self._ranker_px()
+        if not want or want <= crop.shape[0]:
+            return crop
+        from .boxes import crop_boxes
+
+        return crop_boxes(arr, box[None], config=dataclasses.replace(crop_cfg, out_size_px=int(want)))[0]
+
     def _ranker_view(self, image: np.ndarray, source: Any) -> np.ndarray:
         """The image the ranker sees. JPEGs are decoded for the encoder at the smallest DCT scale that
         covers its input (often 224 px); a ranker whose vision tower takes more (its ``image_size_px``,
         e.g. 384-512 px; None: unknown, so the full image) gets the photo decoded again at its own size.
         Rankers without the attribute get the encoder's decode."""
-        want = getattr(self.ranker, "image_size_px", 0)
+        want = self._ranker_px()
         if want == 0 or not isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)):
             return image  # no wish, or an array / PIL input: already decoded at full size
         if want is not None and min(image.shape[:2]) >= want:
@@ -189,7 +207,7 @@ class Pipeline:
         t0 = time.perf_counter()
         retrieved = self.memory.search(vec, k=k)[0]
         timings["search"] = _ms(t0)
-        ranked, ran, fallback = self._rank(img, retrieved, timings, source)
+        ranked, ran, fallback = self._rank(lambda: self._ranker_view(img, source), retrieved, timings)
         timings["total"] = _ms(t_all)
         return Classification(
             label=ranked[0].label,
@@ -319,7 +337,8 @@ class Pipeline:
         out = []
         for i, retrieved in enumerate(retrieved_all):
             t = dict(shared)
-            ranked, ran, fallback = self._rank(crops[i], retrieved, t)
+            ranked, ran, fallback = self._rank(
+                lambda i=i: self._ranker_crop(arr, valid[i], crop_cfg, crops[i]), retrieved, t)
             t["total"] = sum(v for s, v in t.items() if s != "total")
             out.append(Detection(box=tuple(given[kept[i]]), label=ranked[0].label, score=ranked[0].score,
                                  candidates=ranked, retrieved=tuple(retrieved), ranker_ran=ran,

@@ -181,3 +181,23 @@ def test_a_coco_instances_file_gives_the_boxes_of_the_image_named(tmp_path):
     coco["annotations"] = coco["annotations"][:1]  # one image's boxes: taken as they are
     (tmp_path / "one.json").write_text(json.dumps(coco))
     np.testing.assert_allclose(read_boxes_file(tmp_path / "one.json"), [[10, 10, 60, 60]])
+
+
+def test_the_ranker_sees_each_box_cropped_at_its_own_size(encoder, coco_subset):
+    from rar_edge.types import Ranking
+
+    class Sized:
+        def __init__(self, size):
+            self.image_size_px, self.shapes = size, []
+
+        def rank(self, image, candidates):
+            self.shapes.append(image.shape)
+            return Ranking(tuple(candidates), tuple(1.0 / (i + 1) for i in range(len(candidates))))
+
+    _, images = read_yolo_dataset(coco_subset)
+    mem = memory_from_boxes(coco_subset, encoder=encoder, shots=1, seed=0)
+    im = images[0]
+    for size, side in ((448, 448), (0, 224), (None, 224), (100, 224)):
+        r = Sized(size)
+        dets = Pipeline(memory=mem, encoder=encoder, ranker=r).detect(im.path, im.boxes)
+        assert r.shapes == [(side, side, 3)] * len(dets), size
