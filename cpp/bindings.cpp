@@ -30,6 +30,15 @@ void require_c_contiguous(const py::array& a, const char* name) {
                           ", requirements='CA') makes an aligned copy)");
 }
 
+// Worker threads are started per call: a bound keeps a typo (threads=10**6) from spawning a million of them
+// and keeps the per-worker buffers (workers x queries x classes floats) in range.
+constexpr int kMaxThreads = 1024;
+void check_threads(int threads) {
+  if (threads < 1 || threads > kMaxThreads)
+    throw py::value_error("threads must be in [1, " + std::to_string(kMaxThreads) + "], got " +
+                          std::to_string(threads));
+}
+
 template <class T>
 bool is_dtype(const py::array& a) {
   return a.dtype().equal(py::dtype::of<T>());
@@ -75,7 +84,7 @@ std::tuple<py::array_t<int32_t>, py::array_t<float>> topk_classes(py::array vect
                           std::to_string(v.dim));
   if (k < 1) throw py::value_error("k must be >= 1, got " + std::to_string(k));
   if (n_classes < 0) throw py::value_error("n_classes must be >= 0, got " + std::to_string(n_classes));
-  if (threads < 1) throw py::value_error("threads must be >= 1, got " + std::to_string(threads));
+  check_threads(threads);
   py::array scales_arr;
   if (v.storage == rar::Storage::i8) {
     if (!scales) throw py::type_error("int8 vectors need scales: float32 (N,), one per row");
@@ -175,7 +184,7 @@ py::array_t<uint8_t> crop_blur(py::array image, py::array boxes, int out_size, d
   if (!(sigma >= 0.0 && sigma <= rar::kMaxSigma))
     throw py::value_error("sigma must be in [0, " + std::to_string(rar::kMaxSigma) + "] pixels");
   if (pad_value < 0 || pad_value > 255) throw py::value_error("pad_value must be in [0, 255]");
-  if (threads < 1) throw py::value_error("threads must be >= 1, got " + std::to_string(threads));
+  check_threads(threads);
   const int h = static_cast<int>(image.shape(0)), w = static_cast<int>(image.shape(1));
   const auto n = static_cast<std::size_t>(boxes.shape(0));
   const auto* b = static_cast<const double*>(boxes.data());

@@ -242,6 +242,8 @@ def test_image_errors_refuse_silent_copies():
         crop_boxes(img, [[0, 0, 5]])
     with pytest.raises(InvalidInputError, match="threads"):
         crop_boxes(img, box, threads=0)
+    with pytest.raises(InvalidInputError, match="threads"):
+        crop_boxes(img, box, threads=10**6)
     # the native entry point itself: TypeError for dtypes, ValueError for shapes/layout
     with pytest.raises(TypeError, match="uint8"):
         _native.crop_blur(img.astype(np.int16), np.zeros((1, 4)), 8, 1.5, False, 1.0, False, 0, 1)

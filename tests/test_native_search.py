@@ -247,6 +247,8 @@ def test_input_errors():
         store.topk_classes(labels[:10], 5, q, 3)
     with pytest.raises(InvalidInputError, match="threads"):
         store.topk_classes(labels, 5, q, 3, threads=0)
+    with pytest.raises(InvalidInputError, match=r"threads must be in \[1, 1024\]"):  # not a million threads
+        store.topk_classes(labels, 5, q, 3, threads=10**6)
     with pytest.raises(InvalidInputError, match="storage"):
         VectorStore(v, storage="bfloat16")
     with pytest.raises(InvalidInputError, match="NaN"):
