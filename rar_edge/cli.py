@@ -180,6 +180,7 @@ def cmd_detect(args) -> int:
 def cmd_eval(args) -> int:
     from .encoders import EncoderConfig
     from .evaluate import evaluate_classification
+    from .memory import HnswParams
     from .pipeline import PipelineConfig
 
     enc = _encoder(args)
@@ -188,6 +189,7 @@ def cmd_eval(args) -> int:
                                                           batch_size=args.batch_size), gate_margin=args.gate_margin)
     res = evaluate_classification(args.folder, encoder=enc, shots=args.shots, seed=args.seed, k=args.k,
                                   queries_folder=args.queries, ranker=ranker, config=cfg, backend=args.backend,
+                                  hnsw=HnswParams(M=args.hnsw_m, ef_construction=args.ef_construction, ef=args.ef),
                                   progress=not args.quiet)
     _write_json(res, args.json)
     line = f"top1 {res['top1']:.4f}  recall@{args.k} {res['recall'][str(args.k)]:.4f}  n={res['n_queries']}"
@@ -307,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--crop-scale", default=None, type=_crop_scale_arg, help="box enlargement factor, or 'adaptive'")
     ed.add_argument("--blur-sigma", type=float, default=None, help="Gaussian sigma (px) around the box; 0 = off")
     _add_ranker_args(ed)
-    ed.add_argument("--json", default=None)
+    ed.add_argument("--json", default=None, help="write the results here (default: stdout)")
     ed.set_defaults(func=cmd_eval_detect)
 
     f = sub.add_parser("finetune-data", help="ranking fine-tuning rows (RAR recipe) as conversation JSONL")

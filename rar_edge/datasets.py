@@ -87,8 +87,8 @@ def read_class_names(path: str | os.PathLike) -> list[str]:
     """One class name per line (blank lines and # comments skipped); refuses duplicates."""
     p = Path(path)
     try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
+        lines = p.read_text(encoding="utf-8-sig").splitlines()  # -sig: a byte-order mark (Notepad) is not a name
+    except (OSError, UnicodeDecodeError) as e:
         raise DatasetError(f"cannot read class list {p}: {e}") from e
     names = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
     if not names:

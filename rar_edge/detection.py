@@ -252,14 +252,15 @@ def evaluate_detection(
     if not results:
         raise DatasetError(f"{queries if queries is not None else dataset}: no query boxes to classify "
                            "(the query images hold no valid labelled boxes)")
-    out = score_results(results, truths, k=k)
+    out = score_results(results, truths, k=k, ranker_given=ranker is not None)
     known = set(mem.classes)
     out.update({
         "latency_ms": latency_summary([dict(r.timings_ms) for r in results]),
         "setup": {"dataset": str(dataset), "queries": None if queries is None else str(queries), "shots": shots,
                   "seed": seed, "k": k, "memory_entries": mem.size, "memory_classes": len(mem.classes),
                   "query_boxes_with_class_not_in_memory": sum(1 for t in truths if t not in known),
-                  "invalid_boxes_skipped": skipped,
+                  "invalid_boxes_skipped": skipped, "gate_margin": gate_margin,
+                  "ranker": None if ranker is None else getattr(ranker, "describe", lambda: repr(ranker))(),
                   "crop": {"out_size_px": cfg.out_size_px, "crop_scale": cfg.crop_scale,
                            "blur_sigma_px": cfg.blur_sigma_px, "letterbox": cfg.letterbox},
                   "encoder": encoder.describe()},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections import defaultdict
@@ -12,13 +13,14 @@ import numpy as np
 
 from .encoders import Encoder
 from .errors import DatasetError
-from .memory import Memory
+from .memory import HnswParams, Memory
 from .pipeline import Pipeline, PipelineConfig
 from .types import Classification, Detection
 
 log = logging.getLogger("rar_edge")
 
-STAGES = ("decode", "preprocess", "encode", "search", "rank", "total")
+#: "wait" is how long a streamed image's pixels were still awaited (`Pipeline.iter_classify`).
+STAGES = ("decode", "preprocess", "wait", "encode", "search", "rank", "total")
 
 
 def latency_summary(timings: Sequence[dict]) -> dict[str, dict[str, float]]:
@@ -37,8 +39,11 @@ def latency_summary(timings: Sequence[dict]) -> dict[str, dict[str, float]]:
     return out
 
 
-def score_results(results: Sequence[Classification | Detection], truths: Sequence[str], *, k: int) -> dict[str, Any]:
-    """Top-1, recall@1..k (truth among the first j retrieved classes) and per-class accuracy."""
+def score_results(results: Sequence[Classification | Detection], truths: Sequence[str], *, k: int,
+                  ranker_given: bool | None = None) -> dict[str, Any]:
+    """Top-1, recall@1..k (truth among the first j retrieved classes) and per-class accuracy; with a ranker
+    (``ranker_given``; None: inferred from whether it ran) also the ranker's rates, zero when the gate
+    kept it from ever running."""
     n = len(results)
     if n == 0:
         return {"top1": None, "recall": {}, "n_queries": 0}
@@ -58,7 +63,7 @@ def score_results(results: Sequence[Classification | Detection], truths: Sequenc
         "per_class_n": {c: len(v) for c, v in sorted(per_class.items())},
     }
     ran = [r.ranker_ran for r in results]
-    if any(ran):
+    if any(ran) if ranker_given is None else ranker_given:
         out["ranked_top1"] = out["top1"]
         out["ranker_ran_rate"] = float(np.mean(ran))
         out["ranker_fallback_rate"] = float(np.mean([r.ranker_fallback for r in results]))
@@ -79,6 +84,7 @@ def evaluate_classification(
     ranker: Any = None,
     config: PipelineConfig | None = None,
     backend: str = "auto",
+    hnsw: HnswParams | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Few-shot classification accuracy on an image folder.
@@ -88,7 +94,10 @@ def evaluate_classification(
 
     Returns:
         ``top1``, ``retrieval_top1``, ``recall`` {"1": .., "k": ..}, ``n_queries``,
-        ``latency_ms`` {stage: {p50, p95, p99, mean}}, per-class accuracy, and with a ranker
+        ``latency_ms`` {stage: {p50, p95, p99, mean}} (streamed: decode and preprocess run ahead on a
+        worker thread, ``wait`` is how long an image's pixels were still awaited, and ``total`` is each
+        image's share of the stream's wall time, not the latency of one `Pipeline.classify` call),
+        per-class accuracy, and with a ranker
         ``ranked_top1``, ``ranker_changed_rate``, ``ranker_ran_rate``, ``ranker_fallback_rate``.
     """
     from .datasets import few_shot_split, read_image_folder
@@ -101,7 +110,7 @@ def evaluate_classification(
     if not queries:
         raise DatasetError(f"{queries_folder or folder}: no query images left (every class has at most "
                            f"--shots={shots} images, all taken for the memory); pass a queries folder or fewer shots")
-    mem = Memory.empty(encoder=encoder, backend=backend)
+    mem = Memory.empty(encoder=encoder, backend=backend, hnsw=hnsw)
     mem.add_images([p for ps in split.support.values() for p in ps],
                    [c for c, ps in split.support.items() for _ in ps], encoder=encoder, progress=progress)
     cfg = config or PipelineConfig(k=k, encoder=encoder.config)
@@ -113,12 +122,15 @@ def evaluate_classification(
 
         it = tqdm(it, total=len(queries), desc="classifying", unit="img")
     results = list(it)
-    out = score_results(results, [c for _, c in queries], k=k)
+    out = score_results(results, [c for _, c in queries], k=k, ranker_given=ranker is not None)
     unknown = sum(1 for _, c in queries if c not in set(mem.classes))
     out.update({
         "latency_ms": latency_summary([dict(r.timings_ms) for r in results]),
         "setup": {"folder": str(Path(folder)), "queries_folder": None if queries_folder is None else str(queries_folder),
-                  "shots": shots, "seed": seed, "k": k, "memory_entries": mem.size, "memory_classes": len(mem.classes),
+                  "shots": shots, "seed": seed, "k": k, "backend": mem.active_backend,
+                  "hnsw": dataclasses.asdict(mem.hnsw_params) if mem.active_backend == "hnsw" else None,
+                  "gate_margin": cfg.gate_margin,
+                  "memory_entries": mem.size, "memory_classes": len(mem.classes),
                   "queries_with_class_not_in_memory": unknown, "encoder": encoder.describe(),
                   "ranker": None if ranker is None else getattr(ranker, "describe", lambda: repr(ranker))()},
     })

@@ -41,6 +41,12 @@ def test_few_shot_split_uses_every_image_once(tmp_path):
         few_shot_split(tmp_path, shots=0)
 
 
+def test_class_names_file_with_a_byte_order_mark(tmp_path):
+    p = tmp_path / "classes.txt"
+    p.write_bytes("\ufeffcat\n # c\n\ndog \n".encode("utf-8"))  # as Windows Notepad saves it
+    assert read_class_names(p) == ["cat", "dog"]
+
+
 def test_class_names_file(tmp_path):
     p = tmp_path / "names.txt"
     p.write_text("# comment\ncat\n\ndog\n")

@@ -273,11 +273,14 @@ def test_cli_build_info_classify_and_eval(mobilenet_onnx, flowers_subset, tmp_pa
     (res,) = json.loads(run("classify", img, "--memory", mem, "-k", 3, "--json"))  # a list even for one image
     assert res["label"] in info["entries_per_class"] and len(res["candidates"]) == 3
     ev = tmp_path / "eval.json"
-    run("eval", flowers_subset, "--encoder", mobilenet_onnx, "--shots", 4, "--seed", 0, "-k", 3, "--json", ev)
+    run("eval", flowers_subset, "--encoder", mobilenet_onnx, "--shots", 4, "--seed", 0, "-k", 3, "--json", ev,
+        "--backend", "hnsw", "--hnsw-m", 4, "--ef-construction", 9, "--ef", 7)
     d = json.loads(ev.read_text())
     assert d["n_queries"] == 24 and set(d["recall"]) == {"1", "2", "3"}
     assert 0 <= d["top1"] <= d["recall"]["3"] <= 1
-    assert {"decode", "preprocess", "encode", "search", "total"} <= set(d["latency_ms"])
+    assert {"decode", "preprocess", "wait", "encode", "search", "total"} <= set(d["latency_ms"])
+    # the HNSW options reach the memory (they were listed in --help and ignored)
+    assert d["setup"]["backend"] == "hnsw" and d["setup"]["hnsw"] == {"M": 4, "ef_construction": 9, "ef": 7}
     assert {"p50", "p95"} <= set(d["latency_ms"]["total"])
     # a damaged memory file is refused with a clear message and a non-zero exit
     bad = tmp_path / "bad.rarmem"
@@ -347,3 +350,14 @@ def test_the_pipeline_cache_leaves_a_ranker_passed_in_open(encoder, flowers_subs
     owned = Pipeline(memory=memories[0], encoder=encoder, ranker=mine)
     owned.close()
     assert not mine.closed  # a Pipeline closes only a ranker it loaded from a path itself
+
+
+def test_eval_reports_the_ranker_even_when_the_gate_kept_it_idle(encoder, flowers_subset):
+    from rar_edge.evaluate import evaluate_classification
+
+    for gate, ran in ((0.0, 0.0), (None, 1.0)):  # margin >= 0 always: the ranker never runs; no gate: always
+        res = evaluate_classification(flowers_subset, encoder=encoder, shots=8, seed=0, k=3, ranker=_ReverseRanker(),
+                                      config=PipelineConfig(k=3, gate_margin=gate))
+        assert res["ranker_ran_rate"] == ran and res["setup"]["gate_margin"] == gate
+        assert res["ranked_top1"] == res["top1"]
+        assert res["ranker_changed_rate"] == ran  # the stub reverses the candidates whenever it runs
