@@ -11,6 +11,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
@@ -351,6 +352,7 @@ class Pipeline:
 _CACHE: "OrderedDict[tuple, Pipeline]" = OrderedDict()
 _CACHE_SIZE = 4
 _CACHE_LOCK = threading.Lock()
+_LOADING: "dict[tuple, Future]" = {}  # keys being loaded now, so that concurrent callers share one load
 
 
 def _key(obj: Any) -> Any:
@@ -366,19 +368,37 @@ def _key(obj: Any) -> Any:
 
 
 def get_pipeline(*, memory, encoder=None, ranker=None, config: PipelineConfig | None = None) -> Pipeline:
-    """A cached `Pipeline` for these arguments (paths are keyed by file and modification time)."""
+    """A cached `Pipeline` for these arguments (paths are keyed by file and modification time).
+
+    Thread-safe: threads asking for the same arguments at once share one load. A pipeline pushed out of
+    the cache is not closed, since another thread may be in the middle of a call with it; its models are
+    freed once nothing refers to it any more.
+    """
     key = (_key(memory), _key(encoder), _key(ranker), config)
     with _CACHE_LOCK:
         p = _CACHE.get(key)
         if p is not None:
             _CACHE.move_to_end(key)
             return p
-    p = Pipeline(memory=memory, encoder=encoder, ranker=ranker, config=config)
+        loading = _LOADING.get(key)
+        builder = loading is None
+        if builder:
+            loading = _LOADING[key] = Future()
+    if not builder:
+        return loading.result()  # another thread is loading these models: wait for its pipeline
+    try:
+        p = Pipeline(memory=memory, encoder=encoder, ranker=ranker, config=config)
+    except BaseException as e:
+        with _CACHE_LOCK:
+            del _LOADING[key]
+        loading.set_exception(e)
+        raise
     with _CACHE_LOCK:
+        del _LOADING[key]
         _CACHE[key] = p
         while len(_CACHE) > _CACHE_SIZE:
-            _, old = _CACHE.popitem(last=False)
-            old.close()
+            _CACHE.popitem(last=False)  # dropped, not closed: see above
+    loading.set_result(p)
     return p
 
 

@@ -361,3 +361,40 @@ def test_eval_reports_the_ranker_even_when_the_gate_kept_it_idle(encoder, flower
         assert res["ranker_ran_rate"] == ran and res["setup"]["gate_margin"] == gate
         assert res["ranked_top1"] == res["top1"]
         assert res["ranker_changed_rate"] == ran  # the stub reverses the candidates whenever it runs
+
+
+def test_the_pipeline_cache_shares_loads_and_never_closes_a_pipeline_in_use(encoder, memory, monkeypatch):
+    """Threads asking for the same models at once share one load, and a pipeline pushed out of the cache is
+    not closed under a thread that was just handed it (it raised 'the ranker is closed')."""
+    import threading
+    import time as _time
+
+    import rar_edge.pipeline as pl
+
+    built, closed = [], []
+
+    class Slow(pl.Pipeline):
+        def __init__(self, **kw):
+            _time.sleep(0.2)  # a model load: long enough for the other threads to ask meanwhile
+            super().__init__(**kw)
+            built.append(self)
+
+        def close(self):
+            closed.append(self)
+            super().close()
+
+    monkeypatch.setattr(pl, "Pipeline", Slow)
+    pl._CACHE.clear()
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(pl.get_pipeline(memory=memory, encoder=encoder)))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(built) == 1 and all(p is built[0] for p in got)
+    first = got[0]
+    for i in range(pl._CACHE_SIZE):  # push it out
+        pl.get_pipeline(memory=memory, encoder=encoder, config=PipelineConfig(k=i + 1))
+    assert first not in pl._CACHE.values() and not closed
+    pl._CACHE.clear()
