@@ -41,6 +41,9 @@ from .errors import ManifestError
 MANIFEST_NAME = "manifest.json"
 FORMAT = "rar_edge.model"
 FORMAT_VERSION = 1
+#: How rar_edge turns image files into pixels, in the preprocessing fingerprint a memory records. Raise it
+#: when decoding changes pixels (2: EXIF orientation applied), so that memories built before are refused.
+DECODE_VERSION = 2
 KINDS = ("clip", "image_embedder", "mllm")
 
 
@@ -235,6 +238,7 @@ class Manifest:
             "image": None if self.data.get("image") is None else self.image.to_dict(),
             "text": None if self.text is None else self.text.to_dict(),
             "embedding_dim": self.embedding_dim,
+            "decode": DECODE_VERSION,
         }
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 

@@ -314,8 +314,9 @@ class Memory:
         if pre is not None and pre != encoder.preprocess_fingerprint:
             raise MemoryMismatchError(
                 f"this memory was built by the same model files as encoder {encoder.name!r} but with other "
-                "preprocessing settings (the image or text section of its manifest.json: input size, resize, crop, "
-                "normalisation, tokenisation); rebuild the memory or restore the settings it was built with"
+                "preprocessing: the image or text section of its manifest.json (input size, resize, crop, "
+                "normalisation, tokenisation) or the image decoding of another rar_edge version; rebuild the "
+                "memory, or restore the settings it was built with"
             )
 
     def add(self, vectors: np.ndarray, labels: Sequence[str], *, sources: Sequence[str] | None = None) -> np.ndarray:

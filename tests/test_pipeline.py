@@ -158,7 +158,8 @@ def test_memory_from_another_encoder_is_refused(encoder, tiny_clip_onnx):
         Pipeline(memory=mem, encoder=encoder)
 
 
-def test_memory_refuses_the_same_model_with_other_preprocessing(encoder, memory, mobilenet_onnx, tmp_path):
+def test_memory_refuses_the_same_model_with_other_preprocessing(encoder, memory, mobilenet_onnx, tmp_path,
+                                                                monkeypatch):
     """Same weights, another resize in manifest.json: the vectors would differ, so the memory says no."""
     import shutil
     import zipfile
@@ -170,8 +171,16 @@ def test_memory_refuses_the_same_model_with_other_preprocessing(encoder, memory,
     (changed / "manifest.json").write_text(json.dumps(manifest))
     other = Encoder(changed, config=EncoderConfig(threads=1))
     assert other.fingerprint == encoder.fingerprint and other.preprocess_fingerprint != encoder.preprocess_fingerprint
-    with pytest.raises(MemoryMismatchError, match="other preprocessing settings"):
+    with pytest.raises(MemoryMismatchError, match="other preprocessing"):
         memory.check_encoder(other)
+    # so does a memory whose images another rar_edge decoded differently (a DECODE_VERSION bump)
+    import rar_edge.manifest as mf
+
+    monkeypatch.setattr(mf, "DECODE_VERSION", mf.DECODE_VERSION + 1)
+    with pytest.raises(MemoryMismatchError, match="image decoding of another rar_edge version"):
+        memory.check_encoder(encoder)
+    monkeypatch.undo()
+    memory.check_encoder(encoder)
     # a memory saved before the settings were recorded still opens with either encoder
     path = memory.save(tmp_path / "m.rarmem")
     with zipfile.ZipFile(path) as z:
