@@ -16,8 +16,9 @@ Two modes, one loaded model:
   rest of a name once it is the only one left) are not sampled but evaluated together with the next choice
   in one ``llama_decode``: a line costs one decode, and no sampler walks the vocabulary (llama.cpp's GBNF
   grammar sampler, used before, took ~38 ms a token for a 152k vocabulary on a 16-core Xeon and made
-  generate mode 44x slower than score mode on a GPU). The text is read back by `parse_ranking`; if a line
-  cannot be built, the retrieval order is returned with ``fallback=True``.
+  generate mode 44x slower than score mode on a GPU). The names are the ones decoded, not parsed back
+  from the text (`parse_ranking` reads free-form answers of other models); if the candidates' lines do
+  not tokenize apart, the retrieval order is returned with ``fallback=True``.
 
 The prompt (`rar_edge.prompts`) is split into a prefix that is the same for every query (system text,
 in-context examples, instruction), evaluated once per loaded model and kept in sequence 0 of the KV cache,
