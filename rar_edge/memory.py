@@ -338,9 +338,9 @@ class Memory:
         if isinstance(labels, (str, bytes)):
             raise InvalidInputError("labels must be a sequence of class names, one per row, not one string")
         labels = list(labels)
-        if any(not isinstance(lbl, (str, np.str_)) for lbl in labels):
-            bad = next(lbl for lbl in labels if not isinstance(lbl, (str, np.str_)))
-            raise InvalidInputError(f"class labels must be strings, got {type(bad).__name__} {bad!r}")
+        for lbl in labels:
+            if not isinstance(lbl, (str, np.str_)):
+                raise InvalidInputError(f"class labels must be strings, got {type(lbl).__name__} {lbl!r}")
         labels = [str(x) for x in labels]
         if len(labels) != len(v):
             raise InvalidInputError(f"{len(v)} vectors but {len(labels)} labels")

@@ -151,10 +151,14 @@ def _exif_orientation_of(img: Image.Image) -> int:
     return v if isinstance(v, int) and 1 <= v <= 8 else 1
 
 
+def _swapped_if_transposed(size: tuple[int, int], orientation: int) -> tuple[int, int]:
+    """A (width, height) taken between a photo's stored and upright frames (the same swap both ways)."""
+    return (size[1], size[0]) if orientation in _TRANSPOSING else (size[0], size[1])
+
+
 def upright_size(img: Image.Image) -> tuple[int, int]:
     """(width, height) of an opened image once its EXIF orientation is applied (as decoding gives it)."""
-    w, h = img.size
-    return (h, w) if _exif_orientation_of(img) in _TRANSPOSING else (w, h)
+    return _swapped_if_transposed(img.size, _exif_orientation_of(img))
 
 
 def _upright(img: Image.Image, what: str) -> Image.Image:
@@ -177,8 +181,9 @@ def _pil_decode(data: bytes, what: str, draft_size_px: tuple[int, int] | None, m
             if img.width * img.height > max_pixels:
                 raise ImageDecodeError(_too_many_pixels(what, img.width, img.height, max_pixels))
             if draft_size_px is not None and img.format == "JPEG":
-                dw, dh = int(draft_size_px[0]), int(draft_size_px[1])
-                img.draft("RGB", (dh, dw) if _exif_orientation_of(img) in _TRANSPOSING else (dw, dh))
+                # the draft must cover the upright image: the request in the stored frame
+                dw, dh = _swapped_if_transposed(draft_size_px, _exif_orientation_of(img))
+                img.draft("RGB", (int(dw), int(dh)))
             img.load()
             img = _upright(img, what)
     except ImageDecodeError:
@@ -252,8 +257,8 @@ def _decode_jpeg_fast(data: bytes, draft_size_px: tuple[int, int] | None, max_pi
     width, height, _, orientation = info
     if width * height > max_pixels:
         raise ImageDecodeError(_too_many_pixels(what, width, height, max_pixels))
-    if draft_size_px is not None and orientation in _TRANSPOSING:
-        draft_size_px = (draft_size_px[1], draft_size_px[0])
+    if draft_size_px is not None:
+        draft_size_px = _swapped_if_transposed(draft_size_px, orientation)  # as in _pil_decode
     s = _jpeg_draft_scale(width, height, draft_size_px)
     h, w = -(-height // s), -(-width // s)
     try:
