@@ -54,6 +54,10 @@ SCHEMA = "rar_edge.bench/1"
 STAGES = ("decode", "preprocess", "encode", "search", "rank", "total")
 #: The issue's target for the retrieval-only MobileNet run.
 OVERHEAD_TARGET = 0.10
+#: The plots a run may write; one from an earlier run into the same folder that this run did not write is
+#: removed.
+_PLOT_STAGES, _PLOT_LATENCY, _PLOT_VARIANTS = "stage_breakdown.png", "latency_distribution.png", "encoder_variants.png"
+_PLOTS = (_PLOT_STAGES, _PLOT_LATENCY, _PLOT_VARIANTS)
 MODEL_TIME_METHOD = {
     "encoder": "wall time inside onnxruntime InferenceSession.run (timing proxy on the encoder's session)",
     "ranker": "wall time inside the llama.cpp / mtmd C functions called through llama_cpp (timing proxy "
@@ -690,8 +694,7 @@ def run_bench(
     out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails on its inputs leaves no empty folder
     if config.plots:
         result["files"]["plots"] = write_plots(result, out)
-    for stale in {"stage_breakdown.png", "latency_distribution.png", "encoder_variants.png"} - set(
-            result["files"]["plots"]):
+    for stale in set(_PLOTS) - set(result["files"]["plots"]):
         (out / stale).unlink(missing_ok=True)  # from an earlier run into the same folder
     (out / "summary.md").write_text(summary_markdown(result), encoding="utf-8")
     tmp = out / "bench.json.tmp"
@@ -701,6 +704,7 @@ def run_bench(
 
 
 # -- report ----------------------------------------------------------------------------------------------------
+
 def _fmt(x: Any, nd: int = 2) -> str:
     return "–" if x is None else f"{x:.{nd}f}"
 
@@ -864,9 +868,9 @@ def write_plots(res: dict[str, Any], out: Path) -> list[str]:
         ax2.set_xlim(0, total * 1.05)
     fig.suptitle(f"rar-edge bench: {name}\n{where}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(out / "stage_breakdown.png", dpi=110)
+    fig.savefig(out / _PLOT_STAGES, dpi=110)
     plt.close(fig)
-    files.append("stage_breakdown.png")
+    files.append(_PLOT_STAGES)
 
     # 2. Latency distributions: box plots per stage (log scale) and the total of every run in order.
     fig, axes = plt.subplots(len(modes), 2, figsize=(12, 3.8 * len(modes)), squeeze=False,
@@ -900,9 +904,9 @@ def write_plots(res: dict[str, Any], out: Path) -> list[str]:
     fig.suptitle(f"rar-edge bench: {name} | load average before/after {env['load_average_before']} / "
                  f"{env['load_average_after']}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(out / "latency_distribution.png", dpi=110)
+    fig.savefig(out / _PLOT_LATENCY, dpi=110)
     plt.close(fig)
-    files.append("latency_distribution.png")
+    files.append(_PLOT_LATENCY)
 
     # 3. Encoder variants: session.run latency with the cosine to the reference written on each bar.
     if res["encoder_variants"]:
@@ -926,9 +930,9 @@ def write_plots(res: dict[str, Any], out: Path) -> list[str]:
                      fontsize=9)
         ax.grid(axis="x", alpha=0.3)
         fig.tight_layout()
-        fig.savefig(out / "encoder_variants.png", dpi=110)
+        fig.savefig(out / _PLOT_VARIANTS, dpi=110)
         plt.close(fig)
-        files.append("encoder_variants.png")
+        files.append(_PLOT_VARIANTS)
     return files
 
 

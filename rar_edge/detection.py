@@ -220,7 +220,7 @@ def evaluate_detection(
         crop settings used.
     """
     from .datasets import read_detection_dataset
-    from .evaluate import latency_summary, score_results
+    from .evaluate import describe_ranker, latency_summary, score_results
 
     from .boxes import validate_boxes
 
@@ -260,7 +260,7 @@ def evaluate_detection(
                   "seed": seed, "k": k, "memory_entries": mem.size, "memory_classes": len(mem.classes),
                   "query_boxes_with_class_not_in_memory": sum(1 for t in truths if t not in known),
                   "invalid_boxes_skipped": skipped, "gate_margin": gate_margin,
-                  "ranker": None if ranker is None else getattr(ranker, "describe", lambda: repr(ranker))(),
+                  "ranker": describe_ranker(ranker),
                   "crop": {"out_size_px": cfg.out_size_px, "crop_scale": cfg.crop_scale,
                            "blur_sigma_px": cfg.blur_sigma_px, "letterbox": cfg.letterbox},
                   "encoder": encoder.describe()},

@@ -39,6 +39,11 @@ def latency_summary(timings: Sequence[dict]) -> dict[str, dict[str, float]]:
     return out
 
 
+def describe_ranker(ranker: Any) -> Any:
+    """What an evaluation's ``setup`` records of its ranker: its own ``describe()``, else its repr; None."""
+    return None if ranker is None else getattr(ranker, "describe", lambda: repr(ranker))()
+
+
 def score_results(results: Sequence[Classification | Detection], truths: Sequence[str], *, k: int,
                   ranker_given: bool | None = None) -> dict[str, Any]:
     """Top-1, recall@1..k (truth among the first j retrieved classes) and per-class accuracy; with a ranker
@@ -132,6 +137,6 @@ def evaluate_classification(
                   "gate_margin": cfg.gate_margin,
                   "memory_entries": mem.size, "memory_classes": len(mem.classes),
                   "queries_with_class_not_in_memory": unknown, "encoder": encoder.describe(),
-                  "ranker": None if ranker is None else getattr(ranker, "describe", lambda: repr(ranker))()},
+                  "ranker": describe_ranker(ranker)},
     })
     return out

@@ -10,8 +10,8 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
-from concurrent.futures import Future
+from collections import OrderedDict, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
@@ -251,9 +251,6 @@ class Pipeline:
             for image in images:
                 yield self.classify(image, k=k)
             return
-        from collections import deque
-        from concurrent.futures import ThreadPoolExecutor
-
         source = iter(images)
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rar_edge-prefetch")
         pending: deque = deque()
