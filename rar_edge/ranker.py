@@ -185,6 +185,7 @@ class _Native:
         try:
             self.vocab = lc.llama_model_get_vocab(self.model)
             self.n_vocab = int(lc.llama_vocab_n_tokens(self.vocab))
+            self._scratch: np.ndarray | None = None
             cparams = lc.llama_context_default_params()
             cparams.n_ctx = n_ctx
             cparams.n_batch = n_batch
@@ -319,6 +320,22 @@ class _Native:
 
     def logits(self, batch_index: int) -> np.ndarray:
         return self._logit_row(batch_index).astype(np.float64)
+
+    def log_probs(self, batch_index: int, token_ids: Sequence[int]) -> np.ndarray:
+        """log softmax of a batch position's logits, at a few tokens (float64).
+
+        The row stays float32: its maximum, then exp(row - max) into a scratch row, summed in float64.
+        Copying the whole row to float64 for the same result cost about 15x more per row (0.7 ms at a
+        50k vocabulary), and score mode reads one row per candidate token.
+        """
+        row = self._logit_row(batch_index)
+        if self._scratch is None or self._scratch.shape != row.shape:
+            self._scratch = np.empty_like(row)
+        m = row.max()
+        t = np.subtract(row, m, out=self._scratch)
+        np.exp(t, out=t)
+        lse = float(m) + math.log(float(t.sum(dtype=np.float64)))
+        return row[np.asarray(token_ids, np.intp)].astype(np.float64) - lse
 
     def logits_of(self, batch_index: int, token_ids: Sequence[int]) -> np.ndarray:
         """The logits of a few tokens at a batch position, without copying the whole vocabulary row."""
@@ -505,11 +522,6 @@ def _rank_weights(n: int) -> tuple[float, ...]:
     """Generate mode's scores: 1/rank, normalised to sum to 1 (rank-derived, not model probabilities)."""
     w = 1.0 / np.arange(1, n + 1)
     return tuple(float(v) for v in w / w.sum())
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    m = np.max(x)
-    return x - (m + math.log(float(np.sum(np.exp(x - m)))))
 
 
 class Ranker:
@@ -905,7 +917,7 @@ class Ranker:
             for ci in members:
                 toks = conts[ci]
                 for j in range(1, len(toks)):
-                    total[ci] += float(_log_softmax(n.logits(next(rows)))[toks[j]])
+                    total[ci] += float(n.log_probs(next(rows), (toks[j],))[0])
 
         def prepare_slots(members: list[int]) -> None:
             for slot in range(1, n.n_seq_max):  # every slot: a larger earlier group's cells must go too
@@ -934,13 +946,13 @@ class Ranker:
             self._stats["query_tokens"] += len(q)
             self._stats["continuation_tokens"] += len(cont_entries)
             query_row = next(rows)
-            first_lp = _log_softmax(n.logits(query_row))
+            first_lp = n.log_probs(query_row, [toks[0] for toks in conts])
             add_logprobs(first, rows)
         else:
             n_past = self._eval_query(img, cands)
-            first_lp = _log_softmax(n.logits(-1))
-        for ci, toks in enumerate(conts):
-            total[ci] += float(first_lp[toks[0]])  # every candidate's first token: the query's last logits
+            first_lp = n.log_probs(-1, [toks[0] for toks in conts])
+        for ci in range(len(conts)):
+            total[ci] += float(first_lp[ci])  # every candidate's first token: the query's last logits
         for members in groups:
             entries = group_entries(members, n_past)
             if n_past + len(entries) > n.n_ctx:
