@@ -13,6 +13,7 @@
 
 #include "cpu.hpp"
 #include "crop.hpp"
+#include "logits.hpp"
 #include "search.hpp"
 
 namespace py = pybind11;
@@ -163,6 +164,16 @@ std::tuple<py::array_t<float>, bool> unit_rows(py::array x, double zero_point) {
   throw py::type_error("x must be float32, uint8 or int8, not " + dtype_str(x));
 }
 
+double logsumexp(py::array x) {
+  if (!is_dtype<float>(x)) throw py::type_error("x must be float32, not " + dtype_str(x));
+  if (x.ndim() != 1 || x.shape(0) < 1) throw py::value_error("x must be a non-empty 1-D row, got shape " + shape_str(x));
+  require_c_contiguous(x, "x");
+  const float* p = static_cast<const float*>(x.data());
+  const auto n = static_cast<std::size_t>(x.shape(0));
+  py::gil_scoped_release release;
+  return rar::logsumexp(p, n);
+}
+
 py::array_t<uint8_t> crop_blur(py::array image, py::array boxes, int out_size, double crop_scale, bool adaptive, double sigma,
                     bool letterbox, int pad_value, int threads) {
   if (!is_dtype<uint8_t>(image)) throw py::type_error("image must be uint8, not " + dtype_str(image));
@@ -256,6 +267,9 @@ PYBIND11_MODULE(_native, m) {
         "Rows minus zero_point, scaled to unit L2 length (zero rows stay zero): ((N, d) float32, all_finite).\n\n"
         "x: (N, d) float32, uint8 or int8, C-contiguous. A row holding NaN or inf comes back all NaN, and "
         "all_finite is then False.");
+  m.def("logsumexp", &logsumexp, py::arg("x"),
+        "log(sum(exp(x))) of a float32 row (a vocabulary's logits), as max + log(sum(exp(x - max))) with a "
+        "vectorised exp; NaN anywhere gives NaN.");
   m.def("build_info", &build_info, "What was compiled and which kernel family the CPU dispatch picked.");
   m.def(
       "_set_simd",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['ADAPTIVE_MAX_SCALE', 'ADAPTIVE_MIN_SCALE', 'ADAPTIVE_TARGET_AREA', 'MAX_CROP_SCALE', 'MAX_OUT_SIZE', 'MAX_SIGMA', 'build_info', 'crop_blur', 'topk_classes', 'unit_rows']
+__all__: list[str] = ['ADAPTIVE_MAX_SCALE', 'ADAPTIVE_MIN_SCALE', 'ADAPTIVE_TARGET_AREA', 'MAX_CROP_SCALE', 'MAX_OUT_SIZE', 'MAX_SIGMA', 'build_info', 'crop_blur', 'logsumexp', 'topk_classes', 'unit_rows']
 def _set_simd(name: str) -> str:
     """
     Testing hook: force a kernel family ('scalar', 'avx2', 'avx512', 'neon').
@@ -19,6 +19,10 @@ def crop_blur(image: numpy.ndarray, boxes: numpy.ndarray, out_size: typing.Suppo
     Crop (enlarged), blur around and resize every box of one image: (N, S, S, 3) uint8.
     
     image: (H, W, 3) uint8 C-contiguous; boxes: (N, 4) float64 x1, y1, x2, y2 in pixels.
+    """
+def logsumexp(x: numpy.ndarray) -> float:
+    """
+    log(sum(exp(x))) of a float32 row (a vocabulary's logits), as max + log(sum(exp(x - max))) with a vectorised exp; NaN anywhere gives NaN.
     """
 def topk_classes(vectors: numpy.ndarray, labels: numpy.ndarray, n_classes: typing.SupportsInt | typing.SupportsIndex, queries: numpy.ndarray, k: typing.SupportsInt | typing.SupportsIndex, *, scales: numpy.ndarray | None = None, rerank: numpy.ndarray | None = None, threads: typing.SupportsInt | typing.SupportsIndex = 1) -> tuple[numpy.typing.NDArray[numpy.int32], numpy.typing.NDArray[numpy.float32]]:
     """

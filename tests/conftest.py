@@ -2,8 +2,8 @@
 code a user runs, and the real data in ../shared.
 
 Helpers other test modules may import (``from conftest import shared_dir``): `shared_dir`,
-`shared_file`, `flower_photos`. Fixtures: ``shared_path``, ``tiny_clip_dir``, ``tiny_clip_onnx``,
-``mobilenet_tflite``, ``mobilenet_onnx``.
+`shared_file`, `flower_photos`, `SIMD_FAMILIES`. Fixtures: ``shared_path``, ``tiny_clip_dir``,
+``tiny_clip_onnx``, ``mobilenet_tflite``, ``mobilenet_onnx``, ``family`` (each native kernel family).
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from rar_edge import _native
 
 # transformers imports TensorFlow too when both are installed: slow, noisy, and unused by these tests.
 os.environ.setdefault("USE_TF", "0")
@@ -126,3 +128,29 @@ def mobilenet_onnx(mobilenet_tflite: Path, tmp_path_factory: pytest.TempPathFact
     out = tmp_path_factory.mktemp("mobilenet_onnx") / "model"
     export_tflite(mobilenet_tflite, out)
     return out
+
+
+def _families() -> list[str]:
+    """Kernel families this build has and this CPU runs."""
+    ok = []
+    current = _native.build_info()["selected"]
+    for name in _native.build_info()["compiled"]:
+        try:
+            _native._set_simd(name)
+        except ValueError:
+            continue
+        ok.append(name)
+    _native._set_simd(current)
+    return ok
+
+
+SIMD_FAMILIES = _families()
+
+
+@pytest.fixture(params=SIMD_FAMILIES)
+def family(request):
+    """Runs the test once per kernel family (scalar, avx2, avx512 / neon), restoring the default after."""
+    before = _native.build_info()["selected"]
+    _native._set_simd(request.param)
+    yield request.param
+    _native._set_simd(before)

@@ -7,37 +7,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import SIMD_FAMILIES as FAMILIES
+
 from rar_edge import _native
 from rar_edge._lookup import DEFAULT_STORAGE, STORAGES, VectorStore, quantize_int8
 from rar_edge.errors import InvalidInputError
 
 NEG_INF = np.float32(-np.inf)
-
-
-def _families() -> list[str]:
-    """Kernel families this build has and this CPU runs."""
-    ok = []
-    current = _native.build_info()["selected"]
-    for name in _native.build_info()["compiled"]:
-        try:
-            _native._set_simd(name)
-        except ValueError:
-            continue
-        ok.append(name)
-    _native._set_simd(current)
-    return ok
-
-
-FAMILIES = _families()
-
-
-@pytest.fixture(params=FAMILIES)
-def family(request):
-    """Runs the test once per kernel family (scalar, avx2, avx512 / neon), restoring the default after."""
-    before = _native.build_info()["selected"]
-    _native._set_simd(request.param)
-    yield request.param
-    _native._set_simd(before)
 
 
 def class_scores(vectors: np.ndarray, labels: np.ndarray, n_classes: int, queries: np.ndarray) -> np.ndarray:
