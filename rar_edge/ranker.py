@@ -203,6 +203,7 @@ class _Native:
             # llama.cpp caps the batch at n_ctx: a larger decode call would abort the process (GGML_ASSERT)
             self.n_batch = int(lc.llama_n_batch(self.ctx))
             self.n_seq_max = n_seq_max
+            self._slots_used: set[int] = set()  # sequences > 0 that may hold cells: `clear_slots` drops them
             self.mem = lc.llama_get_memory(self.ctx)
             self._batch = lc.llama_batch_init(self.n_batch, 0, n_seq_max)
             if self.mtmd is not None:
@@ -267,7 +268,20 @@ class _Native:
             raise RankerError(f"llama.cpp refused to drop KV cells [{p0}, {p1}) of sequence {seq}")
 
     def seq_cp(self, src: int, dst: int) -> None:
+        if dst > 0:
+            self._slots_used.add(dst)
         self.lc.llama_memory_seq_cp(self.mem, src, dst, -1, -1)
+
+    def clear_slots(self) -> None:
+        """Drops every cell of the sequences above 0 that were written since the last clear (all writes go
+        through `seq_cp`, `decode` and `eval_mtmd`, which note their sequences)."""
+        for slot in sorted(self._slots_used):
+            self.seq_rm(slot, -1, -1)
+            self._slots_used.discard(slot)
+
+    def clear_all(self) -> None:
+        self.lc.llama_memory_clear(self.mem, True)
+        self._slots_used.clear()
 
     def decode(self, entries: Sequence[tuple[int, int, int | tuple[int, ...], bool]]) -> list[int]:
         """Decodes ``(token, pos, seq or seqs, want_logits)`` entries in as few calls as ``n_batch`` allows.
@@ -292,6 +306,8 @@ class _Native:
                 b.n_seq_id[i] = len(seqs)
                 for j, sq in enumerate(seqs):
                     b.seq_id[i][j] = sq
+                    if sq > 0:
+                        self._slots_used.add(sq)
                 b.logits[i] = 1 if want else 0
                 if want:
                     if not last:
@@ -375,6 +391,8 @@ class _Native:
             if n_past + n_tok > self.n_ctx:
                 raise RankerError(f"the prompt needs {n_past + n_tok} positions, n_ctx is {self.n_ctx}")
             new_n_past = self.lc.llama_pos(0)
+            if seq > 0:
+                self._slots_used.add(seq)
             rc = mt.mtmd_helper_eval_chunks(
                 self.mtmd_ctx, self.ctx, chunks, n_past, seq, self.n_batch, True, ctypes.byref(new_n_past)
             )
@@ -827,12 +845,11 @@ class Ranker:
     def _ensure_prefix(self) -> int:
         """Evaluates the fixed prefix into sequence 0 once; afterwards only drops what follows it."""
         n = self._live()
-        for s in range(1, n.n_seq_max):
-            n.seq_rm(s, -1, -1)
+        n.clear_slots()
         if self._n_prefix is not None:
             n.seq_rm(0, self._n_prefix, -1)
             return self._n_prefix
-        n.lc.llama_memory_clear(n.mem, True)
+        n.clear_all()
         images = self._example_images()
         if images:
             n_past, n_tok = n.eval_mtmd(self._prefix_text, images, n_past=0, seq=0, add_special=True)
@@ -914,8 +931,7 @@ class Ranker:
                     total[ci] += float(n.log_probs(next(rows), (toks[j],))[0])
 
         def prepare_slots(members: list[int]) -> None:
-            for slot in range(1, n.n_seq_max):  # every slot: a larger earlier group's cells must go too
-                n.seq_rm(slot, -1, -1)
+            n.clear_slots()  # every slot written before: a larger earlier group's cells must go too
             for slot in range(1, len(members) + 1):
                 n.seq_cp(0, slot)
 
