@@ -258,3 +258,27 @@ def test_decode_benchmark_compares_with_pillow_and_opencv(tmp_path):
     assert set(res["per_photo_ms"]) == {"rar_edge", "pillow_draft", "pillow", "opencv"}
     assert all(v > 0 for v in res["per_photo_ms"].values()) and res["photos"] == 6
     assert res["psnr_rar_edge_vs_pillow_draft"]["psnr_db_min"] > 40  # same decode, resize within rounding
+
+
+def test_overhead_floor_benchmark_runs_every_regime_for_both(mobilenet_onnx, tmp_path):
+    """benchmarks/overhead_floor.py on a few photos: three regimes, rar_edge and the hand-written peer."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import shared_file
+
+    flowers = shared_file("data/flowers17")
+    out = tmp_path / "floor.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "overhead_floor.py"
+    subprocess.run([sys.executable, str(script), "--encoder", str(mobilenet_onnx), "--images", str(flowers),
+                    "--runs", "4", "--json", str(out)], check=True, capture_output=True, env=dict(os.environ))
+    res = json.loads(out.read_text())
+    assert set(res["regimes"]) == {"model", "busy", "back_to_back"}
+    for block in res["regimes"].values():
+        for who in ("rar_edge", "peer"):
+            assert block[who]["p50"] > 0 and 0.0 < block[who]["share_with_model"] < 1.0
+        assert block["peer_over_rar_edge_overhead"] > 0
+        assert set(block["rar_edge_stages_p50_ms"]) == {"decode", "preprocess", "search"}
+    assert res["model_ms"]["p50"] > 0 and res["decode_floor_ms"]["p50"] > 0
+    assert res["setup"]["busy_wait_ms"] > 0 and 0.0 <= res["peer_top1_agrees_with_rar_edge"] <= 1.0
