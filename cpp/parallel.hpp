@@ -1,13 +1,32 @@
 #pragma once
-// A minimal fork-join loop: worker exceptions are caught and rethrown on the calling thread.
+// A fork-join loop over chunks, run on a process-wide pool of worker threads that stay between calls.
+// Worker exceptions are caught and rethrown on the calling thread.
+//
+// Workers are started on first use and kept, so per-thread scratch (thread_local buffers) survives from one
+// call to the next. Starting fresh threads every call cost more than the work for a few boxes: measured on a
+// 2-vCPU machine, 3 COCO boxes took 0.92 ms on one thread and 1.90 ms on two (each new thread paid page
+// faults for its new scratch). One parallel section uses the pool at a time; a call that finds it busy (another
+// Python thread, or a nested call) starts its own threads as before. A forked child starts a new pool.
 #include <algorithm>
 #include <cstddef>
 #include <exception>
+#include <functional>
 #include <mutex>
 #include <thread>
 #include <vector>
 
 namespace rar {
+
+namespace detail {
+
+constexpr std::size_t kPoolMaxHelpers = 63;  // a call wanting more helper threads starts its own
+
+// Runs job(0) on the caller and job(1) .. job(helpers) on pool threads (any the pool could not start a thread
+// for run on the caller), and returns once all are done. Returns false, running nothing, when the pool is in
+// use by another call. job must not throw.
+bool pool_run(std::size_t helpers, const std::function<void(std::size_t)>& job);
+
+}  // namespace detail
 
 // Calls fn(worker, begin, end) on `threads` contiguous chunks of [0, n); worker 0 runs on the caller.
 template <class Fn>
@@ -19,7 +38,7 @@ void parallel_chunks(std::size_t n, int threads, Fn&& fn) {
   }
   std::exception_ptr error;
   std::mutex mu;
-  auto run = [&](std::size_t w) {
+  const std::function<void(std::size_t)> run = [&](std::size_t w) {
     const std::size_t b = n * w / t, e = n * (w + 1) / t;
     try {
       if (e > b) fn(static_cast<int>(w), b, e);
@@ -28,17 +47,20 @@ void parallel_chunks(std::size_t n, int threads, Fn&& fn) {
       if (!error) error = std::current_exception();
     }
   };
-  std::vector<std::thread> pool;
-  std::size_t next = 1;
-  try {
-    pool.reserve(t - 1);
-    for (; next < t; ++next) pool.emplace_back(run, next);
-  } catch (...) {
-    // Thread creation failed (resource limits): the caller runs the chunks that have no thread.
+  if (t - 1 > detail::kPoolMaxHelpers || !detail::pool_run(t - 1, run)) {
+    // Threads of this call's own, joined before returning.
+    std::vector<std::thread> own;
+    std::size_t next = 1;
+    try {
+      own.reserve(t - 1);
+      for (; next < t; ++next) own.emplace_back(run, next);
+    } catch (...) {
+      // Thread creation failed (resource limits): the caller runs the chunks that have no thread.
+    }
+    run(0);
+    for (std::size_t w = next; w < t; ++w) run(w);
+    for (auto& th : own) th.join();
   }
-  run(0);
-  for (std::size_t w = next; w < t; ++w) run(w);
-  for (auto& th : pool) th.join();
   if (error) std::rethrow_exception(error);
 }
 

@@ -280,3 +280,30 @@ def test_adaptive_scale_formula():
     assert adaptive_crop_scale(0.0125) == pytest.approx(2.0)
     assert adaptive_crop_scale(1e-6) == pytest.approx(3.0)  # clamped at the maximum
     np.testing.assert_allclose(adaptive_crop_scale(np.array([0.5, 0.0125])), [1.25, 2.0])
+
+
+def test_worker_pool_under_concurrent_callers_and_after_fork():
+    """The native worker pool: Python threads calling at once (one gets the pool, the others start threads of
+    their own), more threads than the pool keeps, and a forked child (it starts a pool of its own)."""
+    import multiprocessing
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(7)
+    img = rng.integers(0, 256, (200, 260, 3), dtype=np.uint8)
+    boxes = np.array([[10 + i, 5 + 2 * i, 120 + 3 * i, 150 + i] for i in range(9)], np.float64)
+    cfg = CropConfig(out_size_px=48)
+    want = crop_boxes(img, boxes, config=cfg, threads=1)
+    with ThreadPoolExecutor(4) as ex:
+        outs = list(ex.map(lambda t: crop_boxes(img, boxes, config=cfg, threads=t), [2, 3, 4, 9] * 10))
+    for o in outs:
+        np.testing.assert_array_equal(o, want)
+    np.testing.assert_array_equal(crop_boxes(img, np.repeat(boxes, 10, axis=0), config=cfg, threads=90),
+                                  np.repeat(want, 10, axis=0))
+    if "fork" in multiprocessing.get_all_start_methods():
+        with multiprocessing.get_context("fork").Pool(1) as pool:  # the parent's pool threads exist now
+            got = pool.apply_async(_crop_in_child, (img, boxes)).get(timeout=60)
+        np.testing.assert_array_equal(got, want)
+
+
+def _crop_in_child(img, boxes):
+    return crop_boxes(img, boxes, config=CropConfig(out_size_px=48), threads=3)
