@@ -1,21 +1,24 @@
 """Where one-call classify overhead comes from, against what a hand-written loop pays for the same work.
 
 One photo at a time (``rar-edge bench``'s "one call" mode), retrieval only, in three regimes. On each photo
-rar_edge and the peer take turns (their order alternates photo by photo), and each timed call follows an
-untimed call of its own on the previous photo, in the same regime:
+rar_edge and the peer take turns (their order alternates photo by photo, the regimes' order turns), and each
+timed call follows an untimed call of its own on the previous photo, in the same regime:
 
 * ``model``: the real encoder call between calls, as ``rar-edge bench`` measures it;
-* ``busy``: the encoder call replaced by a busy wait as long as the model's median call. The wait returns
-  the output the model gave for this photo, so the search does the same work but no model runs;
+* ``busy``: the encoder call replaced by a busy wait as long as the model's median call, returning the output
+  the model last gave (for this photo in the timed call), so the search does the same work but no model runs.
+  The wait spins in Python, which keeps the interpreter's own code warm: it is not an idle period either;
 * ``back_to_back``: the same output at once, with no wait, so the timed call follows the previous one directly.
 
 The peer is what a user writes without rar_edge:
-1. Pillow with draft mode and a BILINEAR resize to the model's size;
+1. Pillow with draft mode and the manifest's resize (stretched, or shortest edge then centre crop) and filter
+   (without the EXIF orientation rar_edge applies: the flower photos carry none);
 2. the same ONNX Runtime session;
-3. numpy: dequantise, normalise, dot with the support vectors, best entry per class, top k.
+3. numpy: the manifest's input normalisation and layout; then dequantise, normalise, dot with the support
+   vectors, best entry per class, top k.
 
-``decode_floor_ms`` is libjpeg-turbo (simplejpeg) alone, decoding the same photos at the same DCT scale
-warm (best of 3 back to back, median over photos).
+``decode_floor_ms`` is libjpeg-turbo (simplejpeg) alone, decoding the timed photos (up to 200; JPEGs only,
+None without any) at the same DCT scale warm (best of 3 back to back, median over photos).
 
 overhead = call wall time - time inside ``session.run`` (or the wait that stands in for it).
 ``share_with_model`` = mean overhead / (mean overhead + the real model's mean call): the overhead share each
@@ -66,22 +69,44 @@ class _StandIn:
         return getattr(self.session, name)
 
 
+_PIL_RESAMPLE = {"bilinear": "BILINEAR", "bicubic": "BICUBIC", "nearest": "NEAREST"}
+
+
 def _peer(encoder, stand_in: _StandIn, support: np.ndarray, labels: np.ndarray, classes: list[str], k: int):
-    """rar_edge's classify written by hand with Pillow, ONNX Runtime and numpy."""
+    """rar_edge's classify written by hand with Pillow, ONNX Runtime and numpy, following the encoder's manifest
+    (resize or shortest-edge resize + centre crop, normalisation, layout) the way its model card says."""
     from PIL import Image
 
     spec = encoder.image_spec
     h, w = spec.size_px
+    resample = getattr(Image.Resampling, _PIL_RESAMPLE[spec.resample])
     deq = spec.output_dequantize
+    mean = np.asarray(spec.mean, np.float32)
+    std = np.asarray(spec.std, np.float32)
     in_name, out_name = encoder._image_input, encoder._image_output  # noqa: SLF001 - the same session
     n_classes = len(classes)
+    short = spec.resize_shortest_edge_px or (min(h, w) if spec.crop_mode == "center" else max(h, w))
 
-    def classify(path: Path) -> list[str]:
+    def pixels(path: Path) -> np.ndarray:
         with Image.open(path) as im:
             im.draft("RGB", (w, h))
-            x = np.asarray(im.convert("RGB").resize((w, h), Image.Resampling.BILINEAR))[None]
-        y = stand_in.run([out_name], {in_name: x})[0].reshape(-1).astype(np.float32)
-        if deq is not None:
+            im = im.convert("RGB")
+            if spec.resize_mode == "squash":
+                return np.asarray(im.resize((w, h), resample))
+            s = short / min(im.size)
+            im = im.resize((max(round(im.width * s), w), max(round(im.height * s), h)), resample)
+            left, top = (im.width - w) // 2, (im.height - h) // 2
+            return np.asarray(im.crop((left, top, left + w, top + h)))
+
+    def classify(path: Path) -> list[str]:
+        x = pixels(path)[None]
+        if spec.dtype != "uint8":
+            x = (x.astype(np.float32) * np.float32(spec.rescale) - mean) / std
+        if spec.layout == "NCHW":
+            x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+        raw = stand_in.run([out_name], {in_name: x})[0]
+        y = raw.reshape(-1).astype(np.float32)
+        if deq is not None and np.issubdtype(raw.dtype, np.integer):  # as the manifest says: integer outputs
             y = (y - np.float32(deq[1])) * np.float32(deq[0])
         y /= max(float(np.linalg.norm(y)), 1e-12)
         scores = support @ y
@@ -105,10 +130,12 @@ def main() -> None:
     ap.add_argument("--shots", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("-k", type=int, default=5)
-    ap.add_argument("--runs", type=int, default=200, help="photos timed (each in every regime, for both)")
+    ap.add_argument("--runs", type=int, default=200, help="photos timed (each in every regime, for both; >= 1)")
     ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads (1: as the bench's one-call run)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
+    if args.runs < 1:
+        ap.error("--runs must be >= 1")
 
     from rar_edge import Encoder, EncoderConfig, Memory, Pipeline, PipelineConfig
     from rar_edge.datasets import few_shot_split
@@ -125,10 +152,12 @@ def main() -> None:
     classes = sorted(set(sup_labels))
     support = encoder.embed_images(sup_paths)
     labels = np.asarray([classes.index(c) for c in sup_labels])
-    queries = [Path(p) for p, _ in split.queries]
-    queries = [queries[i] for i in np.random.default_rng(args.seed).permutation(len(queries))]
-    queries = [queries[i % len(queries)] for i in range(args.runs)]
-    for p in set(queries):
+    photos = [Path(p) for p, _ in split.queries]
+    if not photos:
+        raise SystemExit(f"no query photos left in {args.images} after {args.shots} shots per class")
+    photos = [photos[i] for i in np.random.default_rng(args.seed).permutation(len(photos))]
+    queries = [photos[i % len(photos)] for i in range(args.runs)]
+    for p in photos[: args.runs + 20]:
         p.read_bytes()  # the page cache, as the bench does: decoding, not a cold disk
 
     stand_in = _StandIn(encoder._image_sess)  # noqa: SLF001 - benchmark-only stand-in
@@ -138,7 +167,8 @@ def main() -> None:
 
     # warm-up, and the model's median call for the busy wait
     model_calls = []
-    for p in queries[:20]:
+    for j in range(20):
+        p = photos[j % len(photos)]
         t0 = stand_in.inside_s
         pipe.classify(p)
         model_calls.append(stand_in.inside_s - t0)
@@ -151,11 +181,11 @@ def main() -> None:
     agree = 0
     tops: dict[str, str] = {}
     for i, p in enumerate(queries):
-        for regime in REGIMES:
+        for regime in REGIMES[i % 3:] + REGIMES[: i % 3]:  # the order turns photo by photo
             stand_in.regime = regime
             for who in (("rar_edge", "peer") if i % 2 == 0 else ("peer", "rar_edge")):
                 # the call before, untimed, on the previous photo: the timed call follows one of its own
-                prev = queries[i - 1]
+                prev = photos[(i - 1) % len(photos)]
                 pipe.classify(prev) if who == "rar_edge" else peer(prev)
                 m0 = stand_in.inside_s
                 t0 = time.perf_counter()
@@ -187,7 +217,7 @@ def main() -> None:
 
     draft = draft_size(encoder.image_spec)
     floor = []
-    for p in sorted(set(queries))[:200]:
+    for p in photos[: min(args.runs, 200)]:  # the timed photos (up to 200)
         data = p.read_bytes()
         best = []
         for _ in range(3):
