@@ -418,6 +418,44 @@ def test_more_candidates_than_slots_reuse_them_cleanly(tiny_gguf):
         assert sorted(r.rank(None, cands).labels) == sorted(cands)
 
 
+def test_clear_slots_leaves_no_cell_in_any_slot(tiny_gguf):
+    """Only the slots noted as written are cleared: after a ranking (several groups) and after a decode that
+    stopped part-way, every sequence above 0 must be empty once `clear_slots` has run."""
+    cands = ["a1", "a2", "a3", "a4", "s"] + ["m%d " % i + "word " * 12 for i in range(3)]
+
+    def slots_in_use(n) -> list[int]:
+        return [s for s in range(1, n.n_seq_max) if n.lc.llama_memory_seq_pos_max(n.mem, s) >= 0]
+
+    with Ranker.load(tiny_gguf, n_threads=1, n_ctx=2048, max_candidates=4) as r:
+        r.rank(None, cands, mode="score")
+        n = r._live()
+        assert slots_in_use(n)  # the last group's continuations are still there
+        n.clear_slots()
+        assert slots_in_use(n) == [] and not n._slots_used
+        lc = n.lc
+
+        class FailSecondDecode:  # the first chunk lands in slots 1-3, the second fails
+            calls = 0
+
+            def __getattr__(self, name):
+                return getattr(lc, name)
+
+            def llama_decode(self, ctx, batch):
+                FailSecondDecode.calls += 1
+                return lc.llama_decode(ctx, batch) if FailSecondDecode.calls == 1 else -1
+
+        n.lc = FailSecondDecode()
+        try:
+            with pytest.raises(RankerError):
+                n.decode([(1, i, (1, 2, 3), False) for i in range(n.n_batch + 1)])
+        finally:
+            n.lc = lc
+        assert slots_in_use(n) == [1, 2, 3]
+        n.clear_slots()
+        assert slots_in_use(n) == []
+        assert sorted(r.rank(None, cands[:4]).labels) == sorted(cands[:4])
+
+
 def test_load_refuses_impossible_settings(tiny_gguf):
     with pytest.raises(InvalidInputError, match=r"\[1, 255\]"):
         Ranker.load(tiny_gguf, max_candidates=256)
