@@ -1,8 +1,8 @@
 #include "parallel.hpp"
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
-#include <new>
 
 #if defined(__unix__) || defined(__APPLE__)
 #include <pthread.h>
@@ -19,8 +19,14 @@ namespace {
 class Pool {
  public:
   bool run(std::size_t helpers, const std::function<void(std::size_t)>& job) {
-    std::unique_lock<std::mutex> in_use(use_, std::try_to_lock);
-    if (!in_use.owns_lock()) return false;
+    // A flag, not a mutex: a nested call from the thread that holds the pool must see "busy", and try_lock
+    // on a mutex the thread already owns is undefined.
+    bool idle = false;
+    if (!busy_.compare_exchange_strong(idle, true, std::memory_order_acquire)) return false;
+    struct Release {
+      std::atomic<bool>& flag;
+      ~Release() { flag.store(false, std::memory_order_release); }
+    } release{busy_};
     std::size_t started;
     {
       std::lock_guard<std::mutex> lk(mu_);
@@ -63,8 +69,8 @@ class Pool {
     }
   }
 
-  std::mutex use_;  // one job at a time
-  std::mutex mu_;   // guards everything below
+  std::atomic<bool> busy_{false};  // one job at a time
+  std::mutex mu_;                  // guards everything below
   std::condition_variable work_cv_, done_cv_;
   std::vector<std::thread> threads_;
   const std::function<void(std::size_t)>* job_ = nullptr;
@@ -76,27 +82,33 @@ std::mutex g_pool_mu;
 Pool* g_pool = nullptr;
 
 #if defined(__unix__) || defined(__APPLE__)
-// A forked child has none of the parent's threads (and maybe a mutex some parent thread held): it starts a
-// new pool on first use. The old one is left behind, never touched again.
+// fork: g_pool_mu is held across it (so the child never inherits it held by a thread it does not have),
+// and a forked child, which has none of the parent's threads, starts a new pool on first use. The old one is
+// left behind, never touched again. Registered when the library loads, before any thread can use the pool.
+void lock_before_fork() { g_pool_mu.lock(); }
+void unlock_after_fork() { g_pool_mu.unlock(); }
 void forget_pool_in_child() {
-  new (&g_pool_mu) std::mutex();
   g_pool = nullptr;
+  g_pool_mu.unlock();
 }
+[[maybe_unused]] const bool g_fork_handlers = (pthread_atfork(lock_before_fork, unlock_after_fork, forget_pool_in_child), true);
 #endif
 
 Pool& pool() {
   std::lock_guard<std::mutex> lk(g_pool_mu);
-  if (g_pool == nullptr) {
-#if defined(__unix__) || defined(__APPLE__)
-    static const bool registered = (pthread_atfork(nullptr, nullptr, forget_pool_in_child), true);
-    (void)registered;
-#endif
-    g_pool = new Pool();
-  }
+  if (g_pool == nullptr) g_pool = new Pool();
   return *g_pool;
 }
 
 }  // namespace
+
+std::size_t pool_max_helpers() {
+  static const std::size_t n = [] {
+    const std::size_t cores = std::thread::hardware_concurrency();
+    return std::min<std::size_t>(63, cores > 1 ? cores - 1 : 1);
+  }();
+  return n;
+}
 
 bool pool_run(std::size_t helpers, const std::function<void(std::size_t)>& job) {
   return pool().run(helpers, job);

@@ -6,7 +6,8 @@
 // call to the next. Starting fresh threads every call cost more than the work for a few boxes: measured on a
 // 2-vCPU machine, 3 COCO boxes took 0.92 ms on one thread and 1.90 ms on two (each new thread paid page
 // faults for its new scratch). One parallel section uses the pool at a time; a call that finds it busy (another
-// Python thread, or a nested call) starts its own threads as before. A forked child starts a new pool.
+// Python thread, or a nested call), or wants more threads than the pool keeps, starts its own threads as
+// before. A forked child starts a new pool.
 #include <algorithm>
 #include <cstddef>
 #include <exception>
@@ -19,7 +20,10 @@ namespace rar {
 
 namespace detail {
 
-constexpr std::size_t kPoolMaxHelpers = 63;  // a call wanting more helper threads starts its own
+// The most helper threads the pool keeps: one fewer than the cores (at least 1, at most 63). A call wanting
+// more starts threads of its own, which end with it (and free their scratch: the pool's threads keep theirs,
+// e.g. crop's thread_local buffers up to kScratchKeepBytes each, for the life of the process).
+std::size_t pool_max_helpers();
 
 // Runs job(0) on the caller and job(1) .. job(helpers) on pool threads (any the pool could not start a thread
 // for run on the caller), and returns once all are done. Returns false, running nothing, when the pool is in
@@ -47,7 +51,7 @@ void parallel_chunks(std::size_t n, int threads, Fn&& fn) {
       if (!error) error = std::current_exception();
     }
   };
-  if (t - 1 > detail::kPoolMaxHelpers || !detail::pool_run(t - 1, run)) {
+  if (t - 1 > detail::pool_max_helpers() || !detail::pool_run(t - 1, run)) {
     // Threads of this call's own, joined before returning.
     std::vector<std::thread> own;
     std::size_t next = 1;
