@@ -333,9 +333,6 @@ class _Native:
             raise RankerError(f"no logits for batch position {batch_index}")
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
 
-    def logits(self, batch_index: int) -> np.ndarray:
-        return self._logit_row(batch_index).astype(np.float64)
-
     def log_probs(self, batch_index: int, token_ids: Sequence[int]) -> np.ndarray:
         """log softmax of a batch position's logits, at a few tokens (float64).
 
@@ -918,6 +915,7 @@ class Ranker:
         conts = self._continuations(cands)
         groups = self._score_groups(conts)
         total = [0.0] * len(cands)
+        firsts = [toks[0] for toks in conts]  # every candidate's first token is scored from the query's logits
 
         def group_entries(members: list[int], n_past: int) -> list[tuple[int, int, int, bool]]:
             # the group's candidate j lives in sequence j+1; its token i's logits predict token i+1
@@ -956,13 +954,13 @@ class Ranker:
             self._stats["query_tokens"] += len(q)
             self._stats["continuation_tokens"] += len(cont_entries)
             query_row = next(rows)
-            first_lp = n.log_probs(query_row, [toks[0] for toks in conts])
+            first_lp = n.log_probs(query_row, firsts)
             add_logprobs(first, rows)
         else:
             n_past = self._eval_query(img, cands)
-            first_lp = n.log_probs(-1, [toks[0] for toks in conts])
+            first_lp = n.log_probs(-1, firsts)
         for ci in range(len(conts)):
-            total[ci] += float(first_lp[ci])  # every candidate's first token: the query's last logits
+            total[ci] += float(first_lp[ci])
         for members in groups:
             entries = group_entries(members, n_past)
             if n_past + len(entries) > n.n_ctx:

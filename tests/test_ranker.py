@@ -225,7 +225,7 @@ def _reference_generate(r: Ranker, cands: list[str]) -> list[str]:
         live, pos = r._line_tokens(remaining, number), 0
         while True:
             nexts = sorted({t[pos] for t in live.values()})
-            row = n.logits(-1)
+            row = n._logit_row(-1)
             tok = max(nexts, key=lambda t: row[t])
             n.decode([(tok, n_past, 0, True)])
             n_past += 1
