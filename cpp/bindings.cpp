@@ -31,8 +31,8 @@ void require_c_contiguous(const py::array& a, const char* name) {
                           ", requirements='CA') makes an aligned copy)");
 }
 
-// Worker threads are started per call: a bound keeps a typo (threads=10**6) from spawning a million of them
-// and keeps the per-worker buffers (workers x queries x classes floats) in range.
+// Threads beyond the native pool's helpers are started per call: a bound keeps a typo (threads=10**6) from
+// spawning a million of them and keeps the per-worker buffers (workers x queries x classes floats) in range.
 constexpr int kMaxThreads = 1024;
 void check_threads(int threads) {
   if (threads < 1 || threads > kMaxThreads)

@@ -42,7 +42,7 @@ void parallel_chunks(std::size_t n, int threads, Fn&& fn) {
   }
   std::exception_ptr error;
   std::mutex mu;
-  const std::function<void(std::size_t)> run = [&](std::size_t w) {
+  auto run = [&](std::size_t w) {
     const std::size_t b = n * w / t, e = n * (w + 1) / t;
     try {
       if (e > b) fn(static_cast<int>(w), b, e);
@@ -51,7 +51,8 @@ void parallel_chunks(std::size_t n, int threads, Fn&& fn) {
       if (!error) error = std::current_exception();
     }
   };
-  if (t - 1 > detail::pool_max_helpers() || !detail::pool_run(t - 1, run)) {
+  // std::ref: the std::function holds a reference, no copy of the lambda on the heap
+  if (t - 1 > detail::pool_max_helpers() || !detail::pool_run(t - 1, std::ref(run))) {
     // Threads of this call's own, joined before returning.
     std::vector<std::thread> own;
     std::size_t next = 1;
