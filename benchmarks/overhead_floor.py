@@ -69,17 +69,16 @@ class _StandIn:
         return getattr(self.session, name)
 
 
-_PIL_RESAMPLE = {"bilinear": "BILINEAR", "bicubic": "BICUBIC", "nearest": "NEAREST"}
-
-
 def _peer(encoder, stand_in: _StandIn, support: np.ndarray, labels: np.ndarray, classes: list[str], k: int):
     """rar_edge's classify written by hand with Pillow, ONNX Runtime and numpy, following the encoder's manifest
     (resize or shortest-edge resize + centre crop, normalisation, layout) the way its model card says."""
     from PIL import Image
 
+    from rar_edge.preprocess import _RESAMPLE
+
     spec = encoder.image_spec
     h, w = spec.size_px
-    resample = getattr(Image.Resampling, _PIL_RESAMPLE[spec.resample])
+    resample = _RESAMPLE[spec.resample]  # the manifest's filter name as a Pillow filter
     deq = spec.output_dequantize
     mean = np.asarray(spec.mean, np.float32)
     std = np.asarray(spec.std, np.float32)
@@ -147,10 +146,10 @@ def main() -> None:
     split = few_shot_split(args.images, shots=args.shots, seed=args.seed)
     sup_paths = [p for ps in split.support.values() for p in ps]
     sup_labels = [c for c, ps in split.support.items() for _ in ps]
+    support = encoder.embed_images(sup_paths)  # embedded once: the memory's entries and the peer's matrix
     memory = Memory.empty(encoder=encoder)
-    memory.add_images(sup_paths, sup_labels, encoder=encoder)
+    memory.add(support, sup_labels, sources=[str(p) for p in sup_paths])
     classes = sorted(set(sup_labels))
-    support = encoder.embed_images(sup_paths)
     labels = np.asarray([classes.index(c) for c in sup_labels])
     photos = [Path(p) for p, _ in split.queries]
     if not photos:

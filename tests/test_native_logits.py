@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import SIMD_FAMILIES
+
 from rar_edge import _native
 
 
@@ -46,8 +48,6 @@ def test_non_finite_values(family):
 def test_families_agree_within_float_rounding():
     x = (np.random.default_rng(1).standard_normal(50299) * 8).astype(np.float32)
     before = _native.build_info()["selected"]
-    from conftest import SIMD_FAMILIES
-
     try:
         got = []
         for fam in SIMD_FAMILIES:
