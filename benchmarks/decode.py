@@ -38,7 +38,8 @@ def main() -> None:
     from PIL import Image
 
     from rar_edge.manifest import ImageSpec
-    from rar_edge.preprocess import decode_rgb, draft_size, resize_for_model
+    from rar_edge.image.codec import decode_rgb
+    from rar_edge.image.transform import draft_size, resize_for_model
 
     root = shared_dir() / "data" / "flowers17"
     paths = sorted(root.rglob("*.jpg"))[: args.limit]

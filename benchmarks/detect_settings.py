@@ -1,6 +1,6 @@
 """Crop settings for RAR's detection path: blur on/off x crop scales, over several seeds.
 
-Runs `rar_edge.detection.evaluate_detection` (few-shot crop memory from half of the images, every box
+Runs `rar_edge.tools.evaluate.evaluate_detection` (few-shot crop memory from half of the images, every box
 of the other half classified, retrieval only) for each setting and seed, and prints JSON with each
 run and the mean over seeds. This is what chose the SDK's default `CropConfig`.
 
@@ -33,7 +33,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from rar_edge import Encoder
-    from rar_edge.detection import evaluate_detection
+    from rar_edge.tools.evaluate import evaluate_detection
 
     enc = Encoder(args.encoder)
     runs, summary = [], []

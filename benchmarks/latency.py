@@ -1,4 +1,4 @@
-"""Per-stage latency, SDK overhead, cold start and encoder variants: a thin script over `rar_edge.bench`.
+"""Per-stage latency, SDK overhead, cold start and encoder variants: a thin script over `rar_edge.tools.bench`.
 
 Plain use takes the same options as ``rar-edge bench``::
 
@@ -107,7 +107,7 @@ def _quantization_mode(model_dir: Path) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rar_edge.bench import add_bench_arguments, run_from_args, summary_lines
+    from rar_edge.tools.bench import add_bench_arguments, run_from_args, summary_lines
     from rar_edge.errors import RarEdgeError
 
     pre = argparse.ArgumentParser(add_help=False)

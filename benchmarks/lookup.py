@@ -5,7 +5,7 @@ d=512, N in {1k, 10k, 100k} vectors over 1k classes, single queries drawn from t
 
 Methods (all single-threaded, timed in the same process, round-robin per query so that load from other
 processes hits them alike; latency p50/p90 over the queries):
-  native/<storage>  rar_edge._lookup.VectorStore.topk_classes (class max fused into the scan)
+  native/<storage>  rar_edge.index.lookup.VectorStore.topk_classes (class max fused into the scan)
   faiss             IndexFlatIP.search for the k' nearest vectors, k' = (sum of the k-1 largest class sizes) + 1
                     (guarantees k distinct classes), then numpy: first k distinct labels
   numpy             V @ q (BLAS, 1 thread), np.maximum.reduceat over label-sorted rows, argpartition
@@ -74,7 +74,7 @@ def main() -> None:
     import faiss
 
     from rar_edge import _native
-    from rar_edge._lookup import DEFAULT_STORAGE, STORAGES, VectorStore
+    from rar_edge.index.lookup import DEFAULT_STORAGE, STORAGES, VectorStore
 
     faiss.omp_set_num_threads(1)
     results: dict = {}

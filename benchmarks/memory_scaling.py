@@ -201,7 +201,7 @@ def run(args) -> dict:
             crossover = r["n"]
             break
     from rar_edge import __version__
-    from rar_edge.memory import AUTO_HNSW_MIN_ENTRIES
+    from rar_edge.index.memory import AUTO_HNSW_MIN_ENTRIES
 
     return {
         "benchmark": "memory_scaling",

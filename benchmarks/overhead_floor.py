@@ -74,7 +74,7 @@ def _peer(encoder, stand_in: _StandIn, support: np.ndarray, labels: np.ndarray, 
     (resize or shortest-edge resize + centre crop, normalisation, layout) the way its model card says."""
     from PIL import Image
 
-    from rar_edge.preprocess import _RESAMPLE
+    from rar_edge.image.transform import RESAMPLE as _RESAMPLE
 
     spec = encoder.image_spec
     h, w = spec.size_px
@@ -138,7 +138,8 @@ def main() -> None:
 
     from rar_edge import Encoder, EncoderConfig, Memory, Pipeline, PipelineConfig
     from rar_edge.datasets import few_shot_split
-    from rar_edge.preprocess import _decode_jpeg_fast, draft_size
+    from rar_edge.image.codec import _decode_jpeg_fast
+    from rar_edge.image.transform import draft_size
 
     if not Path(args.images).is_dir():
         raise SystemExit(f"no image folder {args.images} (set RAR_EDGE_SHARED or pass --images)")

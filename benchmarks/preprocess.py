@@ -1,7 +1,7 @@
 """Box crop + blur + resize: rar_edge's native call vs the same operation in OpenCV and in Pillow.
 
 All three cut every labelled box of the COCO128 photos (../shared/data/coco128) with the same geometry
-(rar_edge.boxes: enlarge x1.5, sigma 4 px blur outside the box, 224 px stretched), single-threaded.
+(rar_edge.image.boxes: enlarge x1.5, sigma 4 px blur outside the box, 224 px stretched), single-threaded.
 The OpenCV and Pillow versions are written the way a user would: crop view, GaussianBlur, paste the sharp
 box back, resize (cv2 INTER_AREA when shrinking, INTER_LINEAR when enlarging; Pillow BILINEAR, which
 antialiases). Times are the total over the dataset per pass (decoded images in memory; each image's crops
@@ -27,7 +27,7 @@ from _common import interleaved_median_ms, photo_bench_args, shared_dir, write_j
 def load_coco128(limit: int | None) -> list[tuple[np.ndarray, np.ndarray]]:
     """(image RGB uint8, boxes float64 (N, 4) in pixels) for every photo with at least one box."""
     from rar_edge.datasets import read_yolo_dataset
-    from rar_edge.preprocess import decode_rgb
+    from rar_edge.image.codec import decode_rgb
 
     root = shared_dir() / "data" / "coco128"
     if not root.is_dir():
@@ -41,7 +41,7 @@ def load_coco128(limit: int | None) -> list[tuple[np.ndarray, np.ndarray]]:
 
 
 def geometry(box: np.ndarray, h: int, w: int, scale: float) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
-    """The crop rectangle and the sharp rectangle (in crop pixels), as rar_edge.boxes documents them."""
+    """The crop rectangle and the sharp rectangle (in crop pixels), as rar_edge.image.boxes documents them."""
     x1, y1, x2, y2 = max(box[0], 0.0), max(box[1], 0.0), min(box[2], w), min(box[3], h)
     ix0, iy0 = math.floor(x1), math.floor(y1)
     ix1, iy1 = max(math.ceil(x2), ix0 + 1), max(math.ceil(y2), iy0 + 1)
@@ -58,7 +58,7 @@ def main() -> None:
     from PIL import Image, ImageFilter
 
     from rar_edge import _native
-    from rar_edge.boxes import CropConfig, crop_boxes, validate_boxes
+    from rar_edge.image.boxes import CropConfig, crop_boxes, validate_boxes
 
     cv2.setNumThreads(1)
     cfg = CropConfig()

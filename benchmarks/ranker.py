@@ -88,8 +88,8 @@ class _PeerChat:
         self.llm = llama_cpp.Llama(model, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, verbose=False)
 
     def ask(self, cands: list[str]) -> tuple[str, bool]:
-        from rar_edge.prompts import RANKING_PROMPT_V1 as P
-        from rar_edge.ranker import parse_ranking
+        from rar_edge.rank.prompts import RANKING_PROMPT_V1 as P
+        from rar_edge.rank.prompts import parse_ranking
 
         msgs = [{"role": "system", "content": P.system},
                 {"role": "user", "content": P.user_text(cands, image_marker=None)}]
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", required=True, help="output JSON file")
     args = ap.parse_args(argv)
 
-    from rar_edge.ranker import Ranker
+    from rar_edge.rank.ranker import Ranker
 
     n_threads = args.threads or len(os.sched_getaffinity(0))
     queries = _queries(args.n, args.k, args.seed, Path(args.shared), with_images=args.mmproj is not None)

@@ -1,7 +1,7 @@
 """rar_edge: RAR (retrieve, then rank with a small MLLM) for visual recognition on edge devices."""
 
-from .encoders import Encoder, EncoderConfig, ProviderFallbackWarning
-from .errors import (
+from rar_edge.encoders import Encoder, EncoderConfig, ProviderFallbackWarning
+from rar_edge.errors import (
     CorruptFileError,
     DatasetError,
     EmptyMemoryError,
@@ -15,9 +15,9 @@ from .errors import (
     RankerError,
     RarEdgeError,
 )
-from .memory import HnswParams, Memory
-from .pipeline import Pipeline, PipelineConfig, classify, detect
-from .types import Candidate, Classification, Detection, Ranking
+from rar_edge.index.memory import HnswParams, Memory
+from rar_edge.pipeline import Pipeline, PipelineConfig, classify, detect
+from rar_edge.types import Candidate, Classification, Detection, Ranking
 
 __version__ = "0.1.0"
 

@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from rar_edge.tools.cli import main
 
 sys.exit(main())

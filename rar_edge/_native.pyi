@@ -1,10 +1,13 @@
 """
-rar_edge native core (private; use rar_edge._lookup / rar_edge.boxes)
+rar_edge native core (private; use rar_edge.index.lookup / rar_edge.image.boxes)
 """
 from __future__ import annotations
+
+import typing
+
 import numpy
 import numpy.typing
-import typing
+
 __all__: list[str] = ['ADAPTIVE_MAX_SCALE', 'ADAPTIVE_MIN_SCALE', 'ADAPTIVE_TARGET_AREA', 'MAX_CROP_SCALE', 'MAX_OUT_SIZE', 'MAX_SIGMA', 'build_info', 'crop_blur', 'logsumexp', 'topk_classes', 'unit_rows']
 def _set_simd(name: str) -> str:
     """

@@ -6,11 +6,12 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from .errors import DatasetError
-from .preprocess import upright_size
+from rar_edge.errors import DatasetError, InvalidInputError
+from rar_edge.image.codec import decode_rgb, load_image, upright_size
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -200,3 +201,85 @@ def read_detection_dataset(path: str | os.PathLike) -> tuple[list[str], list[Box
     if p.is_dir():
         return read_yolo_dataset(p)
     raise DatasetError(f"{p} is neither a YOLO folder (images/, labels/, classes.txt) nor a COCO .json file")
+
+
+def read_boxes_file(path: str | os.PathLike, *, image: Any = None) -> np.ndarray:
+    """Reads boxes as (N, 4) x1, y1, x2, y2 pixels.
+
+    Formats: a YOLO txt (``[class] cx cy w h`` normalised; needs ``image`` for its size), a
+    COCO-style json list (``[{"bbox": [x, y, w, h], ...}]`` or ``{"annotations": [...]}``; from a COCO
+    instances file with several images only the boxes of ``image``, matched by file name), or a
+    json list of ``[x1, y1, x2, y2]``.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise InvalidInputError(f"cannot read boxes file {p}: {e}") from e
+    if p.suffix.lower() == ".txt":
+        if image is None:
+            raise InvalidInputError("YOLO boxes are normalised: the image is needed for its size")
+        w, h = _image_size(image)
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) not in (4, 5):
+                raise InvalidInputError(f"{p}:{n}: expected '[class] cx cy w h', got {line!r}")
+            try:
+                cx, cy, bw, bh = (float(v) for v in parts[-4:])
+            except ValueError as e:
+                raise InvalidInputError(f"{p}:{n}: not numbers: {line!r}") from e
+            rows.append(((cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h))
+        return np.asarray(rows, np.float64).reshape(-1, 4)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InvalidInputError(f"{p} is neither YOLO txt nor json: {e}") from e
+    if isinstance(data, dict) and "annotations" in data:
+        data = _annotations_of(data, image, p)
+    if not isinstance(data, list):
+        raise InvalidInputError(f"{p}: expected a json list of boxes")
+    rows = []
+    for i, b in enumerate(data):
+        coords = b["bbox"] if isinstance(b, dict) and "bbox" in b else b
+        try:
+            if not isinstance(coords, (list, tuple)) or len(coords) != 4:
+                raise ValueError("not four numbers")
+            v = [float(c) for c in coords]
+        except (TypeError, ValueError):
+            raise InvalidInputError(f"{p}: box {i} is neither {{'bbox': [x,y,w,h]}} nor [x1,y1,x2,y2]: {b!r}") from None
+        rows.append((v[0], v[1], v[0] + v[2], v[1] + v[3]) if coords is not b else tuple(v))
+    return np.asarray(rows, np.float64).reshape(-1, 4)
+
+
+def _annotations_of(coco: dict, image: Any, p: Path) -> list:
+    """The annotations of ``image`` in a COCO instances dict (all of them when they are of one image)."""
+    anns = coco["annotations"]
+    if not isinstance(anns, list):
+        raise InvalidInputError(f"{p}: 'annotations' must be a list")
+    ids = {a.get("image_id") for a in anns if isinstance(a, dict)}
+    if len(ids) <= 1:
+        return anns
+    name = Path(image).name if isinstance(image, (str, os.PathLike)) else None
+    matches = [im.get("id") for im in coco.get("images", []) if isinstance(im, dict)
+               and name is not None and Path(str(im.get("file_name", ""))).name == name]
+    if len(matches) != 1:
+        raise InvalidInputError(f"{p} holds boxes of {len(ids)} images and none is named "
+                                f"{name or '(no image path given)'!r}: pass that image, or a file of its boxes only")
+    return [a for a in anns if isinstance(a, dict) and a.get("image_id") == matches[0]]
+
+
+def _image_size(image: Any) -> tuple[int, int]:
+    """(width, height) of an image as detect() decodes it (upright: EXIF orientation applied)."""
+    if isinstance(image, (str, os.PathLike)):
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(image) as im:
+                return upright_size(im)
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
+            decode_rgb(image)  # raises the decoder's own ImageDecodeError for this file
+            raise
+    return upright_size(load_image(image))  # no `with`: a caller's PIL image stays open

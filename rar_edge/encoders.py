@@ -16,10 +16,11 @@ from typing import Sequence
 
 import numpy as np
 
-from . import _native
-from .errors import InvalidInputError, ManifestError, MissingDependencyError
-from .manifest import Manifest, load_manifest
-from .preprocess import ImageLike, decode_rgb, draft_size, normalize, resize_for_model
+from rar_edge import _native
+from rar_edge.errors import InvalidInputError, ManifestError, MissingDependencyError
+from rar_edge.image.codec import ImageLike, decode_rgb
+from rar_edge.image.transform import draft_size, normalize, resize_for_model
+from rar_edge.manifest import Manifest, load_manifest
 
 log = logging.getLogger("rar_edge")
 

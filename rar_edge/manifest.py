@@ -24,7 +24,7 @@ Encoder manifest (``kind`` = ``"clip"`` or ``"image_embedder"``)::
     }
 
 ``output_dequantize`` is ``{"scale": s, "zero_point": z}`` for models with integer outputs.
-MLLM manifests (``kind`` = ``"mllm"``) are described in `rar_edge.ranker`.
+MLLM manifests (``kind`` = ``"mllm"``) are described in `rar_edge.rank.ranker`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import ManifestError
+from rar_edge.errors import ManifestError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "rar_edge.model"

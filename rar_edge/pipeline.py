@@ -19,14 +19,14 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from .encoders import Encoder, EncoderConfig
-from .errors import InvalidInputError
-from .memory import Memory
-from .preprocess import ImageLike, decode_rgb
-from .types import Candidate, Classification, Detection, Ranking
+from rar_edge.encoders import Encoder, EncoderConfig
+from rar_edge.errors import InvalidInputError
+from rar_edge.image.codec import ImageLike, decode_rgb
+from rar_edge.index.memory import Memory
+from rar_edge.types import Candidate, Classification, Detection, Ranking
 
 if TYPE_CHECKING:
-    from .boxes import CropConfig
+    from rar_edge.image.boxes import CropConfig
 
 log = logging.getLogger("rar_edge")
 
@@ -40,7 +40,7 @@ class PipelineConfig:
         encoder: ONNX Runtime settings of the encoder.
         gate_margin: skip the ranker when the retrieval margin (score of the first class minus
             the second) is at least this; None always runs the ranker.
-        crop: how detection boxes are cropped (None: `rar_edge.boxes.CropConfig()` at the
+        crop: how detection boxes are cropped (None: `rar_edge.image.boxes.CropConfig()` at the
             encoder's input size).
         crop_threads: threads over boxes for the native crop.
     """
@@ -71,7 +71,7 @@ class Pipeline:
     Args:
         memory: a `Memory` or the path of a saved one.
         encoder: an `Encoder` or a model folder; None uses the folder recorded in the memory.
-        ranker: an object with ``rank(image, candidates) -> Ranking`` (e.g. `rar_edge.ranker.Ranker`),
+        ranker: an object with ``rank(image, candidates) -> Ranking`` (e.g. `rar_edge.rank.ranker.Ranker`),
             a ranker model folder / GGUF path, or None for retrieval only. ``image`` is an HxWx3 uint8
             RGB array: the decoded photo (classify), at least ``ranker.image_size_px`` on its shorter side
             where the photo has that many pixels, or the prepared box crop (detect), made at that size
@@ -107,7 +107,7 @@ class Pipeline:
         self.memory.check_encoder(self.encoder)
         self._owns_ranker = ranker is not None and isinstance(ranker, (str, os.PathLike))
         if self._owns_ranker:
-            from .ranker import Ranker
+            from rar_edge.rank.ranker import Ranker
 
             ranker = Ranker.load(ranker)
         self.ranker = ranker
@@ -159,7 +159,7 @@ class Pipeline:
         want = self._ranker_px()
         if not want or want <= crop.shape[0]:
             return crop
-        from .boxes import crop_boxes
+        from rar_edge.image.boxes import crop_boxes
 
         return crop_boxes(arr, box[None], config=dataclasses.replace(crop_cfg, out_size_px=int(want)))[0]
 
@@ -302,7 +302,7 @@ class Pipeline:
         Returns:
             One `Detection` per valid box, in input order.
         """
-        from .boxes import CropConfig, crop_boxes, validate_boxes
+        from rar_edge.image.boxes import CropConfig, crop_boxes, validate_boxes
 
         k = self.config.k if k is None else k
         t_all = time.perf_counter()

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from rar_edge import EncoderConfig
-from rar_edge.bench import STAGES, BenchConfig, run_bench
+from rar_edge.tools.bench import STAGES, BenchConfig, run_bench
 from rar_edge.errors import InvalidInputError
 from rar_edge.types import Ranking
 
@@ -136,7 +136,7 @@ class _Native:
 
 
 class _NativeRanker:
-    """A ranker shaped like rar_edge.ranker.Ranker: Python work around calls into its native module."""
+    """A ranker shaped like rar_edge.rank.ranker.Ranker: Python work around calls into its native module."""
 
     name = "fake-native"
     mode = "score"
@@ -182,7 +182,7 @@ def test_ranker_time_is_the_native_calls_and_variants_compare(mobilenet_onnx, fl
 
 
 def test_cli_bench_prints_summary(mobilenet_onnx, flowers, tmp_path, capsys):
-    from rar_edge.cli import main
+    from rar_edge.tools.cli import main
 
     out = tmp_path / "cli"
     rc = main(["bench", "--encoder", str(mobilenet_onnx), "--images", str(flowers), "--shots", "2",
@@ -219,7 +219,7 @@ def test_bad_arguments(mobilenet_onnx, flowers, tmp_path):
 
 
 def test_detect_is_timed_when_boxes_are_given(mobilenet_onnx, flowers, tmp_path):
-    pytest.importorskip("rar_edge.boxes")
+    pytest.importorskip("rar_edge.image.boxes")
     from conftest import shared_file
 
     coco = shared_file("data/coco128")

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 from rar_edge import _native
-from rar_edge.boxes import CropConfig, adaptive_crop_scale, crop_boxes, validate_boxes
+from rar_edge.image.boxes import CropConfig, adaptive_crop_scale, crop_boxes, validate_boxes
 from rar_edge.errors import InvalidBoxError, InvalidInputError
 
 SHARED = Path(os.environ.get("RAR_EDGE_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
@@ -21,7 +21,7 @@ N_PHOTOS = 40  # of 128: keeps the file well under a minute on 2 cores
 
 # ------------------------------------------------------------------------------------- reference
 def reference_geometry(box, w: int, h: int, cfg: CropConfig):
-    """The crop and the sharp rectangle (crop pixels) exactly as rar_edge.boxes documents them."""
+    """The crop and the sharp rectangle (crop pixels) exactly as rar_edge.image.boxes documents them."""
     x1, y1, x2, y2 = max(box[0], 0.0), max(box[1], 0.0), min(box[2], w), min(box[3], h)
     ix0, iy0 = math.floor(x1), math.floor(y1)
     ix1, iy1 = max(math.ceil(x2), ix0 + 1), max(math.ceil(y2), iy0 + 1)

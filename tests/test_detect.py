@@ -8,7 +8,8 @@ from PIL import Image
 
 from rar_edge import Encoder, EncoderConfig, Memory, Pipeline, PipelineConfig
 from rar_edge.datasets import read_yolo_dataset
-from rar_edge.detection import memory_from_boxes, read_boxes_file
+from rar_edge.index.build import memory_from_boxes
+from rar_edge.datasets import read_boxes_file
 from rar_edge.errors import InvalidBoxError, InvalidInputError
 
 
@@ -138,7 +139,7 @@ def test_yolo_boxes_are_read_in_the_upright_frame_of_an_exif_rotated_photo(tmp_p
     import io
     import struct
 
-    from rar_edge.preprocess import decode_rgb
+    from rar_edge.image.codec import decode_rgb
 
     buf = io.BytesIO()
     Image.fromarray(np.zeros((40, 100, 3), np.uint8)).save(buf, "JPEG")
@@ -153,7 +154,7 @@ def test_yolo_boxes_are_read_in_the_upright_frame_of_an_exif_rotated_photo(tmp_p
 
 def test_eval_detect_honours_the_gate_margin(encoder, coco_subset):
     """--gate-margin skips the ranker where retrieval is that sure; it used to be accepted and ignored."""
-    from rar_edge.detection import evaluate_detection
+    from rar_edge.tools.evaluate import evaluate_detection
     from rar_edge.types import Ranking
 
     class Counting:

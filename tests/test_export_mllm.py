@@ -100,7 +100,7 @@ def test_unknown_vision_family_is_rejected(tmp_path, lcpp):
 
 def test_quantize_tiny_text_model(tmp_path, tiny_gguf):
     pytest.importorskip("llama_cpp")
-    from rar_edge.ranker import Ranker
+    from rar_edge.rank.ranker import Ranker
     from rar_edge_export.mllm import QUANTS, _quantize, gguf_summary
 
     for q in ("Q4_K_M", "Q8_0"):
@@ -169,7 +169,7 @@ FAMILY_PARAMS = [
 @pytest.mark.parametrize("family, quant, handler, projector", FAMILY_PARAMS)
 def test_tiny_vlm_exports_and_ranks_an_image(tmp_path, lcpp, family, quant, handler, projector):
     pytest.importorskip("llama_cpp")
-    from rar_edge.ranker import Ranker
+    from rar_edge.rank.ranker import Ranker
     from rar_edge_export._tiny_models import build_tiny_vlm
     from rar_edge_export.mllm import export_mllm
 
@@ -207,7 +207,7 @@ def test_tiny_vlm_exports_and_ranks_an_image(tmp_path, lcpp, family, quant, hand
     # An in-context example with its own image: encoded once, with the cached prefix.
     from PIL import Image
 
-    from rar_edge.prompts import RankingExample
+    from rar_edge.rank.prompts import RankingExample
 
     Image.fromarray(image[::-1]).save(tmp_path / "example.png")
     ex = [RankingExample(candidates=("rose", "tulip"), ranked=("tulip", "rose"), image=str(tmp_path / "example.png"))]

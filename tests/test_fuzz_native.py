@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from rar_edge import _native
-from rar_edge.boxes import CropConfig, crop_boxes, validate_boxes
+from rar_edge.image.boxes import CropConfig, crop_boxes, validate_boxes
 from rar_edge.errors import InvalidInputError
 
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))

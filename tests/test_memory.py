@@ -7,7 +7,7 @@ import pytest
 
 from rar_edge import HnswParams, Memory
 from rar_edge.errors import CorruptFileError, EmptyMemoryError, InvalidInputError, MemoryMismatchError
-from rar_edge.memory import EncoderRecord
+from rar_edge.index.memory import EncoderRecord
 
 
 def clustered(n_classes=20, per_class=10, dim=32, noise=0.3, seed=0):
@@ -222,7 +222,7 @@ def test_hnsw_backend_agrees_with_exact_on_clustered_data(tmp_path):
 
 
 def test_auto_backend_switches_by_size(monkeypatch):
-    import rar_edge.memory as mm
+    import rar_edge.index.memory as mm
 
     x, labels, _ = clustered()
     m = make(x, labels)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from conftest import SIMD_FAMILIES as FAMILIES
 
 from rar_edge import _native
-from rar_edge._lookup import DEFAULT_STORAGE, STORAGES, VectorStore, quantize_int8
+from rar_edge.index.lookup import DEFAULT_STORAGE, STORAGES, VectorStore, quantize_int8
 from rar_edge.errors import InvalidInputError
 
 NEG_INF = np.float32(-np.inf)
@@ -67,7 +67,7 @@ def storage_tolerance(storage: str, vectors: np.ndarray, queries: np.ndarray) ->
 @pytest.fixture(autouse=True)
 def _int8_rerank_at_every_size(monkeypatch):
     """These tests check the native kernels: int8_rerank takes its int8 path even for tiny memories."""
-    import rar_edge._lookup as lookup
+    import rar_edge.index.lookup as lookup
 
     monkeypatch.setattr(lookup, "RERANK_MIN_ROWS", 0)
 
@@ -313,7 +313,7 @@ def test_unit_rows_flags_nan_and_inf_rows_and_refuses_bad_input():
 
 
 def test_small_memories_scan_float32_with_the_same_result(monkeypatch):
-    import rar_edge._lookup as lookup
+    import rar_edge.index.lookup as lookup
 
     v, labels, q = clustered(100, 20, 64, n_queries=5, seed=9)
     monkeypatch.setattr(lookup, "RERANK_MIN_ROWS", 128)

@@ -362,7 +362,7 @@ def test_the_pipeline_cache_leaves_a_ranker_passed_in_open(encoder, flowers_subs
 
 
 def test_eval_reports_the_ranker_even_when_the_gate_kept_it_idle(encoder, flowers_subset):
-    from rar_edge.evaluate import evaluate_classification
+    from rar_edge.tools.evaluate import evaluate_classification
 
     for gate, ran in ((0.0, 0.0), (None, 1.0)):  # margin >= 0 always: the ranker never runs; no gate: always
         res = evaluate_classification(flowers_subset, encoder=encoder, shots=8, seed=0, k=3, ranker=_ReverseRanker(),

@@ -6,7 +6,8 @@ from PIL import Image
 
 from rar_edge.errors import ImageDecodeError, InvalidInputError
 from rar_edge.manifest import ImageSpec
-from rar_edge.preprocess import _jpeg_draft_scale, decode_rgb, load_image, normalize, resize_for_model
+from rar_edge.image.codec import _jpeg_draft_scale, decode_rgb, load_image
+from rar_edge.image.transform import normalize, resize_for_model
 
 
 def _jpeg_bytes(w=64, h=48, seed=0):
@@ -179,7 +180,7 @@ def test_decode_rgb_gives_pillows_pixels_for_every_jpeg_kind(draft):
 def test_decode_rgb_takes_the_libjpeg_turbo_path_for_ordinary_jpegs(monkeypatch):
     data = _jpeg_bytes(1000, 800)
     seen = []
-    import rar_edge.preprocess as pre
+    import rar_edge.image.codec as pre
 
     real = pre._decode_jpeg_fast
     monkeypatch.setattr(pre, "_decode_jpeg_fast", lambda *a: seen.append(real(*a)) or seen[-1])
@@ -229,7 +230,7 @@ def _pillow_upright(data: bytes, draft=None) -> np.ndarray:
 
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_exif_orientation_is_applied_like_pillows_exif_transpose(orientation):
-    from rar_edge.preprocess import orient
+    from rar_edge.image.codec import orient
 
     plain = _jpeg_bytes(90, 60, seed=orientation)
     data = _with_orientation(plain, orientation)
@@ -274,7 +275,7 @@ def test_exif_orientation_on_a_png_goes_through_pillow():
 def test_jpeg_header_agrees_with_libjpeg_turbo():
     import simplejpeg
 
-    from rar_edge.preprocess import jpeg_header
+    from rar_edge.image.codec import jpeg_header
 
     rng = np.random.default_rng(1)
     rgb = rng.integers(0, 256, (33, 51, 3), dtype=np.uint8)
@@ -304,7 +305,7 @@ def test_jpeg_header_agrees_with_libjpeg_turbo():
 def test_jpeg_header_agrees_with_libjpeg_turbo_on_the_shared_photos(shared_path):
     import simplejpeg
 
-    from rar_edge.preprocess import jpeg_header
+    from rar_edge.image.codec import jpeg_header
 
     photos = sorted((shared_path / "data").glob("*/**/*.jpg"))
     if not photos:
@@ -319,7 +320,7 @@ def test_jpeg_header_never_raises_on_damaged_headers():
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    from rar_edge.preprocess import jpeg_header
+    from rar_edge.image.codec import jpeg_header
 
     base = _with_orientation(_jpeg_bytes(40, 30), 6)
     head = base[: base.index(b"\xff\xda") + 2]
@@ -373,7 +374,7 @@ def test_a_fractional_centre_crop_is_resampled_exactly():
     rng = np.random.default_rng(5)
     img = rng.integers(0, 256, (499, 635, 3), dtype=np.uint8)
     spec = ImageSpec(size_px=(224, 224), resample="bilinear", resize_shortest_edge_px=256)
-    from rar_edge.preprocess import _model_region
+    from rar_edge.image.transform import _model_region
 
     region = _model_region(635, 499, spec)
     assert not all(float(v).is_integer() for v in region)

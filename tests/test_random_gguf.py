@@ -71,7 +71,7 @@ def test_layout_file_then_random_model_keeps_every_shape_type_and_key(q4km, tmp_
 
 
 def test_llama_cpp_loads_and_runs_the_random_model(q4km, tmp_path):
-    from rar_edge.ranker import Ranker
+    from rar_edge.rank.ranker import Ranker
 
     out = tmp_path / "random.gguf"
     _tool().make(q4km, out, seed=0)

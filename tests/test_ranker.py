@@ -14,14 +14,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rar_edge.errors import InvalidInputError, ManifestError, MissingDependencyError, RankerError
-from rar_edge.prompts import RANKING_PROMPT_V1, RankingExample, render_chat
-from rar_edge.ranker import parse_ranking
+from rar_edge.rank.prompts import RANKING_PROMPT_V1, RankingExample, render_chat
+from rar_edge.rank.prompts import parse_ranking
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "export"))
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'rar-edge[llm]')")
 
-from rar_edge.ranker import Ranker  # noqa: E402
+from rar_edge.rank.ranker import Ranker  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 QWEN = Path(os.environ.get("RAR_EDGE_QWEN_GGUF", REPO / ".cache/models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"))
@@ -329,7 +329,7 @@ def test_load_errors(tmp_path, tiny_gguf):
 
 
 def test_missing_llama_cpp_names_the_extra(monkeypatch):
-    import rar_edge.ranker as rk
+    import rar_edge.rank._llama as rk
 
     monkeypatch.setitem(sys.modules, "llama_cpp", None)
     with pytest.raises(MissingDependencyError, match=r"rar-edge\[llm\]"):
@@ -373,7 +373,7 @@ def test_a_small_context_caps_the_batch_instead_of_aborting(tiny_gguf):
     hence the subprocess)."""
     import subprocess
 
-    code = (f"from rar_edge.ranker import Ranker\n"
+    code = (f"from rar_edge.rank.ranker import Ranker\n"
             f"with Ranker.load({str(tiny_gguf)!r}, n_threads=2, n_ctx=384) as r:\n"
             f"    for mode in ('score', 'generate'):\n"
             f"        print(sorted(r.rank(None, ['a', 'b', 'c'], mode=mode).labels))\n")
@@ -466,7 +466,7 @@ def test_load_refuses_impossible_settings(tiny_gguf):
 
 
 def test_line_breaks_of_every_kind_are_refused_in_names():
-    from rar_edge.prompts import validate_candidates
+    from rar_edge.rank.prompts import validate_candidates
 
     for bad in ("tulip\n", "a\u2028b", "x\x0by", "end\x85"):
         with pytest.raises(InvalidInputError, match="line break"):

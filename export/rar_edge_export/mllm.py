@@ -1,4 +1,4 @@
-"""MLLM -> GGUF (+ mmproj) + quantization, for the ranker (`rar_edge.ranker`).
+"""MLLM -> GGUF (+ mmproj) + quantization, for the ranker (`rar_edge.rank.ranker`).
 
 ``export_mllm(src, out_dir)`` accepts
 
@@ -16,7 +16,7 @@
   folder as a *hard link* (no second gigabyte on disk; the manifest needs the files inside the folder, so
   symlinks are not used). Pass ``copy=True`` to copy instead, e.g. across file systems.
 
-The folder gets a ``manifest.json`` of kind ``"mllm"``, whose fields are documented in `rar_edge.ranker`.
+The folder gets a ``manifest.json`` of kind ``"mllm"``, whose fields are documented in `rar_edge.rank.ranker`.
 torch and transformers are imported only inside the functions that need them, and the converters run in a
 subprocess (they put their own ``gguf-py`` first on ``sys.path``).
 """
@@ -37,7 +37,7 @@ from typing import Any, Mapping
 
 from rar_edge.errors import ExportError, MissingDependencyError
 from rar_edge.manifest import Manifest, load_manifest, write_manifest
-from rar_edge.prompts import RANKING_PROMPT_V1
+from rar_edge.rank.prompts import RANKING_PROMPT_V1
 
 from ._common import atomic_output_dir, looks_like_path
 
@@ -289,7 +289,7 @@ def _quantize(src: Path, dst: Path, quant: str, n_threads: int | None) -> None:
         import llama_cpp
     except ImportError as e:
         raise MissingDependencyError("llama-cpp-python", "llm", "Quantizing a GGUF") from e
-    from rar_edge.ranker import _install_log_callback
+    from rar_edge.rank._llama import _install_log_callback
 
     _install_log_callback(llama_cpp, None)  # llama.cpp's per-tensor report goes to logging, not stderr
     params = llama_cpp.llama_model_quantize_default_params()

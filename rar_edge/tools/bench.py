@@ -40,13 +40,13 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from .encoders import EncoderConfig
-from .errors import InvalidInputError, MissingDependencyError
+from rar_edge.encoders import EncoderConfig
+from rar_edge.errors import InvalidInputError, MissingDependencyError
 
 if TYPE_CHECKING:
-    from .encoders import Encoder
-    from .memory import Memory
-    from .pipeline import Pipeline
+    from rar_edge.encoders import Encoder
+    from rar_edge.index.memory import Memory
+    from rar_edge.pipeline import Pipeline
 
 log = logging.getLogger("rar_edge")
 
@@ -330,8 +330,8 @@ class _Inputs:
 
 
 def _prepare_inputs(encoder: "Encoder", *, memory: Any, images: Any, queries: Any, config: BenchConfig) -> _Inputs:
-    from .datasets import few_shot_split, read_image_folder
-    from .memory import Memory
+    from rar_edge.datasets import few_shot_split, read_image_folder
+    from rar_edge.index.memory import Memory
 
     if (memory is None) == (images is None):
         raise InvalidInputError("give exactly one of memory= (a saved memory or Memory) and images= (a folder)")
@@ -451,7 +451,7 @@ def _time_stream(pipe: "Pipeline", inst: _Instrumented, queries: list[tuple[Path
 
 
 def _time_detect(pipe: "Pipeline", inst: _Instrumented, dataset: Any, *, config: BenchConfig) -> dict[str, Any]:
-    from .datasets import read_detection_dataset
+    from rar_edge.datasets import read_detection_dataset
 
     _, imgs = read_detection_dataset(dataset)
     imgs = [im for im in imgs if len(im.boxes)]
@@ -502,7 +502,7 @@ def _variant_label(enc: "Encoder") -> str:
 def _time_variants(reference: "Encoder", variant_dirs: Sequence[Any], queries: list[tuple[Path, str | None]], *,
                    config: BenchConfig) -> list[dict[str, Any]]:
     """Reference and variants on the same pixels, interleaved per image; run latency and cosine."""
-    from .encoders import Encoder
+    from rar_edge.encoders import Encoder
 
     # Without spinning threads: several sessions that busy-wait between their parallel sections would
     # compete for the cores, and the table would measure that contention, not the variants.
@@ -599,8 +599,8 @@ def run_bench(
         InvalidInputError: bad arguments, no query images, or a variant of another model.
         MissingDependencyError: matplotlib is missing and plots were asked for.
     """
-    from .encoders import Encoder
-    from .pipeline import Pipeline, PipelineConfig
+    from rar_edge.encoders import Encoder
+    from rar_edge.pipeline import Pipeline, PipelineConfig
 
     config = config or BenchConfig()
     out = Path(out_dir)
@@ -625,7 +625,7 @@ def run_bench(
     rk = ranker
     owns_ranker = isinstance(ranker, (str, os.PathLike))
     if owns_ranker:
-        from .ranker import Ranker
+        from rar_edge.rank.ranker import Ranker
 
         rk = Ranker.load(ranker, mode=config.ranker_mode, n_gpu_layers=config.ranker_gpu_layers)
     cold["ranker_load_ms"] = _ms(t0) if owns_ranker else None

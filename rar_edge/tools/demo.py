@@ -44,7 +44,7 @@ def _hub_reachable(timeout_s: float = 3.0) -> bool:
 
 
 def _export_once(out: Path, make) -> Path:
-    from .manifest import MANIFEST_NAME
+    from rar_edge.manifest import MANIFEST_NAME
 
     if not (out / MANIFEST_NAME).is_file():
         make(out)
@@ -81,7 +81,7 @@ def _ranker_model(models: Path, ranker: str | None) -> tuple[Any, str]:
         import llama_cpp  # noqa: F401
     except ImportError:
         return None, "none (llama-cpp-python is not installed: pip install 'rar-edge[llm]')"
-    from .ranker import Ranker
+    from rar_edge.rank.ranker import Ranker
 
     if ranker:
         return Ranker.load(ranker), f"{ranker} (as given)"
@@ -135,10 +135,10 @@ def run_demo(*, workdir: str | os.PathLike = "artifacts/demo", shared: str | Non
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from rar_edge_export import export_tflite
 
-    from .datasets import few_shot_split
-    from .encoders import Encoder, EncoderConfig
-    from .memory import Memory
-    from .pipeline import Pipeline, PipelineConfig
+    from rar_edge.datasets import few_shot_split
+    from rar_edge.encoders import Encoder, EncoderConfig
+    from rar_edge.index.memory import Memory
+    from rar_edge.pipeline import Pipeline, PipelineConfig
 
     work = Path(workdir)
     models = work / "models"

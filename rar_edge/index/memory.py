@@ -34,20 +34,20 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
-from . import _native
-from ._lookup import DEFAULT_STORAGE, STORAGES, VectorStore
-from .errors import (
+from rar_edge import _native
+from rar_edge.errors import (
     CorruptFileError,
     EmptyMemoryError,
     InvalidInputError,
     MemoryMismatchError,
     MissingDependencyError,
 )
-from .prompts import has_line_break
-from .types import Candidate
+from rar_edge.index.lookup import DEFAULT_STORAGE, STORAGES, VectorStore
+from rar_edge.rank.prompts import has_line_break
+from rar_edge.types import Candidate
 
 if TYPE_CHECKING:
-    from .encoders import Encoder
+    from rar_edge.encoders import Encoder
 
 log = logging.getLogger("rar_edge")
 
@@ -114,7 +114,7 @@ class Memory:
         encoder: the record of the encoder whose vectors this memory holds.
         backend: "auto", "exact" or "hnsw".
         hnsw: HNSW parameters (used when the HNSW back end is active).
-        storage: vector storage of the exact scan (see `rar_edge._lookup.STORAGES`).
+        storage: vector storage of the exact scan (see `rar_edge.index.lookup.STORAGES`).
     """
 
     def __init__(
@@ -183,7 +183,7 @@ class Memory:
             DatasetError: empty folder or class.
             ImageDecodeError: a sampled image cannot be decoded (the path is named).
         """
-        from .datasets import few_shot_split
+        from rar_edge.datasets import few_shot_split
 
         split = few_shot_split(folder, shots=shots, seed=seed)
         mem = cls.empty(encoder=encoder, backend=backend, hnsw=hnsw, storage=storage)
@@ -503,7 +503,7 @@ class Memory:
     def _meta(self) -> dict:
         import platform
 
-        from . import __version__
+        from rar_edge import __version__
 
         try:
             import hnswlib  # noqa: F401

@@ -20,7 +20,7 @@ Two modes, one loaded model:
   from the text (`parse_ranking` reads free-form answers of other models); if the candidates' lines do
   not tokenize apart, the retrieval order is returned with ``fallback=True``.
 
-The prompt (`rar_edge.prompts`) is split into a prefix that is the same for every query (system text,
+The prompt (`rar_edge.rank.prompts`) is split into a prefix that is the same for every query (system text,
 in-context examples, instruction), evaluated once per loaded model and kept in sequence 0 of the KV cache,
 and a per-query part (image, candidates). Each query removes the cells after the prefix and evaluates only
 its own part. Images go through llama.cpp's mtmd library (``llama_cpp.mtmd_cpp``): the image is encoded
@@ -43,7 +43,7 @@ A model is either a GGUF file (text only unless ``mmproj=`` is given) or a model
       "chat_handler": "MTMDChatHandler" | "Llava15ChatHandler" | "Qwen25VLChatHandler" | ... | null,
       "quantization": "Q4_K_M",                 # of the language model; the mmproj stays F16
       "n_ctx": 4096,                            # suggested context size for ranking with images
-      "prompt_version": "rar-rank-v1",          # the rar_edge.prompts template to rank with
+      "prompt_version": "rar-rank-v1",          # the rar_edge.rank.prompts template to rank with
       "llama_cpp_python": "0.3.36"              # the version whose converter and quantizer wrote the files
     }
 
@@ -53,10 +53,8 @@ the same files; the ranker itself does not need it. Files may be copies or hard 
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
-import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,58 +62,29 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from . import _native
-from .errors import InvalidInputError, ManifestError, MissingDependencyError, RankerError
-from .manifest import load_manifest
-from .prompts import RankingExample, RankingPrompt, get_prompt, render_chat, validate_candidates
-from .types import Ranking
+from rar_edge.errors import (
+    InvalidInputError,
+    ManifestError,
+    RankerError,
+)
+from rar_edge.manifest import load_manifest
+from rar_edge.rank._llama import _Native
+from rar_edge.rank.prompts import (
+    RankingExample,
+    RankingPrompt,
+    get_prompt,
+    render_chat,
+    validate_candidates,
+)
+from rar_edge.types import Ranking
 
-__all__ = ["MODES", "Ranker", "RankerStats", "parse_ranking"]
+__all__ = ["MODES", "Ranker", "RankerStats"]
 
 logger = logging.getLogger("rar_edge")
 
 MODES = ("score", "generate")
 DEFAULT_N_CTX = 4096
 _SENTINELS = ("\x00RAR_EDGE_QUERY_A\x00", "\x00RAR_EDGE_QUERY_B\x00")
-
-
-def _import_llama_cpp() -> Any:
-    try:
-        import llama_cpp
-    except ImportError as e:
-        raise MissingDependencyError("llama-cpp-python", "llm", "The MLLM ranker") from e
-    return llama_cpp
-
-
-# llama.cpp writes its chatter through one process-wide callback; route it to logging at DEBUG level
-# (llama-cpp-python's own callback prints to stderr). The ctypes callbacks must stay referenced.
-_LOG_LOCK = threading.Lock()
-_LOG_CALLBACKS: list[Any] = []
-
-
-def _install_log_callback(llama_cpp: Any, mtmd: Any | None) -> None:
-    with _LOG_LOCK:
-        have_mtmd = any(kind == "mtmd" for kind, _ in _LOG_CALLBACKS)
-        if _LOG_CALLBACKS and (mtmd is None or have_mtmd):
-            return
-        native_logger = logging.getLogger("rar_edge.llama_cpp")
-
-        def forward(level: int, text: bytes, user_data: Any) -> None:
-            # ggml.h levels: 0 none, 1 debug, 2 info, 3 warn, 4 error, 5 continuation; only errors are worth
-            # more than DEBUG here (llama.cpp "warns" about routine things such as quantization fallbacks).
-            py_level = logging.ERROR if level == 4 else logging.DEBUG
-            if text and native_logger.isEnabledFor(py_level):
-                native_logger.log(py_level, "%s", text.decode("utf-8", "replace").rstrip("\n"))
-
-        if not _LOG_CALLBACKS:
-            cb = llama_cpp.llama_log_callback(forward)
-            llama_cpp.llama_log_set(cb, ctypes.c_void_p(0))
-            _LOG_CALLBACKS.append(("llama", cb))
-        if mtmd is not None and not have_mtmd:
-            cb = llama_cpp.llama_log_callback(forward)
-            mtmd.mtmd_log_set(cb, ctypes.c_void_p(0))
-            mtmd.mtmd_helper_log_set(cb, ctypes.c_void_p(0))
-            _LOG_CALLBACKS.append(("mtmd", cb))
 
 
 @dataclass(frozen=True)
@@ -144,280 +113,6 @@ class RankerStats:
     decode_calls: int = 0
 
 
-class _Native:
-    """Owns a llama.cpp model, a context with several sequences, a batch and optionally an mtmd context.
-
-    A thin resource-owning layer over the raw ``llama_cpp`` bindings; frees everything in `close`.
-    """
-
-    def __init__(
-        self,
-        model_path: Path,
-        *,
-        mmproj_path: Path | None,
-        n_ctx: int,
-        n_batch: int,
-        n_seq_max: int,
-        n_threads: int,
-        n_gpu_layers: int = 0,
-    ) -> None:
-        lc = _import_llama_cpp()
-        self.lc = lc
-        self.mtmd = None
-        self.model = None
-        self.ctx = None
-        self.mtmd_ctx = None
-        self._batch = None
-        if mmproj_path is not None:
-            try:
-                from llama_cpp import mtmd_cpp
-            except (ImportError, OSError) as e:
-                raise RankerError(f"this llama-cpp-python build has no usable mtmd library: {e}") from e
-            self.mtmd = mtmd_cpp
-        _install_log_callback(lc, self.mtmd)
-        lc.llama_backend_init()
-        mparams = lc.llama_model_default_params()
-        mparams.n_gpu_layers = n_gpu_layers  # only a GPU build of llama.cpp offloads; a CPU build ignores it
-        self.model = lc.llama_model_load_from_file(str(model_path).encode("utf-8"), mparams)
-        if not self.model:
-            self.model = None
-            raise RankerError(f"llama.cpp could not load the model {model_path} (not a GGUF it supports?)")
-        try:
-            self.vocab = lc.llama_model_get_vocab(self.model)
-            self.n_vocab = int(lc.llama_vocab_n_tokens(self.vocab))
-            cparams = lc.llama_context_default_params()
-            cparams.n_ctx = n_ctx
-            cparams.n_batch = n_batch
-            cparams.n_ubatch = n_batch
-            cparams.n_seq_max = n_seq_max
-            cparams.kv_unified = True  # sequences share the prefix cells instead of splitting n_ctx
-            cparams.swa_full = True  # sliding-window models: keep all cells so removal after the prefix works
-            cparams.n_threads = n_threads
-            cparams.n_threads_batch = n_threads
-            cparams.no_perf = True
-            self.ctx = lc.llama_init_from_model(self.model, cparams)
-            if not self.ctx:
-                self.ctx = None
-                raise RankerError(f"llama.cpp could not create a context (n_ctx={n_ctx}); try a smaller n_ctx")
-            self.n_ctx = int(lc.llama_n_ctx(self.ctx))
-            # llama.cpp caps the batch at n_ctx: a larger decode call would abort the process (GGML_ASSERT)
-            self.n_batch = int(lc.llama_n_batch(self.ctx))
-            self.n_seq_max = n_seq_max
-            self._slots_used: set[int] = set()  # sequences > 0 that may hold cells: `clear_slots` drops them
-            self.mem = lc.llama_get_memory(self.ctx)
-            self._batch = lc.llama_batch_init(self.n_batch, 0, n_seq_max)
-            if self.mtmd is not None:
-                mp = self.mtmd.mtmd_context_params_default()
-                mp.use_gpu = n_gpu_layers != 0
-                mp.print_timings = False
-                mp.n_threads = n_threads
-                mp.warmup = False
-                self.mtmd_ctx = self.mtmd.mtmd_init_from_file(str(mmproj_path).encode("utf-8"), self.model, mp)
-                if not self.mtmd_ctx:
-                    self.mtmd_ctx = None
-                    raise RankerError(f"llama.cpp's mtmd could not load the vision projector {mmproj_path}")
-                if not self.mtmd.mtmd_support_vision(self.mtmd_ctx):
-                    raise RankerError(f"{mmproj_path} has no vision encoder")
-                self.marker = self.mtmd.mtmd_default_marker().decode("utf-8")
-        except BaseException:
-            self.close()
-            raise
-
-    # -- metadata -----------------------------------------------------------------------------------------
-
-    def meta(self, key: str) -> str | None:
-        buf = ctypes.create_string_buffer(1 << 16)
-        n = self.lc.llama_model_meta_val_str(self.model, key.encode("utf-8"), buf, len(buf))
-        if n < 0:
-            return None
-        if n >= len(buf):
-            buf = ctypes.create_string_buffer(n + 1)
-            self.lc.llama_model_meta_val_str(self.model, key.encode("utf-8"), buf, len(buf))
-        return buf.value.decode("utf-8", "replace")
-
-    def token_text(self, token: int) -> str:
-        return self.lc.llama_vocab_get_text(self.vocab, token).decode("utf-8", "replace")
-
-    # -- tokens ----------------------------------------------------------------------------------------
-
-    def tokenize(self, text: str, *, add_special: bool) -> list[int]:
-        data = text.encode("utf-8")
-        n_max = len(data) + 8
-        buf = (self.lc.llama_token * n_max)()
-        n = self.lc.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, True)
-        if n < 0:
-            n_max = -n
-            buf = (self.lc.llama_token * n_max)()
-            n = self.lc.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, True)
-        if n < 0:
-            raise RankerError("tokenization failed")
-        return list(buf[:n])
-
-    def piece(self, token: int) -> bytes:
-        buf = ctypes.create_string_buffer(64)
-        n = self.lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = self.lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
-        return buf.raw[: max(n, 0)]
-
-    # -- KV cache -------------------------------------------------------------------------------------
-
-    def seq_rm(self, seq: int, p0: int, p1: int) -> None:
-        if not self.lc.llama_memory_seq_rm(self.mem, seq, p0, p1):
-            raise RankerError(f"llama.cpp refused to drop KV cells [{p0}, {p1}) of sequence {seq}")
-
-    def seq_cp(self, src: int, dst: int) -> None:
-        if dst > 0:
-            self._slots_used.add(dst)
-        self.lc.llama_memory_seq_cp(self.mem, src, dst, -1, -1)
-
-    def clear_slots(self) -> None:
-        """Drops every cell of the sequences above 0 that were written since the last clear (all writes go
-        through `seq_cp`, `decode` and `eval_mtmd`, which note their sequences)."""
-        for slot in sorted(self._slots_used):
-            self.seq_rm(slot, -1, -1)
-            self._slots_used.discard(slot)
-
-    def clear_all(self) -> None:
-        self.lc.llama_memory_clear(self.mem, True)
-        self._slots_used.clear()
-
-    def decode(self, entries: Sequence[tuple[int, int, int | tuple[int, ...], bool]]) -> list[int]:
-        """Decodes ``(token, pos, seq or seqs, want_logits)`` entries in as few calls as ``n_batch`` allows.
-
-        A token given several sequences is stored once and seen by all of them (shared prompt cells).
-
-        Returns:
-            the batch positions of the entries that asked for logits, for `logits`. Logits survive only
-            from the last call, so entries that want them must all fall in the last ``n_batch`` chunk.
-        """
-        out_idx: list[int] = []
-        b = self._batch
-        n_calls = 0
-        starts = range(0, len(entries), self.n_batch)
-        for start in starts:
-            chunk = entries[start : start + self.n_batch]
-            last = start == starts[-1]
-            for i, (tok, pos, seq, want) in enumerate(chunk):
-                b.token[i] = tok
-                b.pos[i] = pos
-                seqs = (seq,) if isinstance(seq, int) else seq
-                b.n_seq_id[i] = len(seqs)
-                for j, sq in enumerate(seqs):
-                    b.seq_id[i][j] = sq
-                    if sq > 0:
-                        self._slots_used.add(sq)
-                b.logits[i] = 1 if want else 0
-                if want:
-                    if not last:
-                        raise RankerError("internal: logits asked for outside the last batch")
-                    out_idx.append(i)
-            b.n_tokens = len(chunk)
-            rc = self.lc.llama_decode(self.ctx, b)
-            n_calls += 1
-            if rc == 1:
-                raise RankerError(
-                    f"the KV cache is full (n_ctx={self.n_ctx}): load the ranker with a larger n_ctx, "
-                    "or use fewer candidates / in-context examples"
-                )
-            if rc != 0:
-                raise RankerError(f"llama_decode failed with code {rc}")
-        self.last_decode_calls = n_calls
-        return out_idx
-
-    def _logit_row(self, batch_index: int) -> np.ndarray:
-        """A batch position's float32 logits: a view of llama.cpp's buffer, valid until the next decode."""
-        ptr = self.lc.llama_get_logits_ith(self.ctx, batch_index)
-        if not ptr:
-            raise RankerError(f"no logits for batch position {batch_index}")
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
-
-    def log_probs(self, batch_index: int, token_ids: Sequence[int]) -> np.ndarray:
-        """log softmax of a batch position's logits, at a few tokens (float64).
-
-        The row's log-sum-exp comes from the native kernel (one pass for the maximum, one with a
-        vectorised exp; about 45-60 us at 152k tokens against 255 us for numpy on a float64 copy of the
-        row); score mode reads one row per candidate token.
-        """
-        row = self._logit_row(batch_index)
-        lse = _native.logsumexp(row)
-        return row[np.asarray(token_ids, np.intp)].astype(np.float64) - lse
-
-    def logits_of(self, batch_index: int, token_ids: Sequence[int]) -> np.ndarray:
-        """The logits of a few tokens at a batch position, without copying the whole vocabulary row."""
-        return self._logit_row(batch_index)[np.asarray(token_ids, np.int64)].astype(np.float64)
-
-    # -- multimodal ----------------------------------------------------------------------------------
-
-    def eval_mtmd(self, text: str, images: Sequence[np.ndarray], *, n_past: int, seq: int,
-                  add_special: bool) -> tuple[int, int, int]:
-        """Tokenizes ``text`` (with one media marker per image) and evaluates it into ``seq`` at ``n_past``.
-
-        Returns:
-            (new n_past, tokens evaluated). The last position's logits are kept.
-        """
-        mt = self.mtmd
-        bitmaps = []
-        chunks = None
-        try:
-            for img in images:
-                h, w = img.shape[:2]
-                data = np.ascontiguousarray(img, dtype=np.uint8)
-                # A pointer, not from_buffer: arrays from PIL are read-only. mtmd copies the pixels.
-                bm = mt.mtmd_bitmap_init(w, h, data.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)))
-                if not bm:
-                    raise RankerError("mtmd could not take the image")
-                bitmaps.append(bm)
-            itext = mt.mtmd_input_text()
-            raw = text.encode("utf-8")
-            itext.text = raw
-            itext.text_len = len(raw)
-            itext.add_special = add_special
-            itext.parse_special = True
-            chunks = mt.mtmd_input_chunks_init()
-            arr_t = (mt.mtmd_bitmap_p_ctypes * max(len(bitmaps), 1))(*bitmaps)
-            rc = mt.mtmd_tokenize(self.mtmd_ctx, chunks, ctypes.byref(itext), arr_t, len(bitmaps))
-            if rc == 2:
-                shapes = ", ".join(f"{im.shape[0]}x{im.shape[1]}" for im in images)
-                raise RankerError(f"the vision preprocessor could not prepare the image ({shapes} pixels; an "
-                                  "extreme aspect ratio?)")
-            if rc != 0:
-                raise RankerError(f"mtmd_tokenize failed with code {rc} (markers and images disagree?)")
-            n_tok = int(mt.mtmd_helper_get_n_tokens(chunks))
-            if n_past + n_tok > self.n_ctx:
-                raise RankerError(f"the prompt needs {n_past + n_tok} positions, n_ctx is {self.n_ctx}")
-            new_n_past = self.lc.llama_pos(0)
-            if seq > 0:
-                self._slots_used.add(seq)
-            rc = mt.mtmd_helper_eval_chunks(
-                self.mtmd_ctx, self.ctx, chunks, n_past, seq, self.n_batch, True, ctypes.byref(new_n_past)
-            )
-            if rc != 0:
-                raise RankerError(f"evaluating the image and text failed (mtmd code {rc})")
-            return int(new_n_past.value), n_tok
-        finally:
-            if chunks is not None:
-                mt.mtmd_input_chunks_free(chunks)
-            for bm in bitmaps:
-                mt.mtmd_bitmap_free(bm)
-
-    def close(self) -> None:
-        lc = self.lc
-        if self.mtmd_ctx is not None:
-            self.mtmd.mtmd_free(self.mtmd_ctx)
-            self.mtmd_ctx = None
-        if self._batch is not None:
-            lc.llama_batch_free(self._batch)
-            self._batch = None
-        if self.ctx is not None:
-            lc.llama_free(self.ctx)
-            self.ctx = None
-        if self.model is not None:
-            lc.llama_model_free(self.model)
-            self.model = None
-
-
 def _to_rgb_array(image: Any) -> np.ndarray:
     if isinstance(image, np.ndarray):
         arr = image
@@ -439,92 +134,6 @@ def _to_rgb_array(image: Any) -> np.ndarray:
     if arr.shape[0] < 1 or arr.shape[1] < 1:
         raise InvalidInputError(f"image is empty: shape {arr.shape}")
     return np.ascontiguousarray(arr)
-
-
-_NUMBERING = re.compile(r"^\s*(?:\d+\s*[.):\]-]|[-*\u2022])\s*")
-_QUOTES = "\"'`\u2018\u2019\u201c\u201d\u00ab\u00bb"
-
-
-def _clean_item(text: str) -> str:
-    s = _NUMBERING.sub("", text).strip()
-    s = s.strip(" \t,;.")
-    s = s.strip("[]()")
-    return s.strip()
-
-
-def parse_ranking(text: str, candidates: Sequence[str]) -> tuple[list[str], bool]:
-    """Reads a model's answer back into candidate names.
-
-    Lines are matched first exactly, then without list numbering, bullets, surrounding quotes and case;
-    a line that still matches no single name is scanned for every candidate it mentions (longest name
-    first), which also reads one-line answers such as ``['tulip', "bird's-foot trefoil"]``.
-
-    Args:
-        text: the raw answer.
-        candidates: the names offered, in retrieval order.
-
-    Returns:
-        (names, repaired): every candidate exactly once, the model's order first, then the names it left
-        out in retrieval order; ``repaired`` is True when duplicates or missing names had to be fixed.
-        An answer that names no candidate gives ``([], True)``.
-    """
-    cands = list(candidates)
-    by_exact = {c: c for c in cands}
-    by_fold = {}
-    for c in cands:
-        by_fold.setdefault(c.casefold(), c)
-        by_fold.setdefault(c.strip(_QUOTES + " ").casefold(), c)
-
-    def match_whole(item: str) -> str | None:
-        for variant in (item, item.strip(_QUOTES), item.strip(_QUOTES + " .,;")):
-            if variant in by_exact:
-                return by_exact[variant]
-            if variant.casefold() in by_fold:
-                return by_fold[variant.casefold()]
-        return None
-
-    longest_first = sorted(cands, key=len, reverse=True)
-
-    def scan(line: str) -> list[str]:
-        low = line.casefold()
-        taken = [False] * len(low)
-        hits: list[tuple[int, str]] = []
-        for c in longest_first:
-            needle = c.casefold()
-            start = 0
-            while True:
-                i = low.find(needle, start)
-                if i < 0:
-                    break
-                j = i + len(needle)
-                before = low[i - 1] if i > 0 else " "
-                after = low[j] if j < len(low) else " "
-                if not any(taken[i:j]) and not before.isalnum() and not after.isalnum():
-                    for t in range(i, j):
-                        taken[t] = True
-                    hits.append((i, c))
-                start = i + 1
-        return [c for _, c in sorted(hits)]
-
-    found: list[str] = []
-    for raw_line in text.splitlines():
-        line = raw_line.strip()
-        if not line:
-            continue
-        hit = match_whole(line) or match_whole(_clean_item(line))
-        found.extend([hit] if hit is not None else scan(line))
-
-    seen: set[str] = set()
-    ordered = []
-    for c in found:
-        if c not in seen:
-            seen.add(c)
-            ordered.append(c)
-    if not ordered:
-        return [], True
-    repaired = len(ordered) != len(found) or len(ordered) != len(cands)
-    ordered.extend(c for c in cands if c not in seen)
-    return ordered, repaired
 
 
 def _rank_weights(n: int) -> tuple[float, ...]:
@@ -563,7 +172,7 @@ class Ranker:
         self._chat_template = chat_template or None
         bad = [ex for ex in in_context_examples if not isinstance(ex, RankingExample)]
         if bad:
-            raise InvalidInputError(f"in_context_examples must be rar_edge.prompts.RankingExample objects, got "
+            raise InvalidInputError(f"in_context_examples must be rar_edge.rank.prompts.RankingExample objects, got "
                                     f"{type(bad[0]).__name__}")
         self._examples = tuple(in_context_examples)
         # One llama.cpp context serves one call at a time; the module-level classify() cache hands the same
@@ -604,8 +213,8 @@ class Ranker:
             n_ctx: context size in tokens; default: the manifest's suggestion, else 4096.
             max_candidates: the most candidates one call may score in one batch (more are scored in groups).
             in_context_examples: solved rankings placed in the cached prompt prefix
-                (see `rar_edge.finetune_data.in_context_examples`).
-            prompt_version: a `rar_edge.prompts` version; default: the manifest's, else the latest.
+                (see `rar_edge.tools.finetune_data.in_context_examples`).
+            prompt_version: a `rar_edge.rank.prompts` version; default: the manifest's, else the latest.
             verify: check the sha256 of a folder's files (reads them once; slow for large models).
             n_gpu_layers: layers offloaded to the GPU by a CUDA/Metal build of llama.cpp (-1: all); with a
                 non-zero value the vision projector runs on the GPU too. 0 keeps everything on the CPU.
@@ -807,7 +416,7 @@ class Ranker:
     def _example_images(self) -> list[np.ndarray]:
         if self._marker() is None:
             return []
-        from .preprocess import decode_rgb
+        from rar_edge.image.codec import decode_rgb
 
         # decoded as queries are (upright: EXIF orientation applied)
         return [decode_rgb(ex.image) for ex in self._examples if ex.image is not None]

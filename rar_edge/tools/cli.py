@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import InvalidInputError, RarEdgeError
+from rar_edge.errors import InvalidInputError, RarEdgeError
 
 log = logging.getLogger("rar_edge")
 
@@ -38,7 +38,7 @@ def _crop_scale_arg(v: str) -> float | str:
 
 
 def _encoder(args) -> "Any":
-    from .encoders import Encoder, EncoderConfig
+    from rar_edge.encoders import Encoder, EncoderConfig
 
     return Encoder(args.encoder, config=EncoderConfig(provider=args.provider, threads=args.threads,
                                                        batch_size=args.batch_size))
@@ -73,7 +73,7 @@ def _add_ranker_args(p: argparse.ArgumentParser) -> None:
 def _ranker(args) -> Any:
     if not getattr(args, "ranker", None):
         return None
-    from .ranker import Ranker
+    from rar_edge.rank.ranker import Ranker
 
     return Ranker.load(args.ranker, mode=args.ranker_mode, n_gpu_layers=args.n_gpu_layers)
 
@@ -94,7 +94,7 @@ def _memory_args(p: argparse.ArgumentParser) -> None:
 
 # -- commands -----------------------------------------------------------------------------------
 def cmd_memory_build(args) -> int:
-    from .memory import HnswParams, Memory
+    from rar_edge.index.memory import HnswParams, Memory
 
     enc = _encoder(args)
     hnsw = HnswParams(M=args.hnsw_m, ef_construction=args.ef_construction, ef=args.ef)
@@ -102,11 +102,11 @@ def cmd_memory_build(args) -> int:
     if len(sources) != 1:
         raise InvalidInputError("give exactly one of FOLDER (few-shot images), --classes FILE (zero-shot) or --boxes DATASET")
     if args.classes:
-        from .datasets import read_class_names
+        from rar_edge.datasets import read_class_names
 
         mem = Memory.from_class_names(read_class_names(args.classes), encoder=enc, backend=args.backend, hnsw=hnsw)
     elif getattr(args, "boxes", None):
-        from .detection import memory_from_boxes
+        from rar_edge.index.build import memory_from_boxes
 
         mem = memory_from_boxes(args.boxes, encoder=enc, shots=args.shots, seed=args.seed, backend=args.backend,
                                 hnsw=hnsw, progress=not args.quiet)
@@ -121,7 +121,7 @@ def cmd_memory_build(args) -> int:
 
 
 def cmd_memory_info(args) -> int:
-    from .memory import Memory
+    from rar_edge.index.memory import Memory
 
     info = Memory.load(args.memory).info()
     if args.json:
@@ -137,8 +137,8 @@ def cmd_memory_info(args) -> int:
 
 
 def _pipeline(args):
-    from .encoders import EncoderConfig
-    from .pipeline import Pipeline, PipelineConfig
+    from rar_edge.encoders import EncoderConfig
+    from rar_edge.pipeline import Pipeline, PipelineConfig
 
     cfg = PipelineConfig(k=args.k, encoder=EncoderConfig(provider=args.provider, threads=args.threads,
                                                           batch_size=args.batch_size),
@@ -162,7 +162,7 @@ def cmd_classify(args) -> int:
 
 
 def cmd_detect(args) -> int:
-    from .detection import read_boxes_file
+    from rar_edge.datasets import read_boxes_file
 
     pipe = _pipeline(args)
     boxes = read_boxes_file(args.boxes, image=args.image)
@@ -178,10 +178,10 @@ def cmd_detect(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .encoders import EncoderConfig
-    from .evaluate import evaluate_classification
-    from .memory import HnswParams
-    from .pipeline import PipelineConfig
+    from rar_edge.encoders import EncoderConfig
+    from rar_edge.index.memory import HnswParams
+    from rar_edge.pipeline import PipelineConfig
+    from rar_edge.tools.evaluate import evaluate_classification
 
     enc = _encoder(args)
     ranker = _ranker(args)
@@ -200,7 +200,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_eval_detect(args) -> int:
-    from .detection import evaluate_detection
+    from rar_edge.tools.evaluate import evaluate_detection
 
     enc = _encoder(args)
     res = evaluate_detection(args.dataset, encoder=enc, shots=args.shots, seed=args.seed, k=args.k,
@@ -213,7 +213,7 @@ def cmd_eval_detect(args) -> int:
 
 
 def cmd_finetune_data(args) -> int:
-    from .finetune_data import run_finetune_data
+    from rar_edge.tools.finetune_data import run_finetune_data
 
     enc = _encoder(args)
     info = run_finetune_data(args.folder, enc.embed_images, k=args.k, out=args.output, seed=args.seed,
@@ -224,7 +224,7 @@ def cmd_finetune_data(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from rar_edge.tools.demo import run_demo
 
     return run_demo(workdir=args.workdir, shared=args.shared, n_images=args.n, clip=args.clip, ranker=args.ranker)
 
@@ -321,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("-o", "--output", required=True)
     f.set_defaults(func=cmd_finetune_data)
 
-    from .bench import add_bench_subcommand
+    from rar_edge.tools.bench import add_bench_subcommand
 
     add_bench_subcommand(sub)
 

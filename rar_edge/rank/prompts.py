@@ -4,7 +4,7 @@ The ranking instruction follows RAR (arXiv 2403.13805): the model acts as a clas
 orders the retrieved candidate categories from the one that best matches the image to the one that matches
 it least, listing every category. The wording here is ours. The answer is a numbered list, one category a
 line (``1. tulip\\n2. daffodil``), which the score mode, the generate mode's grammar, the in-context examples
-and the fine-tuning data (`rar_edge.finetune_data`) all share, so a model fine-tuned on those rows answers in
+and the fine-tuning data (`rar_edge.tools.finetune_data`) all share, so a model fine-tuned on those rows answers in
 exactly the format the ranker scores.
 
 A prompt is split in three parts so that the ranker can keep the fixed part in the KV cache:
@@ -20,10 +20,11 @@ manifest or a fine-tuned model that names ``"rar-rank-v1"`` keeps meaning the sa
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from .errors import InvalidInputError, RankerError
+from rar_edge.errors import InvalidInputError, RankerError
 
 __all__ = [
     "PROMPTS",
@@ -203,7 +204,7 @@ def render_chat(
         import jinja2
         from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError as e:  # pragma: no cover - jinja2 comes with llama-cpp-python
-        from .errors import MissingDependencyError
+        from rar_edge.errors import MissingDependencyError
 
         raise MissingDependencyError("jinja2", "llm", "rendering a chat template") from e
 
@@ -225,3 +226,89 @@ def render_chat(
         )
     except jinja2.exceptions.TemplateError as e:
         raise RankerError(f"the model's chat template failed to render: {e}") from e
+
+
+_NUMBERING = re.compile(r"^\s*(?:\d+\s*[.):\]-]|[-*\u2022])\s*")
+_QUOTES = "\"'`\u2018\u2019\u201c\u201d\u00ab\u00bb"
+
+
+def _clean_item(text: str) -> str:
+    s = _NUMBERING.sub("", text).strip()
+    s = s.strip(" \t,;.")
+    s = s.strip("[]()")
+    return s.strip()
+
+
+def parse_ranking(text: str, candidates: Sequence[str]) -> tuple[list[str], bool]:
+    """Reads a model's answer back into candidate names.
+
+    Lines are matched first exactly, then without list numbering, bullets, surrounding quotes and case;
+    a line that still matches no single name is scanned for every candidate it mentions (longest name
+    first), which also reads one-line answers such as ``['tulip', "bird's-foot trefoil"]``.
+
+    Args:
+        text: the raw answer.
+        candidates: the names offered, in retrieval order.
+
+    Returns:
+        (names, repaired): every candidate exactly once, the model's order first, then the names it left
+        out in retrieval order; ``repaired`` is True when duplicates or missing names had to be fixed.
+        An answer that names no candidate gives ``([], True)``.
+    """
+    cands = list(candidates)
+    by_exact = {c: c for c in cands}
+    by_fold = {}
+    for c in cands:
+        by_fold.setdefault(c.casefold(), c)
+        by_fold.setdefault(c.strip(_QUOTES + " ").casefold(), c)
+
+    def match_whole(item: str) -> str | None:
+        for variant in (item, item.strip(_QUOTES), item.strip(_QUOTES + " .,;")):
+            if variant in by_exact:
+                return by_exact[variant]
+            if variant.casefold() in by_fold:
+                return by_fold[variant.casefold()]
+        return None
+
+    longest_first = sorted(cands, key=len, reverse=True)
+
+    def scan(line: str) -> list[str]:
+        low = line.casefold()
+        taken = [False] * len(low)
+        hits: list[tuple[int, str]] = []
+        for c in longest_first:
+            needle = c.casefold()
+            start = 0
+            while True:
+                i = low.find(needle, start)
+                if i < 0:
+                    break
+                j = i + len(needle)
+                before = low[i - 1] if i > 0 else " "
+                after = low[j] if j < len(low) else " "
+                if not any(taken[i:j]) and not before.isalnum() and not after.isalnum():
+                    for t in range(i, j):
+                        taken[t] = True
+                    hits.append((i, c))
+                start = i + 1
+        return [c for _, c in sorted(hits)]
+
+    found: list[str] = []
+    for raw_line in text.splitlines():
+        line = raw_line.strip()
+        if not line:
+            continue
+        hit = match_whole(line) or match_whole(_clean_item(line))
+        found.extend([hit] if hit is not None else scan(line))
+
+    seen: set[str] = set()
+    ordered = []
+    for c in found:
+        if c not in seen:
+            seen.add(c)
+            ordered.append(c)
+    if not ordered:
+        return [], True
+    repaired = len(ordered) != len(found) or len(ordered) != len(cands)
+    ordered.extend(c for c in cands if c not in seen)
+    return ordered, repaired

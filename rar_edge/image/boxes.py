@@ -34,8 +34,8 @@ from typing import Literal, Union
 
 import numpy as np
 
-from . import _native
-from .errors import InvalidBoxError, InvalidInputError
+from rar_edge import _native
+from rar_edge.errors import InvalidBoxError, InvalidInputError
 
 __all__ = [
     "ADAPTIVE_MAX_SCALE",

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _native
-from .errors import InvalidInputError
+from rar_edge import _native
+from rar_edge.errors import InvalidInputError
 
 STORAGES = ("float32", "float16", "int8", "int8_rerank")
 DEFAULT_STORAGE = "int8_rerank"

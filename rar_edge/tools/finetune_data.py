@@ -16,7 +16,7 @@ and LLaMA-Factory / ms-swift read as ShareGPT-style multimodal data (``images`` 
                        {"from": "gpt", "value": "1. tulip\\n2. crocus\\n..."}],
      "label": "tulip", "candidates": [...], "ranked": [...], "prompt_version": "rar-rank-v1"}
 
-The human turn is exactly the user text the ranker sends (`rar_edge.prompts`), with ``<image>`` where the
+The human turn is exactly the user text the ranker sends (`rar_edge.rank.prompts`), with ``<image>`` where the
 ranker puts the image, so a model fine-tuned on these rows answers in the format the ranker scores.
 The same rows give the ranker's in-context examples (`in_context_examples`).
 
@@ -35,10 +35,10 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from .datasets import IMAGE_SUFFIXES
-from .datasets import read_image_folder as _read_classes
-from .errors import DatasetError, InvalidInputError
-from .prompts import RankingExample, get_prompt
+from rar_edge.datasets import IMAGE_SUFFIXES
+from rar_edge.datasets import read_image_folder as _read_classes
+from rar_edge.errors import DatasetError, InvalidInputError
+from rar_edge.rank.prompts import RankingExample, get_prompt
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -241,7 +241,7 @@ def build_ranking_rows(
 def in_context_examples(
     rows: Sequence[RankingRow], *, n: int = 3, seed: int = 0, with_images: bool = False
 ) -> list[RankingExample]:
-    """``n`` rows with distinct true classes as in-context examples for `rar_edge.ranker.Ranker.load`."""
+    """``n`` rows with distinct true classes as in-context examples for `rar_edge.rank.ranker.Ranker.load`."""
     rng = np.random.default_rng(seed)
     chosen: list[RankingExample] = []
     seen: set[str] = set()
@@ -299,7 +299,7 @@ def run_finetune_data(
         embed_fn: maps a list of image paths to an ``(n, d)`` array of embeddings (e.g. the CLIP image encoder).
         out: the JSONL file to write.
         k, seed, neighbours, fraction_a, windows_per_image: see `build_ranking_rows` and `split_disjoint`.
-        prompt_version: the `rar_edge.prompts` template used for the human turn.
+        prompt_version: the `rar_edge.rank.prompts` template used for the human turn.
 
     Returns:
         a summary: ``{"out", "rows", "images_a", "images_b", "classes", "k", "prompt_version"}``.

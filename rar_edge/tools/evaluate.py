@@ -11,11 +11,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .encoders import Encoder
-from .errors import DatasetError
-from .memory import HnswParams, Memory
-from .pipeline import Pipeline, PipelineConfig
-from .types import Classification, Detection
+from rar_edge.encoders import Encoder
+from rar_edge.errors import DatasetError
+from rar_edge.image.boxes import validate_boxes
+from rar_edge.image.codec import decode_rgb
+from rar_edge.index.build import crop_config, crop_memory, split_images
+from rar_edge.index.memory import HnswParams, Memory
+from rar_edge.pipeline import Pipeline, PipelineConfig
+from rar_edge.types import Classification, Detection
 
 log = logging.getLogger("rar_edge")
 
@@ -105,7 +108,7 @@ def evaluate_classification(
         per-class accuracy, and with a ranker
         ``ranked_top1``, ``ranker_changed_rate``, ``ranker_ran_rate``, ``ranker_fallback_rate``.
     """
-    from .datasets import few_shot_split, read_image_folder
+    from rar_edge.datasets import few_shot_split, read_image_folder
 
     split = few_shot_split(folder, shots=shots, seed=seed)
     if queries_folder is not None:
@@ -138,5 +141,75 @@ def evaluate_classification(
                   "memory_entries": mem.size, "memory_classes": len(mem.classes),
                   "queries_with_class_not_in_memory": unknown, "encoder": encoder.describe(),
                   "ranker": describe_ranker(ranker)},
+    })
+    return out
+
+
+def evaluate_detection(
+    dataset: str | os.PathLike,
+    *,
+    encoder: Encoder,
+    shots: int,
+    seed: int = 0,
+    k: int = 5,
+    queries: str | os.PathLike | None = None,
+    ranker: Any = None,
+    crop_scale: float | str | None = None,
+    blur_sigma_px: float | None = None,
+    gate_margin: float | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Box classification accuracy with a few-shot crop memory.
+
+    The images are split in two halves (seeded): the memory takes ``shots`` boxes per class from
+    the first half and every box of the second half is classified (or every box of ``queries``).
+    ``gate_margin`` skips the ranker where retrieval is that sure (see `PipelineConfig`).
+
+    Returns:
+        The fields of `rar_edge.tools.evaluate.evaluate_classification` plus per-class accuracy and the
+        crop settings used.
+    """
+    from rar_edge.datasets import read_detection_dataset
+
+    _, images = read_detection_dataset(dataset)
+    support_idx, query_idx = split_images(len(images), seed)
+    cfg = crop_config(encoder, crop_scale, blur_sigma_px)
+    mem = crop_memory(images, str(dataset), encoder=encoder, shots=shots, seed=seed, image_indices=support_idx,
+                       cfg=cfg, progress=progress)
+    if queries is not None:
+        _, qimages = read_detection_dataset(queries)
+    else:
+        qimages = [images[i] for i in query_idx]
+    pipe = Pipeline(memory=mem, encoder=encoder, ranker=ranker, config=PipelineConfig(k=k, encoder=encoder.config,
+                                                                                       crop=cfg, gate_margin=gate_margin))
+    results, truths = [], []
+    it: Any = [im for im in qimages if len(im.boxes)]
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc="classifying boxes", unit="img")
+    skipped = 0
+    for im in it:
+        arr = decode_rgb(im.path)
+        _, kept, _ = validate_boxes(im.boxes, arr.shape[:2], on_invalid="skip")
+        skipped += len(im.boxes) - len(kept)
+        dets = pipe.detect(arr, im.boxes[kept], k=k)  # all valid now: nothing is validated away twice
+        results.extend(dets)
+        truths.extend(im.labels[int(j)] for j in kept)
+    if not results:
+        raise DatasetError(f"{queries if queries is not None else dataset}: no query boxes to classify "
+                           "(the query images hold no valid labelled boxes)")
+    out = score_results(results, truths, k=k, ranker_given=ranker is not None)
+    known = set(mem.classes)
+    out.update({
+        "latency_ms": latency_summary([dict(r.timings_ms) for r in results]),
+        "setup": {"dataset": str(dataset), "queries": None if queries is None else str(queries), "shots": shots,
+                  "seed": seed, "k": k, "memory_entries": mem.size, "memory_classes": len(mem.classes),
+                  "query_boxes_with_class_not_in_memory": sum(1 for t in truths if t not in known),
+                  "invalid_boxes_skipped": skipped, "gate_margin": gate_margin,
+                  "ranker": describe_ranker(ranker),
+                  "crop": {"out_size_px": cfg.out_size_px, "crop_scale": cfg.crop_scale,
+                           "blur_sigma_px": cfg.blur_sigma_px, "letterbox": cfg.letterbox},
+                  "encoder": encoder.describe()},
     })
     return out

@@ -1,0 +1,1 @@
+"""Images in: decoding (JPEG header, EXIF orientation, libjpeg-turbo / Pillow), the model transform, box crops."""
