@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from rar_edge._fs import write_text
 from rar_edge.errors import ManifestError
 
 MANIFEST_NAME = "manifest.json"
@@ -308,7 +309,5 @@ def write_manifest(folder: str | os.PathLike, data: Mapping[str, Any], *, files:
     root = Path(folder)
     out = {"format": FORMAT, "format_version": FORMAT_VERSION, **dict(data)}
     out["files"] = {role: {"path": rel, "sha256": sha256_file(root / rel)} for role, rel in files.items()}
-    tmp = root / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(json.dumps(out, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, root / MANIFEST_NAME)
+    write_text(root / MANIFEST_NAME, json.dumps(out, indent=2, sort_keys=True) + "\n")
     return load_manifest(root, verify=False)

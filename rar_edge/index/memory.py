@@ -24,7 +24,6 @@ import io
 import json
 import logging
 import os
-import stat
 import tempfile
 import time
 import zipfile
@@ -35,6 +34,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 import numpy as np
 
 from rar_edge import _native
+from rar_edge._fs import atomic_write
 from rar_edge.errors import (
     CorruptFileError,
     EmptyMemoryError,
@@ -547,26 +547,11 @@ class Memory:
             members["hnsw.bin"] = self._hnsw_bytes()
         meta = self._meta()
         meta["checksums"] = {name: hashlib.sha256(b).hexdigest() for name, b in members.items()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            # mkstemp makes the file 0600: give it the permissions of the file it replaces, else the umask's
-            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode) if path.exists() else 0o666 & ~_umask())
-            with os.fdopen(fd, "wb") as f:
-                with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as z:
-                    z.writestr("meta.json", json.dumps(meta, indent=1))
-                    for name, b in members.items():
-                        z.writestr(name, b)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        _fsync_dir(path.parent)
+        with atomic_write(path, "wb") as f:
+            with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as z:
+                z.writestr("meta.json", json.dumps(meta, indent=1))
+                for name, b in members.items():
+                    z.writestr(name, b)
         self.path = path
         return path
 
@@ -702,25 +687,6 @@ def _npy_bytes(a: np.ndarray) -> bytes:
 
 def _npy_load(b: bytes) -> np.ndarray:
     return np.load(io.BytesIO(b), allow_pickle=False)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 def _dist_version(name: str) -> str | None:

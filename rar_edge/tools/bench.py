@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
+from rar_edge._fs import write_text
 from rar_edge.encoders import EncoderConfig
 from rar_edge.errors import InvalidInputError, MissingDependencyError
 
@@ -696,10 +697,8 @@ def run_bench(
         result["files"]["plots"] = write_plots(result, out)
     for stale in set(_PLOTS) - set(result["files"]["plots"]):
         (out / stale).unlink(missing_ok=True)  # from an earlier run into the same folder
-    (out / "summary.md").write_text(summary_markdown(result), encoding="utf-8")
-    tmp = out / "bench.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, out / "bench.json")
+    write_text(out / "summary.md", summary_markdown(result))
+    write_text(out / "bench.json", json.dumps(result, indent=1) + "\n")
     return result
 
 

@@ -8,9 +8,9 @@ import logging
 import os
 import sys
 import warnings
-from pathlib import Path
 from typing import Any, Sequence
 
+from rar_edge._fs import write_text
 from rar_edge.errors import InvalidInputError, RarEdgeError
 
 log = logging.getLogger("rar_edge")
@@ -21,11 +21,7 @@ def _write_json(obj: Any, out: str | None) -> None:
     if out is None or out == "-":
         print(text)
         return
-    p = Path(out)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(text + "\n", encoding="utf-8")
-    os.replace(tmp, p)
+    write_text(out, text + "\n")
 
 
 def _crop_scale_arg(v: str) -> float | str:
