@@ -3,11 +3,9 @@
 // Worker exceptions are caught and rethrown on the calling thread.
 //
 // Workers are started on first use and kept, so per-thread scratch (thread_local buffers) survives from one
-// call to the next. Starting fresh threads every call cost more than the work for a few boxes: measured on a
-// 2-vCPU machine, 3 COCO boxes took 0.92 ms on one thread and 1.90 ms on two (each new thread paid page
-// faults for its new scratch). One parallel section uses the pool at a time; a call that finds it busy (another
-// Python thread, or a nested call), or wants more threads than the pool keeps, starts its own threads as
-// before. A forked child starts a new pool.
+// call to the next (docs/design-notes.md#thread-pool). One parallel section uses the pool at a time; a call
+// that finds it busy (another Python thread, or a nested call), or wants more threads than the pool keeps,
+// starts its own threads. A forked child starts a new pool.
 #include <algorithm>
 #include <cstddef>
 #include <exception>

@@ -54,7 +54,7 @@ using DotsFn = void (*)(const void* rows, std::size_t count, std::size_t dim, co
 
 // int8 x int16 products are summed exactly in int32 over chunks this long, then in float. The bound is the
 // whole chunk's sum, not one lane's: the lanes are added together in int32 before the float conversion, and
-// 1024 * 127 * 16383 = 2,130,576,384 < 2^31 (8192 overflowed for flat, non-negative vectors at d >= ~1032).
+// 1024 * 127 * 16383 = 2,130,576,384 < 2^31 (docs/design-notes.md#int8-chunk).
 constexpr std::size_t kIntChunk = 1024;
 constexpr float kQ16Max = 16383.f;
 
@@ -684,8 +684,9 @@ bool unit_rows(const T* x, std::size_t n, std::size_t dim, float zero_point, flo
       std::fill(dst, dst + dim, std::numeric_limits<float>::quiet_NaN());
       all_finite = false;
     } else if (ss > 0.0) {
-      const float inv = static_cast<float>(1.0 / std::sqrt(ss));
-      for (std::size_t j = 0; j < dim; ++j) dst[j] *= inv;
+      // In double: for subnormal rows 1 / norm exceeds the float range (1e-42 everywhere gives ~4e40)
+      const double inv = 1.0 / std::sqrt(ss);
+      for (std::size_t j = 0; j < dim; ++j) dst[j] = static_cast<float>(static_cast<double>(dst[j]) * inv);
     }
   }
   return all_finite;

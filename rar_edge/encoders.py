@@ -16,9 +16,10 @@ from typing import Sequence
 
 import numpy as np
 
-from rar_edge import _native
-from rar_edge.errors import InvalidInputError, ManifestError, MissingDependencyError
-from rar_edge.image.codec import ImageLike, decode_rgb
+from rar_edge import _native, defaults
+from rar_edge._clock import ModelClock
+from rar_edge.errors import CorruptFileError, InvalidInputError, ManifestError, MissingDependencyError
+from rar_edge.image.codec import DEFAULT_MAX_PIXELS, ImageLike, decode_rgb
 from rar_edge.image.transform import draft_size, normalize, resize_for_model
 from rar_edge.manifest import Manifest, load_manifest
 
@@ -54,14 +55,14 @@ class EncoderConfig:
         allow_spinning: whether ONNX Runtime's intra-op threads busy-wait between parallel sections.
             True (ONNX Runtime's own default) gives the lowest encoder latency on otherwise idle cores;
             False lets them sleep and frees the cores for other work: a llama.cpp ranker in the same
-            process (measured: a CPU ranker call took 110 ms instead of 6 ms beside 16 spinning threads),
-            the decode thread of `Pipeline.iter_classify`, the app. None (default): True for a lone
+            process (docs/design-notes.md#encoder-spinning), the decode thread of
+            `Pipeline.iter_classify`, the app. None (default): True for a lone
             encoder, False when a `Pipeline` (or `rar-edge bench`) also holds a ranker.
     """
 
     provider: str = "cpu"
     threads: int | None = None
-    batch_size: int = 16
+    batch_size: int = defaults.BATCH_SIZE
     allow_spinning: bool | None = None
 
     def __post_init__(self) -> None:
@@ -90,7 +91,12 @@ def _session(path: Path, config: EncoderConfig):
     wanted = PROVIDERS[config.provider]
     available = ort.get_available_providers()
     providers = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
-    sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    try:
+        sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    except Exception as e:  # noqa: BLE001 - ONNX Runtime's errors (InvalidProtobuf, Fail, ...) share no base class
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CorruptFileError(f"ONNX Runtime cannot load {path}: {first[:300]} (re-export the model folder "
+                               "with 'rar-edge export')") from e
     in_use = sess.get_providers()
     if wanted[0] not in in_use:
         msg = (
@@ -99,6 +105,29 @@ def _session(path: Path, config: EncoderConfig):
         )
         warnings.warn(msg, ProviderFallbackWarning, stacklevel=3)  # once: not also a log line
     return sess
+
+
+_ORT_TYPES = {"float32": "tensor(float)", "uint8": "tensor(uint8)"}
+
+
+def _check_image_input(sess, spec, manifest: Manifest) -> None:
+    """Refuses a manifest whose image section disagrees with the model's declared input (layout, size, dtype),
+    which ONNX Runtime would otherwise report on the first image as an INVALID_ARGUMENT."""
+    inputs = {i.name: i for i in sess.get_inputs()}
+    inp = inputs.get(spec.input_name) or sess.get_inputs()[0]
+    h, w = spec.size_px
+    want = [None, 3, h, w] if spec.layout == "NCHW" else [None, h, w, 3]
+    shape = list(inp.shape or [])
+    fixed = [d if isinstance(d, int) and d > 0 else None for d in shape]
+    where = f"{manifest.root / 'manifest.json'}"
+    if len(shape) != 4 or any(f is not None and x is not None and f != x for f, x in zip(fixed, want)):
+        raise ManifestError(
+            f"{where}: the image section says layout {spec.layout} at {h}x{w}, so the model input should be "
+            f"[N, {', '.join(str(x) for x in want[1:])}], but input {inp.name!r} takes {shape}; fix 'layout' and "
+            "'size_px' in the manifest or re-export the folder")
+    if _ORT_TYPES.get(spec.dtype, inp.type) != inp.type:
+        raise ManifestError(f"{where}: the image section says dtype {spec.dtype}, but input {inp.name!r} takes "
+                            f"{inp.type}; fix 'dtype' in the manifest or re-export the folder")
 
 
 class Encoder:
@@ -118,6 +147,8 @@ class Encoder:
         self.image_spec = self.manifest.image
         self.text_spec = self.manifest.text
         self._image_sess = _session(self.manifest.path("image_model"), self.config)
+        _check_image_input(self._image_sess, self.image_spec, self.manifest)
+        self._clock = ModelClock()  # time inside ONNX Runtime's run, image and text towers together
         inp = self._image_sess.get_inputs()[0]
         self._image_input = inp.name if self.image_spec.input_name not in {i.name for i in self._image_sess.get_inputs()} else self.image_spec.input_name
         batch_dim = inp.shape[0] if inp.shape else None
@@ -132,6 +163,16 @@ class Encoder:
         self.dim = dim
 
     # -- identity -------------------------------------------------------------------------------
+    @property
+    def model_s(self) -> float:
+        """Seconds spent inside ONNX Runtime's ``run`` (both towers) since the encoder was made."""
+        return self._clock.seconds
+
+    @property
+    def model_calls(self) -> int:
+        """ONNX Runtime ``run`` calls made (both towers)."""
+        return self._clock.calls
+
     @property
     def fingerprint(self) -> str:
         """Identifies the exact model files; a memory records it to refuse another encoder."""
@@ -175,9 +216,14 @@ class Encoder:
         }
 
     # -- images ---------------------------------------------------------------------------------
-    def decode(self, image: ImageLike) -> np.ndarray:
-        """Decodes an input to HxWx3 uint8 RGB, at reduced JPEG scale when the model input is smaller."""
-        return decode_rgb(image, draft_size_px=draft_size(self.image_spec))
+    def decode(self, image: ImageLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+        """Decodes an input to HxWx3 uint8 RGB, at reduced JPEG scale when the model input is smaller.
+
+        Args:
+            image: a path, encoded bytes, a PIL image or an array.
+            max_pixels: the decompression-bomb guard, on the pixels decoded (see `decode_rgb`).
+        """
+        return decode_rgb(image, draft_size_px=draft_size(self.image_spec), max_pixels=max_pixels)
 
     def preprocess(self, image) -> np.ndarray:
         """Decoded RGB pixels (an HxWx3 uint8 array or a PIL image) -> HxWx3 uint8 at the model's input size."""
@@ -198,7 +244,8 @@ class Encoder:
         outs = []
         for i in range(0, len(pixels), step):
             x = normalize(pixels[i : i + step], self.image_spec)
-            y = self._image_sess.run([self._image_output], {self._image_input: x})[0]
+            with self._clock.timing():
+                y = self._image_sess.run([self._image_output], {self._image_input: x})[0]
             outs.append(np.asarray(y).reshape(len(x), -1))
         if not outs:
             return np.zeros((0, self.dim), np.float32)
@@ -261,7 +308,8 @@ class Encoder:
                 feeds["input_ids"] = np.asarray([e.ids for e in enc], dtype=np.int64)
             if "attention_mask" in self._text_inputs:
                 feeds["attention_mask"] = np.asarray([e.attention_mask for e in enc], dtype=np.int64)
-            y = self._text_sess.run([self._text_output], feeds)[0]  # type: ignore[union-attr]
+            with self._clock.timing():
+                y = self._text_sess.run([self._text_output], feeds)[0]  # type: ignore[union-attr]
             outs.append(np.asarray(y, dtype=np.float32))
         return l2_normalize(np.concatenate(outs))
 

@@ -7,10 +7,11 @@ import pytest
 from PIL import Image
 
 from rar_edge import Encoder, EncoderConfig, Memory, Pipeline, PipelineConfig
-from rar_edge.datasets import read_yolo_dataset
-from rar_edge.index.build import memory_from_boxes
-from rar_edge.datasets import read_boxes_file
+from rar_edge.datasets import read_boxes_file, read_yolo_dataset
 from rar_edge.errors import InvalidBoxError, InvalidInputError
+from rar_edge.index.build import memory_from_boxes
+
+from stub_ranker import StubRanker
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +158,7 @@ def test_eval_detect_honours_the_gate_margin(encoder, coco_subset):
     from rar_edge.tools.evaluate import evaluate_detection
     from rar_edge.types import Ranking
 
-    class Counting:
+    class Counting(StubRanker):
         calls = 0
 
         def rank(self, image, candidates):
@@ -187,7 +188,7 @@ def test_a_coco_instances_file_gives_the_boxes_of_the_image_named(tmp_path):
 def test_the_ranker_sees_each_box_cropped_at_its_own_size(encoder, coco_subset):
     from rar_edge.types import Ranking
 
-    class Sized:
+    class Sized(StubRanker):
         def __init__(self, size):
             self.image_size_px, self.shapes = size, []
 

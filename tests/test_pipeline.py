@@ -16,6 +16,8 @@ from rar_edge import Encoder, EncoderConfig, Memory, Pipeline, PipelineConfig
 from rar_edge.errors import EmptyMemoryError, ImageDecodeError, InvalidInputError, MemoryMismatchError
 from rar_edge.types import Ranking
 
+from stub_ranker import StubRanker
+
 
 @pytest.fixture(scope="module")
 def flowers_subset(tmp_path_factory, shared_path):
@@ -125,7 +127,7 @@ def test_encoder_without_spinning_threads_gives_the_same_embeddings(encoder, mob
 
 
 def test_encoder_beside_a_ranker_does_not_spin_unless_asked(mobilenet_onnx, memory):
-    class Ranker:
+    class Ranker(StubRanker):
         def rank(self, image, candidates):
             return Ranking(tuple(candidates), tuple(0.0 for _ in candidates))
 
@@ -195,7 +197,7 @@ def test_memory_refuses_the_same_model_with_other_preprocessing(encoder, memory,
     assert Memory.load(memory.save(tmp_path / "new.rarmem"), encoder=encoder).encoder.preprocess_fingerprint
 
 
-class _ReverseRanker:
+class _ReverseRanker(StubRanker):
     """A stand-in ranker: reverses the retrieval order (checks the pipeline's wiring, not a model)."""
 
     def __init__(self):
@@ -208,7 +210,7 @@ class _ReverseRanker:
         return Ranking(labels=labels, scores=tuple(np.linspace(0.5, 0.1, len(labels))))
 
 
-class _BrokenRanker:
+class _BrokenRanker(StubRanker):
     def rank(self, image, candidates):
         return Ranking(labels=("not a candidate",) + tuple(candidates[1:]), scores=(1.0,) * len(candidates))
 
@@ -311,7 +313,7 @@ def test_classify_many_refuses_a_single_image(encoder, memory, flowers_subset):
     assert len(pipe.classify_many(arr[None])) == 1  # a batch array (N, H, W, 3) is a sequence of images
 
 
-class _SizedRanker:
+class _SizedRanker(StubRanker):
     """Records the image it is shown; ``image_size_px`` says how large its vision tower wants it."""
 
     def __init__(self, size):

@@ -5,9 +5,9 @@ import pytest
 from PIL import Image
 
 from rar_edge.errors import ImageDecodeError, InvalidInputError
-from rar_edge.manifest import ImageSpec
 from rar_edge.image.codec import _jpeg_draft_scale, decode_rgb, load_image
 from rar_edge.image.transform import normalize, resize_for_model
+from rar_edge.manifest import ImageSpec
 
 
 def _jpeg_bytes(w=64, h=48, seed=0):
@@ -204,8 +204,10 @@ def test_resize_for_model_takes_arrays_and_pil_images_alike():
     for spec in (ImageSpec(size_px=(224, 224), resample="bilinear", resize_mode="squash", crop_mode="none"),
                  ImageSpec(size_px=(224, 224), resample="bicubic")):
         np.testing.assert_array_equal(resize_for_model(a, spec), resize_for_model(Image.fromarray(a), spec))
-    with pytest.raises(InvalidInputError, match="HxWx3 uint8"):
+    with pytest.raises(InvalidInputError, match="must be uint8, not float32"):
         resize_for_model(a.astype(np.float32), ImageSpec(size_px=(224, 224)))
+    with pytest.raises(InvalidInputError, match=r"must be \(H, W, 3\) RGB"):
+        resize_for_model(a[..., :2].copy(), ImageSpec(size_px=(224, 224)))
 
 
 # -- EXIF orientation ---------------------------------------------------------------------------------

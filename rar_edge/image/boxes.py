@@ -36,6 +36,7 @@ import numpy as np
 
 from rar_edge import _native
 from rar_edge.errors import InvalidBoxError, InvalidInputError
+from rar_edge.image.pixels import check_rgb
 
 __all__ = [
     "ADAPTIVE_MAX_SCALE",
@@ -180,22 +181,6 @@ def validate_boxes(
     return np.ascontiguousarray(clipped[kept]), kept, reasons
 
 
-def _check_image(image: object) -> np.ndarray:
-    if not isinstance(image, np.ndarray):
-        raise InvalidInputError(f"image must be a numpy array (H, W, 3) uint8, not {type(image).__name__}")
-    if image.dtype != np.uint8:
-        raise InvalidInputError(
-            f"image must be uint8, not {image.dtype} (convert explicitly, e.g. np.clip(x, 0, 255).astype(np.uint8))"
-        )
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise InvalidInputError(f"image must be (H, W, 3) RGB, got shape {image.shape}")
-    if image.shape[0] < 1 or image.shape[1] < 1:
-        raise InvalidInputError(f"image is empty: shape {image.shape}")
-    if not image.flags.c_contiguous:
-        raise InvalidInputError(
-            "image must be C-contiguous; np.ascontiguousarray(image) makes the copy this call refuses to make silently"
-        )
-    return image
 
 
 def crop_boxes(
@@ -221,7 +206,7 @@ def crop_boxes(
             use ``validate_boxes(..., on_invalid="skip")`` first to drop such boxes.
         InvalidInputError: the image is not (H, W, 3) uint8 C-contiguous, or threads < 1.
     """
-    img = _check_image(image)
+    img = check_rgb(image, contiguous=True)
     if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
         raise InvalidInputError(f"threads must be an int >= 1, got {threads!r}")
     valid, _, _ = validate_boxes(boxes, img.shape[:2], on_invalid="raise")

@@ -10,8 +10,8 @@ import numpy as np
 from PIL import Image
 
 from rar_edge import _native
-from rar_edge.errors import InvalidInputError
 from rar_edge.image.codec import image_to_array
+from rar_edge.image.pixels import check_rgb
 from rar_edge.manifest import ImageSpec
 
 RESAMPLE = {
@@ -48,11 +48,8 @@ def resize_for_model(img: Image.Image | np.ndarray, spec: ImageSpec) -> np.ndarr
     """
     th, tw = spec.size_px
     pixels = img if isinstance(img, np.ndarray) else image_to_array(img)
-    if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
-        raise InvalidInputError(f"pixels must be HxWx3 uint8, got {pixels.shape} {pixels.dtype}")
+    check_rgb(pixels, what="pixels")
     height, width = pixels.shape[:2]
-    if height < 1 or width < 1:
-        raise InvalidInputError(f"image is empty: shape {pixels.shape}")
     region = _model_region(width, height, spec)
     if spec.resample == "bilinear" and th == tw and all(float(v).is_integer() for v in region):
         # the native resampler crops whole pixels (it rounds a box outwards); a fractional centre crop

@@ -12,10 +12,8 @@ Storages (what the search streams through memory for every query):
   float32 search's at about the int8 cost. Keeps a reference to the float32 vectors (no copy when they
   are given as C-contiguous float32), so it needs them in memory beside the int8 copy.
 
-``DEFAULT_STORAGE`` was chosen from ``benchmarks/lookup.py`` (d=512, 1k classes, clustered data, single
-queries, 1 thread, AVX-512 kernels): "int8_rerank" answered like the exact float32 search (class recall@5
-1.0) 2.7x faster than faiss ``IndexFlatIP`` + numpy aggregation at 10k vectors and 6.1x at 100k; plain
-"int8" was ~10 % faster but recall@5 fell to 0.98-0.99, "float16" gave 1.7x / 1.8x, "float32" 1.1x / 1.4x.
+``DEFAULT_STORAGE`` is the fastest storage that answers like the exact float32 search
+(docs/design-notes.md#lookup-storage).
 """
 
 from __future__ import annotations
@@ -28,8 +26,7 @@ from rar_edge.errors import InvalidInputError
 STORAGES = ("float32", "float16", "int8", "int8_rerank")
 DEFAULT_STORAGE = "int8_rerank"
 #: Below this many rows "int8_rerank" scans the float32 rows directly (its result is the float32 search's
-#: anyway): the int8 pass and the rescoring cost more than they save. d=1024, one query, 1 thread: 64 rows
-#: 6.7 us float32 vs 8.6 us int8_rerank, 256 rows 18.4 vs 13.1 (d=512: 4.7 vs 6.0, 11.6 vs 8.7).
+#: anyway): the int8 pass and the rescoring cost more than they save (docs/design-notes.md#rerank-min-rows).
 RERANK_MIN_ROWS = 128
 
 
@@ -81,6 +78,42 @@ class VectorStore:
                 self._v, self._scales = quantize_int8(v)
                 if storage == "int8_rerank":
                     self._rerank = v
+
+    @classmethod
+    def from_parts(cls, vectors: np.ndarray, *, storage: str, q8: np.ndarray | None = None,
+                   scales: np.ndarray | None = None) -> "VectorStore":
+        """A store over vectors already checked (finite, L2-normalised), reusing a saved int8 copy.
+
+        Nothing is copied when the arrays are C-contiguous and aligned, so memory-mapped arrays stay mapped
+        (the search then pages in only what it reads).
+
+        Args:
+            vectors: (N, d) float32.
+            storage: one of `STORAGES`.
+            q8, scales: the int8 rows and their scales as `quantize_int8` made them (int8 storages only;
+                computed here when None).
+        """
+        if storage not in STORAGES:
+            raise InvalidInputError(f"storage must be one of {STORAGES}, not {storage!r}")
+        v = np.require(vectors, np.float32, "CA")
+        self = cls.__new__(cls)
+        self.storage = storage
+        self._shape = v.shape
+        self._scales = None
+        self._rerank = None
+        if storage == "float32" or (storage == "int8_rerank" and v.shape[0] < RERANK_MIN_ROWS):
+            self._v = v
+        elif storage == "float16":
+            self._v = np.ascontiguousarray(v.astype(np.float16))
+        else:
+            if q8 is None or scales is None:
+                q8, scales = quantize_int8(v)
+            if q8.shape != v.shape or scales.shape != (v.shape[0],):
+                raise InvalidInputError(f"int8 rows {q8.shape} / scales {scales.shape} do not fit vectors {v.shape}")
+            self._v, self._scales = np.require(q8, np.int8, "CA"), np.require(scales, np.float32, "CA")
+            if storage == "int8_rerank":
+                self._rerank = v
+        return self
 
     @property
     def n(self) -> int:

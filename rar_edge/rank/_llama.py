@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import threading
+import time
+import warnings
+import weakref
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from rar_edge import _native
+from rar_edge._clock import ModelClock
 from rar_edge.errors import MissingDependencyError, RankerError
 
 
@@ -30,6 +35,18 @@ def _import_llama_cpp() -> Any:
 # (llama-cpp-python's own callback prints to stderr). The ctypes callbacks must stay referenced.
 _LOG_LOCK = threading.Lock()
 _LOG_CALLBACKS: list[Any] = []
+# Python runs a pending Ctrl-C handler inside whatever Python code runs next, often this log callback while
+# llama.cpp is busy; ctypes then prints the KeyboardInterrupt as "ignored" and drops it. The callback notes it
+# here instead and `raise_pending_interrupt` raises it once the native call has returned.
+_INTERRUPTED = threading.Event()
+_TLS = threading.local()  # .errors: a list collecting llama.cpp's error lines during a load on this thread
+
+
+def raise_pending_interrupt() -> None:
+    """Raises the KeyboardInterrupt that arrived while llama.cpp called back into Python, if one did."""
+    if _INTERRUPTED.is_set():
+        _INTERRUPTED.clear()
+        raise KeyboardInterrupt
 
 
 def _install_log_callback(llama_cpp: Any, mtmd: Any | None) -> None:
@@ -40,11 +57,19 @@ def _install_log_callback(llama_cpp: Any, mtmd: Any | None) -> None:
         native_logger = logging.getLogger("rar_edge.llama_cpp")
 
         def forward(level: int, text: bytes, user_data: Any) -> None:
-            # ggml.h levels: 0 none, 1 debug, 2 info, 3 warn, 4 error, 5 continuation; only errors are worth
-            # more than DEBUG here (llama.cpp "warns" about routine things such as quantization fallbacks).
-            py_level = logging.ERROR if level == 4 else logging.DEBUG
-            if text and native_logger.isEnabledFor(py_level):
-                native_logger.log(py_level, "%s", text.decode("utf-8", "replace").rstrip("\n"))
+            try:
+                # ggml.h levels: 0 none, 1 debug, 2 info, 3 warn, 4 error, 5 continuation; only errors are worth
+                # more than DEBUG here (llama.cpp "warns" about routine things such as quantization fallbacks).
+                py_level = logging.ERROR if level == 4 else logging.DEBUG
+                collect = getattr(_TLS, "errors", None)
+                if level == 4 and collect is not None and text:
+                    # a failing load: its reason goes into the RankerError, not onto the console
+                    collect.append(text.decode("utf-8", "replace").strip())
+                    py_level = logging.DEBUG
+                if text and native_logger.isEnabledFor(py_level):
+                    native_logger.log(py_level, "%s", text.decode("utf-8", "replace").rstrip("\n"))
+            except KeyboardInterrupt:
+                _INTERRUPTED.set()
 
         if not _LOG_CALLBACKS:
             cb = llama_cpp.llama_log_callback(forward)
@@ -55,6 +80,21 @@ def _install_log_callback(llama_cpp: Any, mtmd: Any | None) -> None:
             mtmd.mtmd_log_set(cb, ctypes.c_void_p(0))
             mtmd.mtmd_helper_log_set(cb, ctypes.c_void_p(0))
             _LOG_CALLBACKS.append(("mtmd", cb))
+
+
+# A forked child inherits the parent's llama.cpp objects but not its worker threads: a decode there waits
+# for threads that do not exist (mtmd_helper_eval_chunks hung in every such child). The child marks every
+# model it inherited unusable, so that a use raises instead of hanging.
+_LIVE: "weakref.WeakSet[_Native]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for native in list(_LIVE):
+        native.forked = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _Native:
@@ -76,6 +116,8 @@ class _Native:
     ) -> None:
         lc = _import_llama_cpp()
         self.lc = lc
+        self.forked = False
+        self.clock = ModelClock()  # time inside llama.cpp's decode, tokenizer and image-encode calls
         self.mtmd = None
         self.model = None
         self.ctx = None
@@ -91,11 +133,24 @@ class _Native:
         lc.llama_backend_init()
         mparams = lc.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers  # only a GPU build of llama.cpp offloads; a CPU build ignores it
-        self.model = lc.llama_model_load_from_file(str(model_path).encode("utf-8"), mparams)
+        if n_gpu_layers != 0 and not lc.llama_supports_gpu_offload():
+            from rar_edge.encoders import ProviderFallbackWarning
+
+            warnings.warn(f"--n-gpu-layers {n_gpu_layers} asked for the GPU, but this llama-cpp-python build has no "
+                          "GPU support: the ranker runs on the CPU (reinstall it with CMAKE_ARGS=\"-DGGML_CUDA=on\")",
+                          ProviderFallbackWarning, stacklevel=4)
+        _TLS.errors = errors = []
+        try:
+            self.model = lc.llama_model_load_from_file(str(model_path).encode("utf-8"), mparams)
+        finally:
+            _TLS.errors = None
         if not self.model:
             self.model = None
-            raise RankerError(f"llama.cpp could not load the model {model_path} (not a GGUF it supports?)")
+            raise_pending_interrupt()
+            why = f": {errors[-1]}" if errors else ""
+            raise RankerError(f"llama.cpp could not load the model {model_path} (not a GGUF it supports?){why}")
         try:
+            raise_pending_interrupt()  # a Ctrl-C during the load: the model is freed below
             self.vocab = lc.llama_model_get_vocab(self.model)
             self.n_vocab = int(lc.llama_vocab_n_tokens(self.vocab))
             cparams = lc.llama_context_default_params()
@@ -135,6 +190,15 @@ class _Native:
         except BaseException:
             self.close()
             raise
+        _LIVE.add(self)
+
+    def usable(self) -> None:
+        """Raises RankerError in a process forked after this model was loaded."""
+        if self.forked:
+            raise RankerError(
+                "this ranker was loaded before the process forked: llama.cpp's threads stayed in the parent, so "
+                "the forked process cannot run it; load the ranker in the child, or start worker processes "
+                "with the 'spawn' or 'forkserver' method")
 
     # -- metadata -----------------------------------------------------------------------------------------
 
@@ -154,6 +218,7 @@ class _Native:
     # -- tokens ----------------------------------------------------------------------------------------
 
     def tokenize(self, text: str, *, add_special: bool) -> list[int]:
+        self.usable()
         data = text.encode("utf-8")
         n_max = len(data) + 8
         buf = (self.lc.llama_token * n_max)()
@@ -166,17 +231,8 @@ class _Native:
             raise RankerError("tokenization failed")
         return list(buf[:n])
 
-    def piece(self, token: int) -> bytes:
-        buf = ctypes.create_string_buffer(64)
-        n = self.lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = self.lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
-        return buf.raw[: max(n, 0)]
-
-    # -- KV cache -------------------------------------------------------------------------------------
-
     def seq_rm(self, seq: int, p0: int, p1: int) -> None:
+        self.usable()
         if not self.lc.llama_memory_seq_rm(self.mem, seq, p0, p1):
             raise RankerError(f"llama.cpp refused to drop KV cells [{p0}, {p1}) of sequence {seq}")
 
@@ -193,6 +249,7 @@ class _Native:
             self._slots_used.discard(slot)
 
     def clear_all(self) -> None:
+        self.usable()
         self.lc.llama_memory_clear(self.mem, True)
         self._slots_used.clear()
 
@@ -205,6 +262,7 @@ class _Native:
             the batch positions of the entries that asked for logits, for `logits`. Logits survive only
             from the last call, so entries that want them must all fall in the last ``n_batch`` chunk.
         """
+        self.usable()
         out_idx: list[int] = []
         b = self._batch
         n_calls = 0
@@ -227,7 +285,10 @@ class _Native:
                         raise RankerError("internal: logits asked for outside the last batch")
                     out_idx.append(i)
             b.n_tokens = len(chunk)
+            t0 = time.perf_counter()
             rc = self.lc.llama_decode(self.ctx, b)
+            self.clock.add(time.perf_counter() - t0)
+            raise_pending_interrupt()
             n_calls += 1
             if rc == 1:
                 raise RankerError(
@@ -250,8 +311,7 @@ class _Native:
         """log softmax of a batch position's logits, at a few tokens (float64).
 
         The row's log-sum-exp comes from the native kernel (one pass for the maximum, one with a
-        vectorised exp; about 45-60 us at 152k tokens against 255 us for numpy on a float64 copy of the
-        row); score mode reads one row per candidate token.
+        vectorised exp; docs/design-notes.md#logsumexp); score mode reads one row per candidate token.
         """
         row = self._logit_row(batch_index)
         lse = _native.logsumexp(row)
@@ -270,6 +330,7 @@ class _Native:
         Returns:
             (new n_past, tokens evaluated). The last position's logits are kept.
         """
+        self.usable()
         mt = self.mtmd
         bitmaps = []
         chunks = None
@@ -290,7 +351,9 @@ class _Native:
             itext.parse_special = True
             chunks = mt.mtmd_input_chunks_init()
             arr_t = (mt.mtmd_bitmap_p_ctypes * max(len(bitmaps), 1))(*bitmaps)
+            t0 = time.perf_counter()
             rc = mt.mtmd_tokenize(self.mtmd_ctx, chunks, ctypes.byref(itext), arr_t, len(bitmaps))
+            self.clock.add(time.perf_counter() - t0)
             if rc == 2:
                 shapes = ", ".join(f"{im.shape[0]}x{im.shape[1]}" for im in images)
                 raise RankerError(f"the vision preprocessor could not prepare the image ({shapes} pixels; an "
@@ -303,9 +366,12 @@ class _Native:
             new_n_past = self.lc.llama_pos(0)
             if seq > 0:
                 self._slots_used.add(seq)
+            t0 = time.perf_counter()
             rc = mt.mtmd_helper_eval_chunks(
                 self.mtmd_ctx, self.ctx, chunks, n_past, seq, self.n_batch, True, ctypes.byref(new_n_past)
             )
+            self.clock.add(time.perf_counter() - t0)
+            raise_pending_interrupt()
             if rc != 0:
                 raise RankerError(f"evaluating the image and text failed (mtmd code {rc})")
             return int(new_n_past.value), n_tok
@@ -316,6 +382,9 @@ class _Native:
                 mt.mtmd_bitmap_free(bm)
 
     def close(self) -> None:
+        if self.forked:  # the parent owns these objects: freeing them here could wait on its threads
+            self.mtmd_ctx = self._batch = self.ctx = self.model = None
+            return
         lc = self.lc
         if self.mtmd_ctx is not None:
             self.mtmd.mtmd_free(self.mtmd_ctx)

@@ -14,9 +14,8 @@ Two modes, one loaded model:
   names' lines (their tokenization in context), so the list is a permutation by construction and no
   tokens go to repeats; the last name is implied. Tokens that no choice separates (the line number, the
   rest of a name once it is the only one left) are not sampled but evaluated together with the next choice
-  in one ``llama_decode``: a line costs one decode, and no sampler walks the vocabulary (llama.cpp's GBNF
-  grammar sampler, used before, took ~38 ms a token for a 152k vocabulary on a 16-core Xeon and made
-  generate mode 44x slower than score mode on a GPU). The names are the ones decoded, not parsed back
+  in one ``llama_decode``: a line costs one decode, and no sampler walks the vocabulary
+  (docs/design-notes.md#generate-mode). The names are the ones decoded, not parsed back
   from the text (`parse_ranking` reads free-form answers of other models); if the candidates' lines do
   not tokenize apart, the retrieval order is returned with ``fallback=True``.
 
@@ -62,11 +61,13 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from rar_edge import defaults
 from rar_edge.errors import (
     InvalidInputError,
     ManifestError,
     RankerError,
 )
+from rar_edge.image.pixels import check_rgb
 from rar_edge.manifest import load_manifest
 from rar_edge.rank._llama import _Native
 from rar_edge.rank.prompts import (
@@ -78,13 +79,63 @@ from rar_edge.rank.prompts import (
 )
 from rar_edge.types import Ranking
 
-__all__ = ["MODES", "Ranker", "RankerStats"]
+__all__ = ["MODES", "Ranker", "RankerConfig", "RankerStats"]
 
 logger = logging.getLogger("rar_edge")
 
+def _check_gguf(path: Path | None) -> None:
+    """Refuses a file that does not start as a GGUF does, before llama.cpp tries it."""
+    if path is None:
+        return
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise RankerError(f"cannot read {path}: {e.strerror or e}") from e
+    if head[:4] != b"GGUF":
+        raise RankerError(f"{path} is not a GGUF file (it starts with {head[:4]!r}); give a model folder or a .gguf "
+                          "written by 'rar-edge export mllm' or llama.cpp")
+
+
 MODES = ("score", "generate")
 DEFAULT_N_CTX = 4096
+DEFAULT_MAX_CANDIDATES = 32
 _SENTINELS = ("\x00RAR_EDGE_QUERY_A\x00", "\x00RAR_EDGE_QUERY_B\x00")
+
+
+@dataclass(frozen=True)
+class RankerConfig:
+    """How a ranker is loaded and run (see `Ranker.load`).
+
+    Attributes:
+        mode: ``"score"`` or ``"generate"`` (default for `Ranker.rank`; each call may override it).
+        n_threads: CPU threads; None: the CPUs this process may use.
+        n_ctx: context size in tokens; None or 0: the model folder's suggestion, else 4096.
+        max_candidates: the most candidates one call scores in one batch (more are scored in groups).
+        prompt_version: a `rar_edge.rank.prompts` version; None: the model folder's, else the latest.
+        verify: check the sha256 of a model folder's files on load, as encoders do (reads them once: about a
+            second per GB); a missing file is refused either way.
+        n_gpu_layers: layers offloaded to the GPU by a CUDA/Metal build of llama.cpp (-1: all; the vision
+            projector then runs on the GPU too); 0 keeps everything on the CPU.
+    """
+
+    mode: str = "score"
+    n_threads: int | None = None
+    n_ctx: int | None = None
+    max_candidates: int = DEFAULT_MAX_CANDIDATES
+    prompt_version: str | None = None
+    verify: bool = True
+    n_gpu_layers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise InvalidInputError(f"mode must be one of {MODES}, not {self.mode!r}")
+        if not 1 <= self.max_candidates <= 255:  # llama.cpp holds at most 256 sequences, one is the shared prefix
+            raise InvalidInputError(f"max_candidates must be in [1, 255], got {self.max_candidates}")
+        if self.n_ctx is not None and self.n_ctx < 0:
+            raise InvalidInputError(f"n_ctx must be >= 0 (0 or None: the model folder's or the default), got {self.n_ctx}")
+        if self.n_threads is not None and self.n_threads < 1:
+            raise InvalidInputError(f"n_threads must be >= 1, got {self.n_threads}")
 
 
 @dataclass(frozen=True)
@@ -127,13 +178,7 @@ def _to_rgb_array(image: Any) -> np.ndarray:
             raise InvalidInputError(
                 f"image must be a PIL.Image, an HxWx3 uint8 array or None, not {type(image).__name__}"
             )
-    if arr.dtype != np.uint8:
-        raise InvalidInputError(f"image array must be uint8 RGB, got dtype {arr.dtype}")
-    if arr.ndim != 3 or arr.shape[2] != 3:
-        raise InvalidInputError(f"image array must have shape (H, W, 3), got {arr.shape}")
-    if arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise InvalidInputError(f"image is empty: shape {arr.shape}")
-    return np.ascontiguousarray(arr)
+    return np.ascontiguousarray(check_rgb(arr))
 
 
 def _rank_weights(n: int) -> tuple[float, ...]:
@@ -164,8 +209,10 @@ class Ranker:
         in_context_examples: Sequence[RankingExample],
         name: str,
         vision_image_size_px: int | None = None,
+        config: RankerConfig | None = None,
     ) -> None:
         self._native: _Native | None = native
+        self.config = config or RankerConfig(mode=mode)
         self._vision_px = vision_image_size_px
         self._mode = mode
         self._prompt = prompt
@@ -185,6 +232,7 @@ class Ranker:
         self._head = prompt.query_head(vision=native.mtmd_ctx is not None)
         self._prefix_text, self._query_tail = self._split_prompt()
         self._n_prefix: int | None = None
+        self._closed_model_s = 0.0
 
     # -- construction ----------------------------------------------------------------------------------
 
@@ -194,42 +242,42 @@ class Ranker:
         model: str | os.PathLike,
         *,
         mmproj: str | os.PathLike | None = None,
+        config: RankerConfig | None = None,
+        in_context_examples: Sequence[RankingExample] | None = None,
         mode: str = "score",
         n_threads: int | None = None,
         n_ctx: int | None = None,
-        max_candidates: int = 32,
-        in_context_examples: Sequence[RankingExample] | None = None,
+        max_candidates: int = DEFAULT_MAX_CANDIDATES,
         prompt_version: str | RankingPrompt | None = None,
-        verify: bool = False,
+        verify: bool = True,
         n_gpu_layers: int = 0,
     ) -> "Ranker":
         """Loads a ranker.
 
+        Settings come either in ``config`` or as the keywords after ``in_context_examples`` (each documented
+        in `RankerConfig`), not both.
+
         Args:
             model: a model folder with an ``mllm`` manifest, or a GGUF language model.
             mmproj: the vision projector GGUF, for a bare GGUF ``model`` (a folder names its own).
-            mode: ``"score"`` or ``"generate"`` (default for `rank`; each call may override it).
-            n_threads: CPU threads; default: the CPUs this process may use.
-            n_ctx: context size in tokens; default: the manifest's suggestion, else 4096.
-            max_candidates: the most candidates one call may score in one batch (more are scored in groups).
+            config: the settings as one object.
             in_context_examples: solved rankings placed in the cached prompt prefix
                 (see `rar_edge.tools.finetune_data.in_context_examples`).
-            prompt_version: a `rar_edge.rank.prompts` version; default: the manifest's, else the latest.
-            verify: check the sha256 of a folder's files (reads them once; slow for large models).
-            n_gpu_layers: layers offloaded to the GPU by a CUDA/Metal build of llama.cpp (-1: all); with a
-                non-zero value the vision projector runs on the GPU too. 0 keeps everything on the CPU.
+            prompt_version: also a `RankingPrompt` object (a custom prompt).
 
         Raises:
             MissingDependencyError: llama-cpp-python is not installed (``pip install 'rar-edge[llm]'``).
             ManifestError: the folder is not an ``mllm`` model folder.
             RankerError: llama.cpp cannot load the files.
         """
-        if mode not in MODES:
-            raise InvalidInputError(f"mode must be one of {MODES}, not {mode!r}")
-        if not 1 <= max_candidates <= 255:  # llama.cpp holds at most 256 sequences, one is the shared prefix
-            raise InvalidInputError(f"max_candidates must be in [1, 255], got {max_candidates}")
-        if n_ctx is not None and n_ctx < 0:
-            raise InvalidInputError(f"n_ctx must be >= 0 (0 or None: the model folder's or the default), got {n_ctx}")
+        keywords = dict(mode=mode, n_threads=n_threads, n_ctx=n_ctx, max_candidates=max_candidates,
+                        verify=verify, n_gpu_layers=n_gpu_layers)
+        custom_prompt = prompt_version if isinstance(prompt_version, RankingPrompt) else None
+        if config is None:
+            config = RankerConfig(**keywords, prompt_version=None if custom_prompt else prompt_version)
+        elif keywords != {f: getattr(RankerConfig(), f) for f in keywords} or prompt_version is not None:
+            raise InvalidInputError("pass the ranker's settings either in config= or as keywords, not both")
+        mode, n_ctx, max_candidates = config.mode, config.n_ctx, config.max_candidates
         path = Path(model)
         chat_template: str | None = None
         manifest_n_ctx = None
@@ -238,7 +286,7 @@ class Ranker:
         if path.is_dir():
             if mmproj is not None:
                 raise InvalidInputError("mmproj= is for a bare GGUF; a model folder names its own mmproj")
-            m = load_manifest(path, verify=verify)
+            m = load_manifest(path, verify=config.verify)
             if m.kind != "mllm":
                 raise ManifestError(f"{path} holds a {m.kind!r} model, the ranker needs kind 'mllm'")
             lm_path = m.path("language_model")
@@ -254,10 +302,13 @@ class Ranker:
             mm_path = Path(mmproj) if mmproj is not None else None
             if mm_path is not None and not mm_path.is_file():
                 raise InvalidInputError(f"mmproj file not found: {mm_path}")
+            for p in (lm_path, mm_path):
+                _check_gguf(p)
             name = path.stem
         else:
             raise InvalidInputError(f"no model folder or GGUF file at {path}")
-        prompt = get_prompt(prompt_version or manifest_prompt or "rar-rank-v1")
+        prompt = get_prompt(custom_prompt or config.prompt_version or manifest_prompt or defaults.PROMPT_VERSION)
+        n_threads = config.n_threads
         if n_threads is None:
             n_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         native = _Native(
@@ -267,7 +318,7 @@ class Ranker:
             n_batch=512,
             n_seq_max=max_candidates + 1,
             n_threads=int(n_threads),
-            n_gpu_layers=int(n_gpu_layers),
+            n_gpu_layers=int(config.n_gpu_layers),
         )
         try:
             if chat_template is None:
@@ -280,6 +331,7 @@ class Ranker:
                 in_context_examples=in_context_examples or (),
                 name=name,
                 vision_image_size_px=vision_px,
+                config=config,
             )
         except BaseException:
             native.close()
@@ -314,6 +366,28 @@ class Ranker:
     def stats(self) -> RankerStats:
         """A snapshot of the evaluation counters."""
         return RankerStats(**self._stats)
+
+    @property
+    def model_s(self) -> float:
+        """Seconds spent inside llama.cpp's decode and image-encode calls since the model was loaded."""
+        native = self._native
+        return native.clock.seconds if native is not None else self._closed_model_s
+
+    def describe(self) -> dict[str, Any]:
+        """What a report should record about this ranker (JSON-ready)."""
+        native = self._native
+        return {
+            "name": self.name,
+            "mode": self._mode,
+            "prompt_version": self._prompt.version,
+            "has_vision": native is not None and native.mtmd_ctx is not None,
+            "image_size_px": self._vision_px,
+            "in_context_examples": len(self._examples),
+            "n_ctx": None if native is None else native.n_ctx,
+            "n_threads": self.config.n_threads,
+            "n_gpu_layers": self.config.n_gpu_layers,
+            "max_candidates": self.config.max_candidates,
+        }
 
     def rank(self, image: Any, candidates: Sequence[str], *, mode: str | None = None) -> Ranking:
         """Ranks ``candidates`` for ``image``.
@@ -355,6 +429,7 @@ class Ranker:
         """Frees the model and its context (idempotent; waits for a call in progress)."""
         with self._lock:
             if self._native is not None:
+                self._closed_model_s = self._native.clock.seconds
                 self._native.close()
                 self._native = None
 

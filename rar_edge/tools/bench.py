@@ -36,13 +36,16 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from rar_edge import defaults
 from rar_edge._fs import write_text
 from rar_edge.encoders import EncoderConfig
 from rar_edge.errors import InvalidInputError, MissingDependencyError
+from rar_edge.rank.protocol import RankerProtocol
+from rar_edge.rank.ranker import Ranker
 
 if TYPE_CHECKING:
     from rar_edge.encoders import Encoder
@@ -60,9 +63,9 @@ OVERHEAD_TARGET = 0.10
 _PLOT_STAGES, _PLOT_LATENCY, _PLOT_VARIANTS = "stage_breakdown.png", "latency_distribution.png", "encoder_variants.png"
 _PLOTS = (_PLOT_STAGES, _PLOT_LATENCY, _PLOT_VARIANTS)
 MODEL_TIME_METHOD = {
-    "encoder": "wall time inside onnxruntime InferenceSession.run (timing proxy on the encoder's session)",
-    "ranker": "wall time inside the llama.cpp / mtmd C functions called through llama_cpp (timing proxy "
-              "on the ranker's bindings module); an opaque ranker object counts its whole rank() call",
+    "encoder": "wall time inside onnxruntime InferenceSession.run (Encoder.model_s)",
+    "ranker": "wall time inside llama.cpp's llama_decode, mtmd_tokenize and mtmd_helper_eval_chunks "
+              "(Ranker.model_s); another ranker reports what its model_s says",
 }
 
 
@@ -86,7 +89,7 @@ class BenchConfig:
 
     runs: int = 50
     warmup: int = 5
-    k: int = 5
+    k: int = defaults.K
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     shots: int = 4
     seed: int = 0
@@ -108,103 +111,25 @@ class BenchConfig:
             raise InvalidInputError("prefetch must be >= 0")
 
 
-# -- timing proxies (bench only) ----------------------------------------------------------------------
-class _Clock:
-    """Accumulates the seconds spent inside wrapped calls."""
-
-    def __init__(self) -> None:
-        self.s = 0.0
-        self.calls = 0
-
-    def timed(self, fn: Callable) -> Callable:
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.s += time.perf_counter() - t0
-                self.calls += 1
-
-        return wrapper
-
-
-class _TimedSession:
-    """Stands in for an ONNX Runtime InferenceSession; times ``run`` and delegates everything else."""
-
-    def __init__(self, session: Any, clock: _Clock) -> None:
-        self._session = session
-        self.run = clock.timed(session.run)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._session, name)
-
-
-class _TimedModule:
-    """Stands in for the ``llama_cpp`` / ``mtmd_cpp`` module: times every native function called through it.
-
-    Classes (ctypes structures, pointer types) pass through untimed; everything else callable is a
-    binding of a C function.
-    """
-
-    def __init__(self, module: Any, clock: _Clock) -> None:
-        self._module = module
-        self._clock = clock
-        self._cache: dict[str, Any] = {}
-
-    def __getattr__(self, name: str) -> Any:
-        cached = self._cache.get(name)
-        if cached is not None:
-            return cached
-        attr = getattr(self._module, name)
-        if callable(attr) and not isinstance(attr, type):
-            attr = self._clock.timed(attr)
-        self._cache[name] = attr
-        return attr
-
-
-class _Instrumented:
-    """Puts the timing proxies in front of a pipeline's model calls; `restore` takes them away."""
+# -- model time ------------------------------------------------------------------------------------------
+class _ModelTime:
+    """Reads the model-time counters a pipeline's encoder and ranker expose (`Encoder.model_s`,
+    `RankerProtocol.model_s`), so a call's own overhead is its wall time minus the model's."""
 
     def __init__(self, pipe: "Pipeline") -> None:
-        self.encoder = _Clock()
-        self.ranker = _Clock()
-        self._undo: list[Callable[[], None]] = []
-        self.encoder_method = "session.run"
-        self.ranker_method: str | None = None
-        self._opaque_ranker = False
-        enc = pipe.encoder
-        sess = getattr(enc, "_image_sess", None)
-        if sess is not None and hasattr(sess, "run"):
-            enc._image_sess = _TimedSession(sess, self.encoder)  # noqa: SLF001 - bench-only proxy
-            self._undo.append(lambda: setattr(enc, "_image_sess", sess))
-        else:  # an encoder without the expected session: time the whole embedding call
-            orig = enc.embed_pixels
-            enc.embed_pixels = self.encoder.timed(orig)  # type: ignore[method-assign]
-            self._undo.append(lambda: delattr(enc, "embed_pixels"))
-            self.encoder_method = "embed_pixels (includes normalisation)"
-        ranker = pipe.ranker
-        if ranker is not None:
-            native = getattr(ranker, "_native", None)
-            if native is not None and hasattr(native, "lc"):
-                for attr in ("lc", "mtmd"):
-                    mod = getattr(native, attr, None)
-                    if mod is not None:
-                        setattr(native, attr, _TimedModule(mod, self.ranker))
-                        self._undo.append(lambda a=attr, m=mod: setattr(native, a, m))
-                self.ranker_method = "llama.cpp C calls"
-            else:
-                orig_rank = ranker.rank
-                ranker.rank = self.ranker.timed(orig_rank)
-                self._undo.append(lambda: delattr(ranker, "rank"))
-                self.ranker_method = "opaque: whole rank() call"
+        self._encoder = pipe.encoder
+        self._ranker = pipe.ranker
+        self.ranker_method: str | None = None if pipe.ranker is None else MODEL_TIME_METHOD["ranker"]
+        self.encoder_method = MODEL_TIME_METHOD["encoder"]
+
+    def encoder_s(self) -> float:
+        return self._encoder.model_s
+
+    def ranker_s(self) -> float:
+        return 0.0 if self._ranker is None else self._ranker.model_s
 
     def model_s(self) -> float:
-        return self.encoder.s + self.ranker.s
-
-    def restore(self) -> None:
-        for undo in reversed(self._undo):
-            undo()
-        self._undo.clear()
+        return self.encoder_s() + self.ranker_s()
 
 
 # -- small helpers ----------------------------------------------------------------------------------------
@@ -281,7 +206,7 @@ def _loadavg() -> list[float] | None:
         return None
 
 
-def environment(encoder: "Encoder", ranker: Any = None) -> dict[str, Any]:
+def environment(encoder: "Encoder", ranker: RankerProtocol | None = None) -> dict[str, Any]:
     """What a reader needs to compare two benchmark files: machine, threads, providers, versions, commit."""
     import onnxruntime as ort
 
@@ -307,16 +232,15 @@ def environment(encoder: "Encoder", ranker: Any = None) -> dict[str, Any]:
                                                  "CUDA_VISIBLE_DEVICES") if k in os.environ},
     }
     if ranker is not None:
-        native = getattr(ranker, "_native", None)
-        lc = getattr(native, "lc", None)
-        if lc is not None:
-            lc = getattr(lc, "_module", lc)
-            try:
-                info = lc.llama_print_system_info()
-                env["llama_cpp_system_info"] = info.decode("utf-8", "replace").strip() if isinstance(info, bytes) else str(info)
-            except Exception as e:  # noqa: BLE001 - informative only
-                env["llama_cpp_system_info"] = f"unavailable: {e}"
-        env["ranker"] = getattr(ranker, "name", type(ranker).__name__)
+        env["ranker"] = ranker.describe()
+    if isinstance(ranker, Ranker):
+        try:
+            import llama_cpp
+
+            info = llama_cpp.llama_print_system_info()
+            env["llama_cpp_system_info"] = info.decode("utf-8", "replace").strip() if isinstance(info, bytes) else str(info)
+        except Exception as e:  # noqa: BLE001 - informative only
+            env["llama_cpp_system_info"] = f"unavailable: {e}"
     return env
 
 
@@ -398,7 +322,7 @@ def _summarise(records: list[dict[str, float]], wall_s: float, inst_totals: list
     }
 
 
-def _time_classify(pipe: "Pipeline", inst: _Instrumented, queries: list[tuple[Path, str | None]], *,
+def _time_classify(pipe: "Pipeline", inst: _ModelTime, queries: list[tuple[Path, str | None]], *,
                    config: BenchConfig, meaningful: bool) -> dict[str, Any]:
     n = len(queries)
     for i in range(config.warmup):
@@ -407,11 +331,11 @@ def _time_classify(pipe: "Pipeline", inst: _Instrumented, queries: list[tuple[Pa
     t_start = time.perf_counter()
     for i in range(config.runs):
         path, truth = queries[(config.warmup + i) % n]
-        e0, r0 = inst.encoder.s, inst.ranker.s
+        e0, r0 = inst.encoder_s(), inst.ranker_s()
         res = pipe.classify(path, k=config.k)
         rec = dict(res.timings_ms)
-        rec["encoder_model"] = (inst.encoder.s - e0) * 1e3
-        rec["ranker_model"] = (inst.ranker.s - r0) * 1e3
+        rec["encoder_model"] = (inst.encoder_s() - e0) * 1e3
+        rec["ranker_model"] = (inst.ranker_s() - r0) * 1e3
         records.append(rec)
         model_totals.append(rec["encoder_model"] + rec["ranker_model"])
         if truth is not None:
@@ -423,7 +347,7 @@ def _time_classify(pipe: "Pipeline", inst: _Instrumented, queries: list[tuple[Pa
     return out
 
 
-def _time_stream(pipe: "Pipeline", inst: _Instrumented, queries: list[tuple[Path, str | None]], *,
+def _time_stream(pipe: "Pipeline", inst: _ModelTime, queries: list[tuple[Path, str | None]], *,
                  config: BenchConfig) -> dict[str, Any]:
     """The same queries through `Pipeline.iter_classify`: the next image is decoded and resized on a
     worker thread while this one is encoded (and ranked). Wall time per image vs model time per image."""
@@ -432,11 +356,11 @@ def _time_stream(pipe: "Pipeline", inst: _Instrumented, queries: list[tuple[Path
     for _ in pipe.iter_classify(warm, k=config.k, prefetch=config.prefetch):
         pass
     paths = [queries[(config.warmup + i) % n][0] for i in range(config.runs)]
-    e0, r0 = inst.encoder.s, inst.ranker.s
+    e0, r0 = inst.encoder_s(), inst.ranker_s()
     t_start = time.perf_counter()
     results = list(pipe.iter_classify(paths, k=config.k, prefetch=config.prefetch))
     wall = time.perf_counter() - t_start
-    model = (inst.encoder.s - e0) + (inst.ranker.s - r0)
+    model = (inst.encoder_s() - e0) + (inst.ranker_s() - r0)
     return {
         "prefetch": config.prefetch,
         "runs": len(results),
@@ -451,7 +375,7 @@ def _time_stream(pipe: "Pipeline", inst: _Instrumented, queries: list[tuple[Path
     }
 
 
-def _time_detect(pipe: "Pipeline", inst: _Instrumented, dataset: Any, *, config: BenchConfig) -> dict[str, Any]:
+def _time_detect(pipe: "Pipeline", inst: _ModelTime, dataset: Any, *, config: BenchConfig) -> dict[str, Any]:
     from rar_edge.datasets import read_detection_dataset
 
     _, imgs = read_detection_dataset(dataset)
@@ -469,7 +393,7 @@ def _time_detect(pipe: "Pipeline", inst: _Instrumented, dataset: Any, *, config:
     t_start = time.perf_counter()
     for i in range(config.runs):
         im = imgs[(config.warmup + i) % len(imgs)]
-        e0, r0 = inst.encoder.s, inst.ranker.s
+        e0, r0 = inst.encoder_s(), inst.ranker_s()
         t0 = time.perf_counter()
         dets = pipe.detect(im.path, im.boxes, k=config.k, on_invalid="skip")
         wall_ms = _ms(t0)
@@ -477,8 +401,8 @@ def _time_detect(pipe: "Pipeline", inst: _Instrumented, dataset: Any, *, config:
         rec = {s: sum(d.timings_ms.get(s, 0.0) for d in dets) for s in STAGES if s != "total"
                and any(s in d.timings_ms for d in dets)}
         rec["total"] = wall_ms
-        rec["encoder_model"] = (inst.encoder.s - e0) * 1e3
-        rec["ranker_model"] = (inst.ranker.s - r0) * 1e3
+        rec["encoder_model"] = (inst.encoder_s() - e0) * 1e3
+        rec["ranker_model"] = (inst.ranker_s() - r0) * 1e3
         records.append(rec)
         model_totals.append(rec["encoder_model"] + rec["ranker_model"])
         n_boxes.append(len(dets))
@@ -517,33 +441,23 @@ def _time_variants(reference: "Encoder", variant_dirs: Sequence[Any], queries: l
             raise InvalidInputError(f"variant {d} is not the same model as the reference encoder "
                                     f"(differs in {diff or ['embedding_dim']})")
         encs.append(e)
-    clocks = [_Clock() for _ in encs]
-    sessions = [e._image_sess for e in encs]  # noqa: SLF001
-    for e, c, s in zip(encs, clocks, sessions):
-        e._image_sess = _TimedSession(s, c)  # noqa: SLF001
-    try:
-        n = len(queries)
-        pixels = [reference.preprocess(reference.decode(queries[i % n][0])) for i in range(min(n, config.runs + config.warmup))]
-        run_ms: list[list[float]] = [[] for _ in encs]
-        cos: list[list[float]] = [[] for _ in encs]
-        for i in range(config.warmup + config.runs):
-            px = pixels[i % len(pixels)]
-            embs = []
-            # Rotate the starting encoder so that none always runs right after another's cache warm-up.
-            order = [(i + j) % len(encs) for j in range(len(encs))]
-            out: dict[int, np.ndarray] = {}
-            for j in order:
-                s0 = clocks[j].s
-                out[j] = encs[j].embed_pixels(px)[0]
-                if i >= config.warmup:
-                    run_ms[j].append((clocks[j].s - s0) * 1e3)
-            embs = [out[j] for j in range(len(encs))]
+    n = len(queries)
+    pixels = [reference.preprocess(reference.decode(queries[i % n][0])) for i in range(min(n, config.runs + config.warmup))]
+    run_ms: list[list[float]] = [[] for _ in encs]
+    cos: list[list[float]] = [[] for _ in encs]
+    for i in range(config.warmup + config.runs):
+        px = pixels[i % len(pixels)]
+        # Rotate the starting encoder so that none always runs right after another's cache warm-up.
+        order = [(i + j) % len(encs) for j in range(len(encs))]
+        out: dict[int, np.ndarray] = {}
+        for j in order:
+            s0 = encs[j].model_s
+            out[j] = encs[j].embed_pixels(px)[0]
             if i >= config.warmup:
-                for j in range(len(encs)):
-                    cos[j].append(float(np.dot(embs[0], embs[j])))
-    finally:
-        for e, s in zip(encs, sessions):
-            e._image_sess = s  # noqa: SLF001
+                run_ms[j].append((encs[j].model_s - s0) * 1e3)
+        if i >= config.warmup:
+            for j in range(len(encs)):
+                cos[j].append(float(np.dot(out[0], out[j])))
     ref_p50 = float(np.median(run_ms[0]))
     rows = []
     for j, e in enumerate(encs):
@@ -609,6 +523,10 @@ def run_bench(
         _require_matplotlib()
     if out.exists() and not out.is_dir():
         raise InvalidInputError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and not (out / "bench.json").is_file() and any(out.iterdir()):
+        # e.g. a class folder: plots written there would be read as photos by the next memory build
+        raise InvalidInputError(f"--out {out} is a folder that holds other files and no bench.json (it is not an "
+                                "earlier bench output): give a new or empty folder")
     load_before = _loadavg()
     rss_start = _rss_bytes()
     cold: dict[str, float | None] = {}
@@ -633,20 +551,17 @@ def run_bench(
     try:
         pipe = Pipeline(memory=inputs.memory, encoder=enc, ranker=rk,
                         config=PipelineConfig(k=config.k, encoder=enc.config))
-        inst = _Instrumented(pipe)
-        try:
-            t0 = time.perf_counter()
-            pipe.classify(inputs.queries[0][0], k=config.k)
-            cold["first_classify_ms"] = _ms(t0)
-            cold["total_ms"] = sum(v for v in cold.values() if v is not None)
-            rss_loaded = _rss_bytes()
-            classify = _time_classify(pipe, inst, inputs.queries, config=config,
-                                      meaningful=inputs.accuracy_meaningful)
-            classify["stream"] = (_time_stream(pipe, inst, inputs.queries, config=config)
-                                  if config.prefetch > 0 else None)
-            detect = _time_detect(pipe, inst, boxes, config=config) if boxes is not None else None
-        finally:
-            inst.restore()
+        inst = _ModelTime(pipe)
+        t0 = time.perf_counter()
+        pipe.classify(inputs.queries[0][0], k=config.k)
+        cold["first_classify_ms"] = _ms(t0)
+        cold["total_ms"] = sum(v for v in cold.values() if v is not None)
+        rss_loaded = _rss_bytes()
+        classify = _time_classify(pipe, inst, inputs.queries, config=config,
+                                  meaningful=inputs.accuracy_meaningful)
+        classify["stream"] = (_time_stream(pipe, inst, inputs.queries, config=config)
+                              if config.prefetch > 0 else None)
+        detect = _time_detect(pipe, inst, boxes, config=config) if boxes is not None else None
         rss_runs = _rss_bytes()
         # ru_maxrss and /proc's resident count can differ by a few pages: the peak is at least the current.
         peak_runs = max(_peak_rss_bytes(), rss_runs or 0)
@@ -948,14 +863,15 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queries", default=None, help="classify this folder's images (one sub-folder per class)")
     p.add_argument("--boxes", default=None, help="YOLO folder or COCO json: time detect on its images too")
     p.add_argument("--ranker", default=None, help="MLLM ranker model folder or GGUF")
-    p.add_argument("--ranker-mode", default="score", choices=["score", "generate"])
+    p.add_argument("--ranker-mode", default="score", choices=["score", "generate"],
+                   help="score: candidate log-likelihoods; generate: the model writes the ranked list")
     p.add_argument("--n-gpu-layers", type=int, default=0, help="ranker layers offloaded by a CUDA llama.cpp (-1: all)")
     p.add_argument("--variant", action="append", default=[], metavar="DIR",
                    help="another export of the same encoder (int8, fp16) to compare; repeatable")
     p.add_argument("--runs", type=int, default=50, help="timed calls")
     p.add_argument("--warmup", type=int, default=5, help="untimed calls first")
-    p.add_argument("-k", type=int, default=5)
-    p.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"])
+    p.add_argument("-k", type=int, default=defaults.K, help="classes retrieved (and ranked) per image")
+    p.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"], help="ONNX Runtime provider")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--spinning", choices=["auto", "on", "off"], default="auto",
                    help="ONNX Runtime's idle intra-op threads busy-wait (on) or sleep (off); auto: off when a "
@@ -963,7 +879,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefetch", type=int, default=1,
                    help="images decoded ahead in the extra streamed run (Pipeline.iter_classify); 0 skips it")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    p.add_argument("--out", required=True, help="output folder for bench.json, summary.md and plots")
+    p.add_argument("--out", required=True, help="output folder for bench.json, summary.md and plots: new, empty, "
+                                                "or an earlier bench output")
 
 
 def run_from_args(args: argparse.Namespace, *, notes: Sequence[str] = ()) -> dict[str, Any]:
@@ -1002,8 +919,14 @@ def summary_lines(res: dict[str, Any], out: str) -> list[str]:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     res = run_from_args(args)
+    if getattr(args, "json", None):
+        text = json.dumps(res, indent=1, ensure_ascii=False)
+        if args.json == "-":
+            print(text)
+        else:
+            write_text(args.json, text + "\n")
     for line in summary_lines(res, args.out):
-        print(line)
+        print(line, file=sys.stderr if getattr(args, "json", None) == "-" else sys.stdout)
     return 0
 
 
@@ -1011,4 +934,6 @@ def add_bench_subcommand(sub: "argparse._SubParsersAction") -> None:
     """Registers ``bench`` on the CLI's subparsers."""
     p = sub.add_parser("bench", help="per-stage latency, SDK overhead, cold start, RSS (needs the 'bench' extra for plots)")
     add_bench_arguments(p)
+    p.add_argument("--json", default=None, metavar="FILE",
+                   help="also write the results (bench.json's content) here; '-': stdout")
     p.set_defaults(func=_cmd_bench)

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rar_edge import defaults
+
 HUB_CLIP = "openai/clip-vit-base-patch32"
 MOBILENET = Path("models/mobilenet_v1_embedding/mobilenet_v1_1.0_224_quant_embedding_extractor.tflite")
 
@@ -133,12 +135,11 @@ def run_demo(*, workdir: str | os.PathLike = "artifacts/demo", shared: str | Non
     # transformers would import TensorFlow (installed for the TFLite converter): slow and noisy, unused.
     os.environ.setdefault("USE_TF", "0")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from rar_edge_export import export_tflite
-
     from rar_edge.datasets import few_shot_split
     from rar_edge.encoders import Encoder, EncoderConfig
     from rar_edge.index.memory import Memory
     from rar_edge.pipeline import Pipeline, PipelineConfig
+    from rar_edge_export import export_tflite
 
     work = Path(workdir)
     models = work / "models"
@@ -184,7 +185,7 @@ def run_demo(*, workdir: str | os.PathLike = "artifacts/demo", shared: str | Non
         step = max(1, len(split.queries) // n_images)
         queries = split.queries[::step][:n_images]
         hits = 0
-        with Pipeline(memory=mem, encoder=img_enc, config=PipelineConfig(k=5)) as pipe:
+        with Pipeline(memory=mem, encoder=img_enc, config=PipelineConfig(k=defaults.K)) as pipe:
             for path, truth in queries:
                 r = pipe.classify(path)
                 hits += r.label == truth
@@ -193,7 +194,7 @@ def run_demo(*, workdir: str | os.PathLike = "artifacts/demo", shared: str | Non
                      f"[{cands}] {r.timings_ms['total']:.1f} ms")
         _say(f"    retrieval-only: {hits}/{len(queries)} correct on these held-out photos")
         if rk is not None:
-            with Pipeline(memory=mem, encoder=img_enc, ranker=rk, config=PipelineConfig(k=5)) as pipe:
+            with Pipeline(memory=mem, encoder=img_enc, ranker=rk, config=PipelineConfig(k=defaults.K)) as pipe:
                 path, truth = queries[0]
                 r = pipe.classify(path)
                 _say(f"    with the ranker: {path.name}: retrieved {[c.label for c in r.retrieved]} -> ranked "

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from rar_edge import defaults
 from rar_edge.encoders import Encoder
 from rar_edge.errors import DatasetError
 from rar_edge.image.boxes import validate_boxes
@@ -18,7 +19,8 @@ from rar_edge.image.codec import decode_rgb
 from rar_edge.index.build import crop_config, crop_memory, split_images
 from rar_edge.index.memory import HnswParams, Memory
 from rar_edge.pipeline import Pipeline, PipelineConfig
-from rar_edge.types import Classification, Detection
+from rar_edge.rank.protocol import RankerProtocol
+from rar_edge.types import Classification, Detection, ImageError
 
 log = logging.getLogger("rar_edge")
 
@@ -42,9 +44,9 @@ def latency_summary(timings: Sequence[dict]) -> dict[str, dict[str, float]]:
     return out
 
 
-def describe_ranker(ranker: Any) -> Any:
-    """What an evaluation's ``setup`` records of its ranker: its own ``describe()``, else its repr; None."""
-    return None if ranker is None else getattr(ranker, "describe", lambda: repr(ranker))()
+def describe_ranker(ranker: RankerProtocol | None) -> dict[str, Any] | None:
+    """What an evaluation's ``setup`` records of its ranker: its own ``describe()``; None without one."""
+    return None if ranker is None else ranker.describe()
 
 
 def score_results(results: Sequence[Classification | Detection], truths: Sequence[str], *, k: int,
@@ -87,18 +89,22 @@ def evaluate_classification(
     encoder: Encoder,
     shots: int,
     seed: int = 0,
-    k: int = 5,
+    k: int = defaults.K,
     queries_folder: str | os.PathLike | None = None,
     ranker: Any = None,
     config: PipelineConfig | None = None,
     backend: str = "auto",
     hnsw: HnswParams | None = None,
     progress: bool = False,
+    on_error: str = "stop",
 ) -> dict[str, Any]:
     """Few-shot classification accuracy on an image folder.
 
     Builds the memory from ``shots`` random images per class of ``folder`` (seeded) and queries
-    every other image of ``folder``, or every image of ``queries_folder`` when given.
+    every other image of ``folder``, or every image of ``queries_folder`` when given. ``k`` above the
+    memory's class count is lowered to it (with a warning). ``on_error="skip"`` leaves unreadable
+    images out of the memory and the queries (each named in a warning, the queries in ``skipped_queries``);
+    ``"stop"`` raises at the first.
 
     Returns:
         ``top1``, ``retrieval_top1``, ``recall`` {"1": .., "k": ..}, ``n_queries``,
@@ -120,22 +126,28 @@ def evaluate_classification(
                            f"--shots={shots} images, all taken for the memory); pass a queries folder or fewer shots")
     mem = Memory.empty(encoder=encoder, backend=backend, hnsw=hnsw)
     mem.add_images([p for ps in split.support.values() for p in ps],
-                   [c for c, ps in split.support.items() for _ in ps], encoder=encoder, progress=progress)
+                   [c for c, ps in split.support.items() for _ in ps], encoder=encoder, progress=progress,
+                   on_error=on_error)
+    k_asked, k = k, clamp_k(k, len(mem.classes))
     cfg = config or PipelineConfig(k=k, encoder=encoder.config)
     pipe = Pipeline(memory=mem, encoder=encoder, ranker=ranker, config=cfg)
     # Streamed: the next photo is decoded on a worker thread while this one runs (same results, in order).
-    it: Any = pipe.iter_classify((p for p, _ in queries), k=k)
+    it: Any = pipe.iter_classify((p for p, _ in queries), k=k, on_error=on_error)
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(it, total=len(queries), desc="classifying", unit="img")
-    results = list(it)
-    out = score_results(results, [c for _, c in queries], k=k, ranker_given=ranker is not None)
+        it = tqdm(it, total=len(queries), desc="classifying", unit="img", disable=None)  # None: quiet off a tty
+    answers = list(it)
+    skipped = [r.to_dict() for r in answers if isinstance(r, ImageError)]
+    kept = [(r, c) for r, (_, c) in zip(answers, queries) if not isinstance(r, ImageError)]
+    results = [r for r, _ in kept]
+    out = score_results(results, [c for _, c in kept], k=k, ranker_given=ranker is not None)
+    out["skipped_queries"] = skipped
     unknown = sum(1 for _, c in queries if c not in set(mem.classes))
     out.update({
         "latency_ms": latency_summary([dict(r.timings_ms) for r in results]),
         "setup": {"folder": str(Path(folder)), "queries_folder": None if queries_folder is None else str(queries_folder),
-                  "shots": shots, "seed": seed, "k": k, "backend": mem.active_backend,
+                  "shots": shots, "seed": seed, "k": k, "k_requested": k_asked, "backend": mem.active_backend,
                   "hnsw": dataclasses.asdict(mem.hnsw_params) if mem.active_backend == "hnsw" else None,
                   "gate_margin": cfg.gate_margin,
                   "memory_entries": mem.size, "memory_classes": len(mem.classes),
@@ -145,13 +157,21 @@ def evaluate_classification(
     return out
 
 
+def clamp_k(k: int, n_classes: int) -> int:
+    """``k`` lowered to the memory's class count (a search cannot return more distinct classes), with a warning."""
+    if k > n_classes >= 1:
+        log.warning("-k %d is more than the %d classes in the memory: using k=%d", k, n_classes, n_classes)
+        return n_classes
+    return k
+
+
 def evaluate_detection(
     dataset: str | os.PathLike,
     *,
     encoder: Encoder,
     shots: int,
     seed: int = 0,
-    k: int = 5,
+    k: int = defaults.K,
     queries: str | os.PathLike | None = None,
     ranker: Any = None,
     crop_scale: float | str | None = None,
@@ -171,13 +191,18 @@ def evaluate_detection(
     """
     from rar_edge.datasets import read_detection_dataset
 
+    from rar_edge.datasets import warn_invalid_boxes
+
     _, images = read_detection_dataset(dataset)
+    invalid_labels = warn_invalid_boxes(images, str(dataset))
     support_idx, query_idx = split_images(len(images), seed)
     cfg = crop_config(encoder, crop_scale, blur_sigma_px)
     mem = crop_memory(images, str(dataset), encoder=encoder, shots=shots, seed=seed, image_indices=support_idx,
                        cfg=cfg, progress=progress)
+    k_asked, k = k, clamp_k(k, len(mem.classes))
     if queries is not None:
         _, qimages = read_detection_dataset(queries)
+        invalid_labels += warn_invalid_boxes(qimages, str(queries))
     else:
         qimages = [images[i] for i in query_idx]
     pipe = Pipeline(memory=mem, encoder=encoder, ranker=ranker, config=PipelineConfig(k=k, encoder=encoder.config,
@@ -187,7 +212,7 @@ def evaluate_detection(
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(it, desc="classifying boxes", unit="img")
+        it = tqdm(it, desc="classifying boxes", unit="img", disable=None)  # None: quiet off a terminal
     skipped = 0
     for im in it:
         arr = decode_rgb(im.path)
@@ -204,9 +229,10 @@ def evaluate_detection(
     out.update({
         "latency_ms": latency_summary([dict(r.timings_ms) for r in results]),
         "setup": {"dataset": str(dataset), "queries": None if queries is None else str(queries), "shots": shots,
-                  "seed": seed, "k": k, "memory_entries": mem.size, "memory_classes": len(mem.classes),
+                  "seed": seed, "k": k, "k_requested": k_asked, "memory_entries": mem.size, "memory_classes": len(mem.classes),
                   "query_boxes_with_class_not_in_memory": sum(1 for t in truths if t not in known),
-                  "invalid_boxes_skipped": skipped, "gate_margin": gate_margin,
+                  "invalid_boxes_skipped": skipped, "invalid_label_boxes": invalid_labels,
+                  "gate_margin": gate_margin,
                   "ranker": describe_ranker(ranker),
                   "crop": {"out_size_px": cfg.out_size_px, "crop_scale": cfg.crop_scale,
                            "blur_sigma_px": cfg.blur_sigma_px, "letterbox": cfg.letterbox},

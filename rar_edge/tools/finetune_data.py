@@ -33,6 +33,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from rar_edge import defaults
 from rar_edge._fs import atomic_write
 from rar_edge.datasets import IMAGE_SUFFIXES
 from rar_edge.datasets import read_image_folder as _read_classes
@@ -76,7 +77,7 @@ class RankingRow:
         """This row as an in-context example for the ranker."""
         return RankingExample(candidates=self.candidates, ranked=self.ranked, image=self.image if with_image else None)
 
-    def to_conversation(self, *, prompt_version: str = "rar-rank-v1") -> dict:
+    def to_conversation(self, *, prompt_version: str = defaults.PROMPT_VERSION) -> dict:
         """This row as a LLaVA-style conversation record."""
         p = get_prompt(prompt_version)
         return {
@@ -163,7 +164,7 @@ def build_ranking_rows(
     labels_b: Sequence[str],
     emb_b: np.ndarray,
     *,
-    k: int = 5,
+    k: int = defaults.K,
     neighbours: int = 20,
     windows_per_image: int = 1,
     seed: int = 0,
@@ -274,12 +275,12 @@ def run_finetune_data(
     embed_fn: Callable[[list[str]], np.ndarray],
     *,
     out: str | os.PathLike,
-    k: int = 5,
+    k: int = defaults.K,
     seed: int = 0,
     neighbours: int = 20,
     fraction_a: float = 0.5,
     windows_per_image: int = 1,
-    prompt_version: str = "rar-rank-v1",
+    prompt_version: str = defaults.PROMPT_VERSION,
 ) -> dict:
     """Reads a labelled image folder, embeds it, and writes ranking fine-tuning rows as JSONL.
 
