@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,8 @@ import numpy as np
 
 from rar_edge.errors import DatasetError, InvalidInputError
 from rar_edge.image.codec import decode_rgb, load_image, upright_size
+
+log = logging.getLogger("rar_edge")
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -40,8 +44,9 @@ def read_image_folder(folder: str | os.PathLike) -> dict[str, list[Path]]:
         imgs = sorted(p for p in d.iterdir() if _is_image(p))
         if not imgs:
             raise DatasetError(f"class folder {d} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-        out[d.name] = imgs
-    return out
+        # NFC: a folder name written in decomposed form (macOS) is the same class as its composed form
+        out.setdefault(unicodedata.normalize("NFC", d.name), []).extend(imgs)
+    return {c: sorted(ps) for c, ps in sorted(out.items())}
 
 
 @dataclass(frozen=True)
@@ -68,9 +73,14 @@ def few_shot_split(folder: str | os.PathLike, *, shots: int | None, seed: int = 
     Raises:
         DatasetError: as `read_image_folder`, or shots < 1.
     """
+    if shots is not None and (isinstance(shots, bool) or not isinstance(shots, (int, np.integer)) or shots < 1):
+        raise DatasetError(f"shots (images per class) must be an integer >= 1, or None for every image; got {shots!r}")
     data = read_image_folder(folder)
-    if shots is not None and shots < 1:
-        raise DatasetError(f"shots must be >= 1, got {shots}")
+    short = {c: len(ps) for c, ps in data.items() if shots is not None and len(ps) < shots}
+    if short:
+        names = ", ".join(f"{c} ({n})" for c, n in list(short.items())[:10]) + (", ..." if len(short) > 10 else "")
+        log.warning("%d of %d classes have fewer than %d images (shots), so the memory is unbalanced: %s",
+                    len(short), len(data), shots, names)
     rng = np.random.default_rng(seed)
     support: dict[str, list[Path]] = {}
     queries: list[tuple[Path, str]] = []
@@ -91,13 +101,32 @@ def read_class_names(path: str | os.PathLike) -> list[str]:
         lines = p.read_text(encoding="utf-8-sig").splitlines()  # -sig: a byte-order mark (Notepad) is not a name
     except (OSError, UnicodeDecodeError) as e:
         raise DatasetError(f"cannot read class list {p}: {e}") from e
-    names = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+    names = [unicodedata.normalize("NFC", ln.strip()) for ln in lines if ln.strip() and not ln.strip().startswith("#")]
     if not names:
         raise DatasetError(f"{p} lists no class names")
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise DatasetError(f"{p} lists these class names more than once: {dup}")
+        raise DatasetError(f"{p} lists these class names more than once (after Unicode NFC normalisation): {dup}")
     return names
+
+
+def warn_invalid_boxes(images: list["BoxImage"], name: str) -> int:
+    """Counts the labelled boxes with a NaN/inf coordinate or a zero or negative size, and warns once with the
+    count and the first few files; returns the count. They are left out where boxes are used."""
+    bad: list[tuple[Path, int]] = []
+    for im in images:
+        b = im.boxes
+        if len(b):
+            with np.errstate(invalid="ignore"):
+                n = int(np.sum(~np.isfinite(b).all(axis=1) | ~(b[:, 2] > b[:, 0]) | ~(b[:, 3] > b[:, 1])))
+            if n:
+                bad.append((im.path, n))
+    total = sum(n for _, n in bad)
+    if total:
+        first = ", ".join(f"{p.name} ({n})" for p, n in bad[:5]) + (", ..." if len(bad) > 5 else "")
+        log.warning("%s: %d labelled boxes in %d images have a NaN coordinate or a zero or negative size and are "
+                    "left out: %s", name, total, len(bad), first)
+    return total
 
 
 @dataclass(frozen=True)
@@ -109,6 +138,30 @@ class BoxImage:
     height: int
     boxes: np.ndarray  # (M, 4) float64
     labels: tuple[str, ...]
+
+
+def _yolo_rows(text: str, path: Path, width: float, height: float, *,
+               need_class: bool) -> list[tuple[int, int | None, tuple[float, float, float, float]]]:
+    """The lines of a YOLO label file as (line number, class or None, x1 y1 x2 y2 in pixels).
+
+    ``need_class``: a dataset's label line is ``class cx cy w h``; a box file may leave the class out.
+    """
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 5 and (need_class or len(parts) != 4):
+            # more columns: a segmentation polygon or a keypoint label, not a box
+            want = "class cx cy w h" if need_class else "[class] cx cy w h"
+            raise DatasetError(f"{path}:{n}: expected '{want}' (a detection label), got {line!r}")
+        try:
+            c = int(parts[0]) if need_class else None  # a box file's class column is not read
+            cx, cy, bw, bh = (float(v) for v in parts[-4:])
+        except ValueError as e:
+            raise DatasetError(f"{path}:{n}: not numbers: {line!r}") from e
+        rows.append((n, c, ((cx - bw / 2) * width, (cy - bh / 2) * height, (cx + bw / 2) * width, (cy + bh / 2) * height)))
+    return rows
 
 
 def read_yolo_dataset(folder: str | os.PathLike) -> tuple[list[str], list[BoxImage]]:
@@ -134,20 +187,10 @@ def read_yolo_dataset(folder: str | os.PathLike) -> tuple[list[str], list[BoxIma
         lp = lab_dir / (ip.stem + ".txt")
         boxes, labels = [], []
         if lp.is_file():
-            for n, line in enumerate(lp.read_text(encoding="utf-8").splitlines(), 1):
-                parts = line.split()
-                if not parts:
-                    continue
-                if len(parts) != 5:  # more columns: a segmentation polygon or a keypoint label, not a box
-                    raise DatasetError(f"{lp}:{n}: expected 'class cx cy w h' (a detection label), got {line!r}")
-                try:
-                    c = int(parts[0])
-                    cx, cy, bw, bh = (float(v) for v in parts[1:5])
-                except ValueError as e:
-                    raise DatasetError(f"{lp}:{n}: not numbers: {line!r}") from e
+            for n, c, box in _yolo_rows(lp.read_text(encoding="utf-8"), lp, w, h, need_class=True):
                 if not 0 <= c < len(names):
                     raise DatasetError(f"{lp}:{n}: class {c} not in classes.txt ({len(names)} classes)")
-                boxes.append(((cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h))
+                boxes.append(box)
                 labels.append(names[c])
         out.append(BoxImage(ip, w, h, np.asarray(boxes, np.float64).reshape(-1, 4), tuple(labels)))
     if not out:
@@ -165,7 +208,7 @@ def read_coco_json(path: str | os.PathLike, *, images_dir: str | os.PathLike | N
     p = Path(path)
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
-        cats = {int(c["id"]): str(c["name"]) for c in data["categories"]}
+        cats = {int(c["id"]): unicodedata.normalize("NFC", str(c["name"])) for c in data["categories"]}
         imgs = {int(i["id"]): i for i in data["images"]}
         anns = data.get("annotations", [])
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -220,18 +263,7 @@ def read_boxes_file(path: str | os.PathLike, *, image: Any = None) -> np.ndarray
         if image is None:
             raise InvalidInputError("YOLO boxes are normalised: the image is needed for its size")
         w, h = _image_size(image)
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            parts = line.split()
-            if not parts:
-                continue
-            if len(parts) not in (4, 5):
-                raise InvalidInputError(f"{p}:{n}: expected '[class] cx cy w h', got {line!r}")
-            try:
-                cx, cy, bw, bh = (float(v) for v in parts[-4:])
-            except ValueError as e:
-                raise InvalidInputError(f"{p}:{n}: not numbers: {line!r}") from e
-            rows.append(((cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h))
+        rows = [box for _, _, box in _yolo_rows(text, p, w, h, need_class=False)]
         return np.asarray(rows, np.float64).reshape(-1, 4)
     try:
         data = json.loads(text)

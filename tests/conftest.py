@@ -118,9 +118,34 @@ def mobilenet_tflite() -> Path:
     return shared_file(MOBILENET_TFLITE)
 
 
+#: The exported MobileNet folder that `tools/fetch_test_assets.sh` writes once (`rar-edge export tflite`),
+#: so the runtime tests need neither TensorFlow nor tf2onnx; tests/test_export_tflite.py exports anew.
+MOBILENET_ONNX_CACHE = REPO_ROOT / ".cache" / "models" / "mobilenet"
+
+
+def _cached_mobilenet(tflite: Path) -> Path | None:
+    """The cached export of ``tflite``, if one exists, verifies and was made from these very bytes."""
+    from rar_edge.errors import RarEdgeError
+    from rar_edge.manifest import load_manifest, sha256_file
+
+    try:
+        m = load_manifest(MOBILENET_ONNX_CACHE, verify=True)
+    except RarEdgeError:
+        return None
+    want = sha256_file(tflite)
+    return MOBILENET_ONNX_CACHE if m.data.get("source_sha256") == want else None
+
+
 @pytest.fixture(scope="session")
 def mobilenet_onnx(mobilenet_tflite: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`mobilenet_tflite` exported by `rar_edge_export.export_tflite`: a model folder."""
+    """`mobilenet_tflite` exported by `rar_edge_export.export_tflite`: a model folder.
+
+    The folder `tools/fetch_test_assets.sh` exported once when it matches the shared file; otherwise an
+    export made here (which needs the tflite extra).
+    """
+    cached = _cached_mobilenet(mobilenet_tflite)
+    if cached is not None:
+        return cached
     pytest.importorskip("tensorflow")
     pytest.importorskip("tf2onnx")
     from rar_edge_export import export_tflite

@@ -46,6 +46,7 @@ from rar_edge.encoders import EncoderConfig
 from rar_edge.errors import InvalidInputError, MissingDependencyError
 from rar_edge.rank.protocol import RankerProtocol
 from rar_edge.rank.ranker import Ranker
+from rar_edge.tools.stats import STAGES, percentiles
 
 if TYPE_CHECKING:
     from rar_edge.encoders import Encoder
@@ -55,7 +56,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("rar_edge")
 
 SCHEMA = "rar_edge.bench/1"
-STAGES = ("decode", "preprocess", "encode", "search", "rank", "total")
 #: The issue's target for the retrieval-only MobileNet run.
 OVERHEAD_TARGET = 0.10
 #: The plots a run may write; one from an earlier run into the same folder that this run did not write is
@@ -135,15 +135,6 @@ class _ModelTime:
 # -- small helpers ----------------------------------------------------------------------------------------
 def _ms(t0: float) -> float:
     return (time.perf_counter() - t0) * 1e3
-
-
-def _pcts(values: Sequence[float]) -> dict[str, float] | None:
-    a = np.asarray(values, np.float64)
-    if a.size == 0:
-        return None
-    return {"p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95)),
-            "p99": float(np.percentile(a, 99)), "mean": float(a.mean()), "min": float(a.min()),
-            "max": float(a.max()), "n": int(a.size)}
 
 
 def _rss_bytes() -> int | None:
@@ -298,7 +289,9 @@ def _summarise(records: list[dict[str, float]], wall_s: float, inst_totals: list
                ranker_method: str | None, encoder_method: str) -> dict[str, Any]:
     lat: dict[str, Any] = {}
     for stage in STAGES:
-        lat[stage] = _pcts([r[stage] for r in records if stage in r])
+        if stage == "wait" and not any("wait" in r for r in records):
+            continue  # only a stream waits
+        lat[stage] = percentiles([r[stage] for r in records if stage in r])
     total = np.asarray([r["total"] for r in records])
     model = np.asarray(inst_totals)
     enc = np.asarray([r["encoder_model"] for r in records])
@@ -309,15 +302,15 @@ def _summarise(records: list[dict[str, float]], wall_s: float, inst_totals: list
         "runs": len(records),
         "latency_ms": lat,
         "throughput_per_s": len(records) / wall_s if wall_s > 0 else None,
-        "model_time_ms": {"encoder": _pcts(enc), "ranker": _pcts(rnk) if rnk.any() else None},
+        "model_time_ms": {"encoder": percentiles(enc), "ranker": percentiles(rnk) if rnk.any() else None},
         "overhead": {
             "overhead_share": share,
             "overhead_share_p50": float(np.median(per_run)),
-            "overhead_ms": _pcts(total - model),
+            "overhead_ms": percentiles(total - model),
             "encoder_call": encoder_method,
             "ranker_call": ranker_method,
         },
-        "samples_ms": {stage: [round(r[stage], 4) for r in records if stage in r] for stage in STAGES}
+        "samples_ms": {stage: [round(r[stage], 4) for r in records if stage in r] for stage in lat}
         | {"encoder_model": [round(float(x), 4) for x in enc], "ranker_model": [round(float(x), 4) for x in rnk]},
     }
 
@@ -368,7 +361,7 @@ def _time_stream(pipe: "Pipeline", inst: _ModelTime, queries: list[tuple[Path, s
         "model_ms_per_image": model * 1e3 / len(results),
         "throughput_per_s": len(results) / wall if wall > 0 else None,
         "overhead_share": float(np.clip(1.0 - model / wall, 0.0, 1.0)) if wall > 0 else 0.0,
-        "latency_ms": {s: _pcts([r.timings_ms[s] for r in results if s in r.timings_ms])
+        "latency_ms": {s: percentiles([r.timings_ms[s] for r in results if s in r.timings_ms])
                        for s in ("wait", "decode", "preprocess", "encode", "search", "rank", "total")},
         "note": "decode and preprocess run on a worker thread, overlapped with the previous image's model "
                 "call; 'total' is each image's share of the stream's wall time",
@@ -409,7 +402,7 @@ def _time_detect(pipe: "Pipeline", inst: _ModelTime, dataset: Any, *, config: Be
     wall = time.perf_counter() - t_start
     out = _summarise(records, wall, model_totals, ranker_method=inst.ranker_method, encoder_method=inst.encoder_method)
     boxes_total = max(sum(n_boxes), 1)
-    out["boxes_per_call"] = _pcts(n_boxes)
+    out["boxes_per_call"] = percentiles(n_boxes)
     out["per_box_total_ms_mean"] = float(sum(r["total"] for r in records) / boxes_total)
     out["boxes_per_s"] = boxes_total / wall if wall > 0 else None
     out["dataset"] = str(dataset)
@@ -468,7 +461,7 @@ def _time_variants(reference: "Encoder", variant_dirs: Sequence[Any], queries: l
             "path": str(e.path),
             "quantization": e.manifest.data.get("quantization"),
             "model_bytes": model_file.stat().st_size,
-            "session_run_ms": _pcts(run_ms[j]),
+            "session_run_ms": percentiles(run_ms[j]),
             "latency_ratio_to_reference_p50": p50 / ref_p50 if ref_p50 > 0 else None,
             "cosine_to_reference": {"mean": float(np.mean(cos[j])), "min": float(np.min(cos[j])), "n": len(cos[j])},
             "providers": e.providers,

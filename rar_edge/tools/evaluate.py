@@ -20,28 +20,10 @@ from rar_edge.index.build import crop_config, crop_memory, split_images
 from rar_edge.index.memory import HnswParams, Memory
 from rar_edge.pipeline import Pipeline, PipelineConfig
 from rar_edge.rank.protocol import RankerProtocol
+from rar_edge.tools.stats import STAGES, latency_summary  # noqa: F401 - STAGES re-exported
 from rar_edge.types import Classification, Detection, ImageError
 
 log = logging.getLogger("rar_edge")
-
-#: "wait" is how long a streamed image's pixels were still awaited (`Pipeline.iter_classify`).
-STAGES = ("decode", "preprocess", "wait", "encode", "search", "rank", "total")
-
-
-def latency_summary(timings: Sequence[dict]) -> dict[str, dict[str, float]]:
-    """p50 / p95 / p99 / mean in ms of each stage present in the per-query timings."""
-    out: dict[str, dict[str, float]] = {}
-    for stage in STAGES:
-        vals = np.asarray([t[stage] for t in timings if stage in t], np.float64)
-        if len(vals):
-            out[stage] = {
-                "p50": float(np.percentile(vals, 50)),
-                "p95": float(np.percentile(vals, 95)),
-                "p99": float(np.percentile(vals, 99)),
-                "mean": float(vals.mean()),
-                "n": int(len(vals)),
-            }
-    return out
 
 
 def describe_ranker(ranker: RankerProtocol | None) -> dict[str, Any] | None:
