@@ -24,13 +24,11 @@ QUANTIZED_COSINE_WARN = 0.9
 
 
 def exporter_id() -> str:
-    """``"rar_edge_export <version>"``, recorded in every manifest this package writes."""
-    from importlib.metadata import PackageNotFoundError, version
+    """``"rar_edge_export <version>"``, recorded in every manifest this package writes (one version source:
+    ``rar_edge.__version__``, which the package metadata also reads)."""
+    from rar_edge import __version__
 
-    try:
-        return f"rar_edge_export {version('rar-edge')}"
-    except PackageNotFoundError:  # running from a source tree that was never installed
-        return "rar_edge_export (unknown version)"
+    return f"rar_edge_export {__version__}"
 
 
 def require(module: str, *, package: str, extra: str, purpose: str) -> Any:

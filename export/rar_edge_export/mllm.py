@@ -39,7 +39,7 @@ from rar_edge.errors import ExportError, MissingDependencyError
 from rar_edge.manifest import Manifest, load_manifest, write_manifest
 from rar_edge.rank.prompts import RANKING_PROMPT_V1
 
-from ._common import atomic_output_dir, looks_like_path
+from ._common import atomic_output_dir, exporter_id, looks_like_path
 
 __all__ = [
     "QUANTS",
@@ -51,8 +51,11 @@ __all__ = [
 
 logger = logging.getLogger("rar_edge")
 SDIST_DOWNLOAD_TIMEOUT_S = 300
+#: pip's per-connection timeout and retries for that download: an unreachable index fails in about half a
+#: minute (pip's own defaults, 15 s x 5 retries with back-off, or a configured 180 s, read as minutes of silence).
+SDIST_INDEX_TIMEOUT_S = 15
+SDIST_INDEX_RETRIES = 1
 
-EXPORTER = "rar_edge_export 0.1.0"
 DEFAULT_LLAMA_CPP_PYTHON = "0.3.36"
 # llama_ftype values (llama.h) for the quantizations offered.
 QUANTS: Mapping[str, int] = {"F16": 1, "Q8_0": 7, "Q4_K_M": 15}
@@ -133,20 +136,31 @@ def llama_cpp_source(
             raise ExportError(f"llama-cpp-python source package not found: {tgz}")
     elif download:
         tmp_dl = tempfile.mkdtemp(prefix="rar_edge_sdist_")
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+               "--timeout", str(SDIST_INDEX_TIMEOUT_S), "--retries", str(SDIST_INDEX_RETRIES),
                f"llama-cpp-python=={version}", "-d", tmp_dl]
-        logger.warning("downloading the llama-cpp-python==%s sources from the package index for llama.cpp's "
-                       "converters (skip with --sdist DIR or $RAR_EDGE_LLAMA_CPP_SDIST)", version)
+        logger.warning("downloading the llama-cpp-python==%s sources (about 77 MB) from the package index for "
+                       "llama.cpp's converters (skip with --sdist DIR or $RAR_EDGE_LLAMA_CPP_SDIST)", version)
+        hint = (f"pass --sdist DIR holding llama_cpp_python-{version}.tar.gz (on a machine with network: "
+                f"pip download --no-deps --no-binary :all: llama-cpp-python=={version} -d DIR)")
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=SDIST_DOWNLOAD_TIMEOUT_S)
+            # pip's own progress goes to our stderr (stdout stays for results); its errors are kept for the message
+            try:
+                progress_to = sys.stderr.fileno()
+            except (AttributeError, OSError, ValueError):  # a stderr without a file (captured): no progress
+                progress_to = subprocess.DEVNULL
+            proc = subprocess.run(cmd, stdout=progress_to, stderr=subprocess.PIPE, text=True,
+                                  timeout=SDIST_DOWNLOAD_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             shutil.rmtree(tmp_dl, ignore_errors=True)
             raise ExportError(f"downloading llama-cpp-python=={version} sources took over "
-                              f"{SDIST_DOWNLOAD_TIMEOUT_S} s (no network?); pass --sdist DIR") from None
+                              f"{SDIST_DOWNLOAD_TIMEOUT_S} s (no network?); {hint}") from None
         tgz = Path(tmp_dl) / name
         if proc.returncode != 0 or not tgz.is_file():
             shutil.rmtree(tmp_dl, ignore_errors=True)
-            raise ExportError(f"could not download llama-cpp-python=={version} source: {proc.stderr[-2000:]}")
+            last = " ".join(proc.stderr.strip().splitlines()[-2:])[-500:]
+            raise ExportError(f"could not download llama-cpp-python=={version} sources from the package index "
+                              f"(unreachable?): {last}; {hint}")
     else:
         raise ExportError(
             "llama.cpp's converter scripts are needed: pass sdist=, set $RAR_EDGE_LLAMA_CPP_SDIST, or allow download"
@@ -455,7 +469,7 @@ def _manifest_data(lm: Mapping[str, Any], mm: Mapping[str, Any] | None, quant: s
         n_ctx = min(n_ctx, ctx_train)
     return {
         "kind": "mllm",
-        "exporter": EXPORTER,
+        "exporter": exporter_id(),
         "architecture": lm["architecture"],
         "vision": vision,
         "chat_template": lm.get("chat_template"),
