@@ -12,8 +12,11 @@
 #   IMAGES      an image folder, one sub-folder per class (e.g. ../shared/data/flowers17)
 #   RANKER      optional MLLM model folder or GGUF for the ranker
 #   RUNS        timed runs per configuration (default 100); WARMUP (default 10)
-#   CUDA_ARCH   CMAKE_CUDA_ARCHITECTURES for llama.cpp (default: native = the GPU of this machine;
-#               87 for Jetson Orin, 90 for H100/H200)
+#   CUDA_ARCH   CMAKE_CUDA_ARCHITECTURES for llama.cpp (default: native = the GPU of this machine; on a Jetson
+#               the board's own: 87 Orin, 72 Xavier, 110 Thor, read from /proc/device-tree/compatible)
+#   ORT_WHEEL   Jetson only: the onnxruntime-gpu wheel built for this JetPack (a file or URL), or
+#   ORT_INDEX   Jetson only: the package index that has it (e.g. https://pypi.jetson-ai-lab.io/jp6/cu126);
+#               PyPI's aarch64 onnxruntime-gpu has no kernels for Jetson GPUs (docs/jetson.md)
 #   VENV        the virtual environment to create or reuse (default .venv-gpu; never the CPU .venv:
 #               onnxruntime and onnxruntime-gpu install into the same folder and break each other)
 #   PYTHON      the interpreter that creates the venv (default python3)
@@ -29,8 +32,20 @@ cuda_arch="${CUDA_ARCH:-native}"
 : "${ENCODER:?set ENCODER to an exported encoder folder}"
 : "${IMAGES:?set IMAGES to an image folder with one sub-folder per class}"
 
-command -v nvidia-smi >/dev/null || { echo "gpu.sh: nvidia-smi not found: is this a machine with an NVIDIA GPU?" >&2; exit 2; }
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+# A Jetson has no nvidia-smi (JetPack 5 at all; its iGPU shares the board's memory): tegrastats reports it.
+jetson=0; [ -f /etc/nv_tegra_release ] && jetson=1
+if [ "$jetson" = 1 ]; then
+  head -n 1 /etc/nv_tegra_release; tr -d '\0' </proc/device-tree/model; echo
+  command -v nvpmodel >/dev/null && nvpmodel -q 2>/dev/null | head -n 2  # the power mode changes every number
+  if [ "$cuda_arch" = native ]; then
+    case "$(tr -d '\0' </proc/device-tree/compatible)" in
+      *tegra234*) cuda_arch=87 ;; *tegra194*) cuda_arch=72 ;; *tegra264*) cuda_arch=110 ;;
+    esac
+  fi
+else
+  command -v nvidia-smi >/dev/null || { echo "gpu.sh: nvidia-smi not found: is this a machine with an NVIDIA GPU?" >&2; exit 2; }
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+fi
 nvcc_bin="$(command -v nvcc || true)"
 [ -z "$nvcc_bin" ] && [ -x /usr/local/cuda/bin/nvcc ] && nvcc_bin=/usr/local/cuda/bin/nvcc
 [ -n "$nvcc_bin" ] || { echo "gpu.sh: nvcc not found (install the CUDA toolkit or put it on PATH)" >&2; exit 2; }
@@ -39,16 +54,32 @@ nvcc_bin="$(command -v nvcc || true)"
 test -x "$venv/bin/python" || "${PYTHON:-python3}" -m venv "$venv"
 py="$venv/bin/python"
 "$py" -m pip install -q -U pip
-"$py" -m pip install -q scikit-build-core pybind11 cmake ninja
+# setuptools: --no-build-isolation builds hnswlib's setup.py here, and a Python 3.12 venv has none.
+"$py" -m pip install -q scikit-build-core pybind11 cmake ninja setuptools
 # llama-cpp-python from source with CUDA (no CUDA wheels on PyPI). CUDACXX: CMake otherwise may not find
-# nvcc outside PATH; GGML_NATIVE=OFF: a baseline CPU build, as the CPU wheel of the project.
+# nvcc outside PATH; GGML_NATIVE=OFF: a baseline CPU build, as the CPU wheel of the project (on aarch64 with
+# the dot product, ARMv8.2: otherwise llama.cpp's CPU code is built for ARMv8.0). On a Jetson, GGML_CUDA_NO_VMM:
+# the CUDA pool's 32 GB virtual reservation fails on the iGPU at the first image (ggml-org/llama.cpp#29142).
+cmake_args="-DGGML_CUDA=on -DGGML_NATIVE=OFF -DCMAKE_CUDA_ARCHITECTURES=$cuda_arch"
+[ "$(uname -m)" = aarch64 ] && cmake_args="$cmake_args -DGGML_CPU_ARM_ARCH=armv8.2-a+dotprod"
+[ "$jetson" = 1 ] && cmake_args="$cmake_args -DGGML_CUDA_NO_VMM=ON"
 if ! "$py" -c 'import llama_cpp, sys; sys.exit(0 if llama_cpp.llama_supports_gpu_offload() else 1)' 2>/dev/null; then
-  CUDACXX="$nvcc_bin" CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
-    CMAKE_ARGS="-DGGML_CUDA=on -DGGML_NATIVE=OFF -DCMAKE_CUDA_ARCHITECTURES=$cuda_arch" \
+  CUDACXX="$nvcc_bin" CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" CMAKE_ARGS="$cmake_args" \
     "$py" -m pip install --no-cache-dir --force-reinstall --no-binary llama-cpp-python "llama-cpp-python==0.3.36"
 fi
-# The project with the gpu (onnxruntime-gpu), llm and bench extras; never the cpu extra in the same venv.
-"$py" -m pip install -q --no-build-isolation -e ".[gpu,llm,bench]"
+if [ "$jetson" = 1 ]; then
+  # The JetPack's own onnxruntime-gpu first (the gpu extra installs nothing on aarch64); JetPack 6's wheels
+  # need numpy<2 (the jetson extra).
+  if [ -n "${ORT_WHEEL:-}" ]; then "$py" -m pip install -q "$ORT_WHEEL"
+  elif [ -n "${ORT_INDEX:-}" ]; then "$py" -m pip install -q --index-url "$ORT_INDEX" onnxruntime-gpu
+  else echo "gpu.sh: on a Jetson set ORT_WHEEL or ORT_INDEX to the onnxruntime-gpu built for this JetPack (docs/jetson.md)" >&2; exit 2
+  fi
+  extras="llm,bench"; grep -q '^# R36' /etc/nv_tegra_release && extras="$extras,jetson"
+else
+  extras="gpu,llm,bench"
+fi
+# The project with onnxruntime-gpu, the llm and bench extras; never the cpu extra in the same venv.
+"$py" -m pip install -q --no-build-isolation -e ".[$extras]"
 "$py" -m pip uninstall -y -q onnxruntime 2>/dev/null || true  # a stray CPU build would shadow the GPU one
 
 "$py" - <<'EOF'
@@ -63,6 +94,11 @@ EOF
 ranker_args=()
 [ -n "${RANKER:-}" ] && ranker_args=(--ranker "$RANKER")
 mkdir -p "$out"
+if [ "$jetson" = 1 ] && command -v tegrastats >/dev/null; then  # GPU load, clocks, memory and power, once a second
+  tegrastats --interval 1000 >"$out/tegrastats.log" 2>&1 &
+  tegra_pid=$!
+  trap 'kill "$tegra_pid" 2>/dev/null || true' EXIT
+fi
 # CPU first, then CUDA, on the same machine and data: compare the two bench.json files (medians, ratios).
 for provider in cpu cuda; do
   gpu_layers=0; [ "$provider" = cuda ] && gpu_layers=-1  # the ranker on the GPU too in the CUDA run

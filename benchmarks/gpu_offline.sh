@@ -9,7 +9,10 @@
 # prepare (BUNDLE default .cache/device):
 #   lib/          (PREPARE_LIB=0 skips it) llama.cpp from the llama-cpp-python 0.3.36 sdist's vendored sources, built with CUDA for
 #                 CUDA_ARCH (default 90-real: H100/H200) as shared libraries (llama, mtmd, ggml-*), stripped,
-#                 the CUDA one xz-compressed (run unpacks it)
+#                 the CUDA one xz-compressed (run unpacks it). They are built for THIS machine's CPU (x86-64:
+#                 AVX2 flags and its libgomp; aarch64: ARMv8.2 + dot product), so prepare refuses a device of
+#                 another CPU architecture (DEVICE_ARCH, default this machine's; a Jetson CUDA_ARCH such as 87
+#                 means aarch64): build lib/ on the board itself, or PREPARE_LIB=0 for the rest of the bundle
 #   py/           llama-cpp-python's Python bindings (no libraries: LLAMA_CPP_LIB_PATH points at lib/), diskcache
 #   qwen-layout.gguf  the metadata and tensor list of the ranker GGUF (QWEN, default the Qwen2.5-Coder-1.5B
 #                 Q4_K_M that tools/fetch_llm.sh fetches): run makes a random-weight model of the same layout
@@ -39,7 +42,21 @@ prepare() {
   local qwen="${QWEN:-.cache/models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf}"
   local encoder="${ENCODER:-artifacts/bench/mobilenet}" flowers="${FLOWERS:-../shared/data/flowers17}"
   local py="${PYTHON:-.venv/bin/python}" build="${BUILD_DIR:-/tmp/rar-edge-llama-cuda}"
+  local host device="${DEVICE_ARCH:-}"
+  host="$(uname -m)"
+  case "${arch%%-*}" in 53|62|72|87|101|110) device="${device:-aarch64}" ;; esac  # Jetson iGPUs: aarch64 boards
+  device="${device:-$host}"
+  if [ "${PREPARE_LIB:-1}" = 1 ] && [ "$device" != "$host" ]; then
+    echo "gpu_offline.sh prepare: refusing to build the device libraries on this $host machine for an $device device" \
+      "(CUDA_ARCH=$arch): they would carry $host CPU code and this machine's libgomp. Build lib/ on the device" \
+      "(docs/jetson.md), or PREPARE_LIB=0 to gather the rest of the bundle." >&2
+    return 2
+  fi
   mkdir -p "$bundle"
+  local cpu_flags=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON)
+  [ "$host" = aarch64 ] && cpu_flags=(-DGGML_NATIVE=OFF -DGGML_CPU_ARM_ARCH=armv8.2-a+dotprod)
+  # A Jetson iGPU: the CUDA pool's 32 GB virtual reservation fails at the first image (ggml-org/llama.cpp#29142).
+  [ -f /etc/nv_tegra_release ] && cpu_flags+=(-DGGML_CUDA_NO_VMM=ON)
   if [ "${PREPARE_LIB:-1}" = 1 ] && [ ! -f "$bundle/lib/libggml-cuda.so.xz" ]; then
     if [ ! -f "$build/b/build.ninja" ]; then
       local src="$build/src"
@@ -48,8 +65,7 @@ prepare() {
       # Shared libraries only: no common library, tools, tests or server; mtmd as its own library. A
       # machine without a driver links against the toolkit's stub libcuda.so (lib64/stubs).
       cmake -S "$src" -B "$build/b" -G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
-        -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$arch" -DGGML_CUDA_NCCL=OFF \
-        -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+        -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$arch" -DGGML_CUDA_NCCL=OFF "${cpu_flags[@]}" \
         -DLLAMA_BUILD_COMMON=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
         -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_MTMD=ON -DLLAMA_OPENSSL=OFF
     fi
@@ -101,11 +117,23 @@ run() {
     python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
       "$bundle/lib/libggml-cuda.so.xz" "$bundle/lib/libggml-cuda.so"
   fi
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$res/gpu.txt"
+  local tegra_pid=""
+  if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$res/gpu.txt"
+  elif [ -f /etc/nv_tegra_release ]; then  # a Jetson: no nvidia-smi on JetPack 5; tegrastats samples the iGPU
+    { head -n 1 /etc/nv_tegra_release; tr -d '\0' </proc/device-tree/model; echo; nvpmodel -q 2>/dev/null | head -n 2; } \
+      | tee "$res/gpu.txt"
+    if command -v tegrastats >/dev/null; then
+      tegrastats --interval 1000 >"$res/tegrastats.log" 2>&1 &
+      tegra_pid=$!
+    fi
+  else
+    echo "gpu_offline.sh run: neither nvidia-smi nor a Jetson (/etc/nv_tegra_release) here" >&2; return 2
+  fi
   lscpu | grep -E '^(Model name|CPU\(s\))' | tee -a "$res/gpu.txt"
   # CUDA runtime and cuBLAS: the toolkit's, or the NVIDIA wheels beside PyTorch.
   local ld=""
-  for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
+  for d in /usr/local/cuda/lib64 "/usr/local/cuda/targets/$(uname -m)-linux/lib" \
            $(python3 -c 'import glob, site; print(" ".join(sorted({p.rsplit("/", 1)[0] for s in site.getsitepackages() for p in glob.glob(s + "/nvidia/**/libcu*.so*", recursive=True)})))' 2>/dev/null); do
     [ -d "$d" ] && ld="$ld:$d"
   done
@@ -153,6 +181,7 @@ run() {
         --out "$res/bench_${where}_$name" >"$res/bench_${where}_$name.log" 2>&1 || tail -20 "$res/bench_${where}_$name.log"
     done
   done
+  [ -n "$tegra_pid" ] && kill "$tegra_pid" 2>/dev/null
   tar czf "$out/results.tgz" -C "$out" res
   python3 - "$res" <<'EOF'
 import json, sys
