@@ -10,7 +10,7 @@ export HNSWLIB_NO_NATIVE := 1
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
-EXTRAS := cpu,export,tflite,llm,bench,dev
+EXTRAS := cpu,export,tflite,llm,bench,dev,ray
 
 .PHONY: demo test test-slow bench clean-venv
 

@@ -58,19 +58,28 @@ def memory_from_boxes(
         image_indices: restrict sampling to these images of the dataset (in reading order).
         crop_scale, blur_sigma_px: override the default crop settings.
     """
-    from rar_edge.datasets import read_detection_dataset
+    from rar_edge.datasets import read_detection_dataset, warn_invalid_boxes
 
     _, images = read_detection_dataset(dataset)
+    warn_invalid_boxes(images, str(dataset))
     return crop_memory(images, str(dataset), encoder=encoder, shots=shots, seed=seed, image_indices=image_indices,
                         cfg=crop_config(encoder, crop_scale, blur_sigma_px), backend=backend, hnsw=hnsw,
                         progress=progress)
 
 
-def crop_memory(images: list, name: str, *, encoder: Encoder, shots: int | None, seed: int,
-                 image_indices: np.ndarray | None, cfg: Any, backend: str = "auto", hnsw: HnswParams | None = None,
-                 progress: bool = False) -> Memory:
-    from rar_edge.image.boxes import crop_boxes, validate_boxes
+def select_box_exemplars(images: list, name: str, *, shots: int | None, seed: int,
+                         image_indices: np.ndarray | None) -> list[tuple[int, list[tuple[int, str]]]]:
+    """The boxes a crop memory takes: ``shots`` random labelled boxes per class (seeded), all when None.
 
+    Args:
+        images: the dataset's `BoxImage` list.
+        name: the dataset's name, for errors.
+        image_indices: restrict sampling to these images (in reading order).
+
+    Returns:
+        (image index, [(box index, class name), ...]) in image order, boxes in the order their crops are
+        added: the entry order of the memory (`crop_memory`, and the Ray build of `rar_edge.tools.distributed`).
+    """
     if shots is not None and (isinstance(shots, bool) or not isinstance(shots, (int, np.integer)) or shots < 1):
         raise DatasetError(f"shots must be an integer >= 1 (boxes per class), got {shots!r}")
     idx = np.arange(len(images)) if image_indices is None else np.asarray(image_indices)
@@ -88,21 +97,48 @@ def crop_memory(images: list, name: str, *, encoder: Encoder, shots: int | None,
         for t in sorted(int(x) for x in pick):
             i, j = items[t]
             chosen.setdefault(i, []).append((j, lbl))
+    return sorted(chosen.items())
+
+
+def exemplar_crops(image: Any, boxes: np.ndarray, picks: list[tuple[int, str]], cfg: Any) -> tuple[
+        np.ndarray, list[str], list[str]]:
+    """The crops of one image's chosen boxes, with their labels and sources; invalid boxes are skipped (logged).
+
+    Args:
+        image: what `decode_rgb` takes (the image's path, or its encoded bytes).
+        boxes: (len(picks), 4) the chosen boxes, in pixels.
+        picks: (box index, class name) of each chosen box (`select_box_exemplars`).
+        cfg: the `CropConfig`.
+
+    Returns:
+        (N, S, S, 3) uint8 crops, their class names, their sources (``PATH#boxJ``); N may be 0.
+    """
+    from rar_edge.image.boxes import crop_valid_boxes, validate_boxes
+
+    arr = decode_rgb(image)
+    what = image if isinstance(image, (str, os.PathLike)) else "<bytes>"
+    valid, kept, reasons = validate_boxes(boxes, arr.shape[:2], on_invalid="skip")
+    for r in reasons:
+        log.info("%s: skipped exemplar box: %s", what, r)
+    if len(valid) == 0:
+        return np.zeros((0, cfg.out_size_px, cfg.out_size_px, 3), np.uint8), [], []
+    return (crop_valid_boxes(arr, valid, config=cfg), [picks[int(k)][1] for k in kept],
+            [f"{what}#box{picks[int(k)][0]}" for k in kept])
+
+
+def crop_memory(images: list, name: str, *, encoder: Encoder, shots: int | None, seed: int,
+                 image_indices: np.ndarray | None, cfg: Any, backend: str = "auto", hnsw: HnswParams | None = None,
+                 progress: bool = False) -> Memory:
+    chosen = select_box_exemplars(images, name, shots=shots, seed=seed, image_indices=image_indices)
     mem = Memory.empty(encoder=encoder, backend=backend, hnsw=hnsw)
-    it: Any = sorted(chosen.items())
+    it: Any = chosen
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(it, desc="cropping exemplars", unit="img")
+        it = tqdm(it, desc="cropping exemplars", unit="img", disable=None)  # None: quiet off a terminal
     for i, picks in it:
-        arr = decode_rgb(images[i].path)
         boxes = images[i].boxes[[j for j, _ in picks]]
-        valid, kept, reasons = validate_boxes(boxes, arr.shape[:2], on_invalid="skip")
-        for r in reasons:
-            log.info("%s: skipped exemplar box: %s", images[i].path, r)
-        if len(valid) == 0:
-            continue
-        crops = crop_boxes(arr, valid, config=cfg)
-        mem.add(encoder.embed_pixels(crops), [picks[int(k)][1] for k in kept],
-                sources=[f"{images[i].path}#box{picks[int(k)][0]}" for k in kept])
+        crops, labels, sources = exemplar_crops(images[i].path, boxes, picks, cfg)
+        if len(crops):
+            mem.add(encoder.embed_pixels(crops), labels, sources=sources)
     return mem

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import signal
 import sys
+import threading
+import time
 import warnings
 from typing import Any, Sequence
 
@@ -680,7 +683,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     with warnings.catch_warnings():  # restores the process's warning display when main() returns
         # the SDK's warnings (e.g. a GPU provider that fell back to the CPU) as one line, not a source excerpt
         warnings.showwarning = lambda message, *_: print(f"rar-edge: warning: {message}", file=sys.stderr)
-        return _run(args)
+        with _ctrl_c_once():
+            return _run(args)
+
+
+#: A Ctrl-C this long after the first one ends the process at once (a clean-up that hangs).
+_FORCE_QUIT_AFTER_S = 3.0
+
+
+@contextlib.contextmanager
+def _ctrl_c_once():
+    """The first Ctrl-C raises KeyboardInterrupt; more in the next seconds are ignored, so that they cannot cut
+    the clean-up short (a ranker half-freed by a second interrupt crashed at exit). One after that kills."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    first: list[float] = []
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        if not first:
+            first.append(time.monotonic())
+            raise KeyboardInterrupt
+        if time.monotonic() - first[0] >= _FORCE_QUIT_AFTER_S:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    before = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        # After a Ctrl-C the process is on its way out: later ones are ignored until it is gone. SIG_IGN, not a
+        # Python handler, which the interpreter's shutdown would reset to the default (killed by the signal).
+        signal.signal(signal.SIGINT, signal.SIG_IGN if first else before)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -689,8 +723,6 @@ def _run(args: argparse.Namespace) -> int:
     except RarEdgeError as e:
         return _fail(str(e))
     except KeyboardInterrupt:
-        # A second Ctrl-C during the clean-up would print a traceback: we are already on our way out.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
         print("rar-edge: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. `rar-edge classify ... | head -1`: the reader left, nothing to report
