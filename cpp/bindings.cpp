@@ -34,6 +34,8 @@ void require_c_contiguous(const py::array& a, const char* name) {
 // Threads beyond the native pool's helpers are started per call: a bound keeps a typo (threads=10**6) from
 // spawning a million of them and keeps the per-worker buffers (workers x queries x classes floats) in range.
 constexpr int kMaxThreads = 1024;
+// Largest k topk_classes takes: its (Q, k) outputs are allocated before the search.
+constexpr int kMaxK = 1 << 16;
 void check_threads(int threads) {
   if (threads < 1 || threads > kMaxThreads)
     throw py::value_error("threads must be in [1, " + std::to_string(kMaxThreads) + "], got " +
@@ -84,6 +86,8 @@ std::tuple<py::array_t<int32_t>, py::array_t<float>> topk_classes(py::array vect
     throw py::value_error("query dim " + std::to_string(queries.shape(1)) + " != memory dim " +
                           std::to_string(v.dim));
   if (k < 1) throw py::value_error("k must be >= 1, got " + std::to_string(k));
+  // The output is (Q, k): bound k before allocating it (a class search never needs more than this)
+  if (k > kMaxK) throw py::value_error("k must be <= " + std::to_string(kMaxK) + ", got " + std::to_string(k));
   if (n_classes < 0) throw py::value_error("n_classes must be >= 0, got " + std::to_string(n_classes));
   check_threads(threads);
   py::array scales_arr;
@@ -126,6 +130,10 @@ std::tuple<py::array_t<int32_t>, py::array_t<float>> topk_classes(py::array vect
                                 " is outside [0, n_classes=" + std::to_string(n_classes) + ")");
   }
   v.data = vectors.data();
+  // Scratch is per class: only classes that have rows can be returned, so size it by the largest label
+  // present, not by n_classes (which a caller may pass huge).
+  int32_t present = 0;
+  for (std::size_t i = 0; i < v.n; ++i) present = lab[i] >= present ? lab[i] + 1 : present;
   const auto nq = static_cast<std::size_t>(queries.shape(0));
   py::array_t<int32_t> out_c({nq, static_cast<std::size_t>(k)});
   py::array_t<float> out_s({nq, static_cast<std::size_t>(k)});
@@ -134,7 +142,7 @@ std::tuple<py::array_t<int32_t>, py::array_t<float>> topk_classes(py::array vect
   float* os = out_s.mutable_data();
   {
     py::gil_scoped_release release;
-    rar::topk_classes(v, lab, n_classes, q, nq, k, threads, oc, os);
+    rar::topk_classes(v, lab, present, q, nq, k, threads, oc, os);
   }
   return {out_c, out_s};
 }
@@ -249,7 +257,7 @@ py::dict build_info() {
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
-  m.doc() = "rar_edge native core (private; use rar_edge._lookup / rar_edge.boxes)";
+  m.doc() = "rar_edge native core (private; use rar_edge.index.lookup / rar_edge.image.boxes)";
   m.def("topk_classes", &topk_classes, py::arg("vectors"), py::arg("labels"), py::arg("n_classes"),
         py::arg("queries"), py::arg("k"), py::kw_only(), py::arg("scales") = std::nullopt,
         py::arg("rerank") = std::nullopt, py::arg("threads") = 1,
@@ -259,8 +267,9 @@ PYBIND11_MODULE(_native, m) {
         "in float32, giving the float32 result);\n"
         "labels: (N,) int32 in [0, n_classes); queries: (Q, d) float32. Returns (classes int32 (Q, k),\n"
         "scores float32 (Q, k)); class score = best inner product among its rows; -1 / -inf pad.");
-  m.def("crop_blur", &crop_blur, py::arg("image"), py::arg("boxes"), py::arg("out_size"), py::arg("crop_scale"),
-        py::arg("adaptive"), py::arg("sigma"), py::arg("letterbox"), py::arg("pad_value"), py::arg("threads") = 1,
+  m.def("crop_blur", &crop_blur, py::arg("image"), py::arg("boxes"), py::kw_only(), py::arg("out_size"),
+        py::arg("crop_scale") = 1.0, py::arg("adaptive") = false, py::arg("sigma") = 0.0, py::arg("letterbox") = false,
+        py::arg("pad_value") = 0, py::arg("threads") = 1,
         "Crop (enlarged), blur around and resize every box of one image: (N, S, S, 3) uint8.\n\n"
         "image: (H, W, 3) uint8 C-contiguous; boxes: (N, 4) float64 x1, y1, x2, y2 in pixels.");
   m.def("unit_rows", &unit_rows, py::arg("x"), py::arg("zero_point") = 0.0,

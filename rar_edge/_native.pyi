@@ -2,12 +2,9 @@
 rar_edge native core (private; use rar_edge.index.lookup / rar_edge.image.boxes)
 """
 from __future__ import annotations
-
-import typing
-
 import numpy
 import numpy.typing
-
+import typing
 __all__: list[str] = ['ADAPTIVE_MAX_SCALE', 'ADAPTIVE_MIN_SCALE', 'ADAPTIVE_TARGET_AREA', 'MAX_CROP_SCALE', 'MAX_OUT_SIZE', 'MAX_SIGMA', 'build_info', 'crop_blur', 'logsumexp', 'topk_classes', 'unit_rows']
 def _set_simd(name: str) -> str:
     """
@@ -17,7 +14,7 @@ def build_info() -> dict:
     """
     What was compiled and which kernel family the CPU dispatch picked.
     """
-def crop_blur(image: numpy.ndarray, boxes: numpy.ndarray, out_size: typing.SupportsInt | typing.SupportsIndex, crop_scale: typing.SupportsFloat | typing.SupportsIndex, adaptive: bool, sigma: typing.SupportsFloat | typing.SupportsIndex, letterbox: bool, pad_value: typing.SupportsInt | typing.SupportsIndex, threads: typing.SupportsInt | typing.SupportsIndex = 1) -> numpy.typing.NDArray[numpy.uint8]:
+def crop_blur(image: numpy.ndarray, boxes: numpy.ndarray, *, out_size: typing.SupportsInt | typing.SupportsIndex, crop_scale: typing.SupportsFloat | typing.SupportsIndex = 1.0, adaptive: bool = False, sigma: typing.SupportsFloat | typing.SupportsIndex = 0.0, letterbox: bool = False, pad_value: typing.SupportsInt | typing.SupportsIndex = 0, threads: typing.SupportsInt | typing.SupportsIndex = 1) -> numpy.typing.NDArray[numpy.uint8]:
     """
     Crop (enlarged), blur around and resize every box of one image: (N, S, S, 3) uint8.
     

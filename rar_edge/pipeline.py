@@ -206,9 +206,9 @@ class Pipeline:
         want = self._ranker_px()
         if not want or want <= crop.shape[0]:
             return crop
-        from rar_edge.image.boxes import crop_boxes
+        from rar_edge.image.boxes import crop_valid_boxes
 
-        return crop_boxes(arr, box[None], config=dataclasses.replace(crop_cfg, out_size_px=int(want)))[0]
+        return crop_valid_boxes(arr, box[None], config=dataclasses.replace(crop_cfg, out_size_px=int(want)))[0]
 
     def _ranker_view(self, image: np.ndarray, source: Any) -> np.ndarray:
         """The image the ranker sees. JPEGs are decoded for the encoder at the smallest DCT scale that
@@ -389,7 +389,7 @@ class Pipeline:
         Returns:
             One `Detection` per valid box, in input order.
         """
-        from rar_edge.image.boxes import CropConfig, crop_boxes, validate_boxes
+        from rar_edge.image.boxes import CropConfig, crop_valid_boxes, validate_boxes
 
         k = self.config.k if k is None else k
         t_all = time.perf_counter()
@@ -408,7 +408,7 @@ class Pipeline:
         crop_cfg = self.config.crop or CropConfig(out_size_px=h)
         if crop_cfg.out_size_px != h:
             raise InvalidInputError(f"crop out_size_px={crop_cfg.out_size_px} differs from the encoder input size {h}")
-        crops = crop_boxes(arr, valid, config=crop_cfg, threads=self.config.crop_threads) if len(valid) else \
+        crops = crop_valid_boxes(arr, valid, config=crop_cfg, threads=self.config.crop_threads) if len(valid) else \
             np.zeros((0, h, w, 3), np.uint8)
         timings["preprocess"] = _ms(t0)
         t0 = time.perf_counter()

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image, ImageFilter
 
 from rar_edge import _native
-from rar_edge.image.boxes import CropConfig, adaptive_crop_scale, crop_boxes, validate_boxes
 from rar_edge.errors import InvalidBoxError, InvalidInputError
+from rar_edge.image.boxes import CropConfig, adaptive_crop_scale, crop_boxes, validate_boxes
 
 SHARED = Path(os.environ.get("RAR_EDGE_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 COCO = SHARED / "data" / "coco128"
@@ -246,13 +246,13 @@ def test_image_errors_refuse_silent_copies():
         crop_boxes(img, box, threads=10**6)
     # the native entry point itself: TypeError for dtypes, ValueError for shapes/layout
     with pytest.raises(TypeError, match="uint8"):
-        _native.crop_blur(img.astype(np.int16), np.zeros((1, 4)), 8, 1.5, False, 1.0, False, 0, 1)
+        _native.crop_blur(img.astype(np.int16), np.zeros((1, 4)), out_size=8, crop_scale=1.5, sigma=1.0)
     with pytest.raises(TypeError, match="float64"):
-        _native.crop_blur(img, np.zeros((1, 4), np.float32), 8, 1.5, False, 1.0, False, 0, 1)
+        _native.crop_blur(img, np.zeros((1, 4), np.float32), out_size=8, crop_scale=1.5, sigma=1.0)
     with pytest.raises(ValueError, match="C-contiguous"):
-        _native.crop_blur(np.asfortranarray(img), np.array([[0, 0, 5, 5.0]]), 8, 1.5, False, 1.0, False, 0, 1)
+        _native.crop_blur(np.asfortranarray(img), np.array([[0, 0, 5, 5.0]]), out_size=8, crop_scale=1.5, sigma=1.0)
     with pytest.raises(ValueError, match="box 0"):
-        _native.crop_blur(img, np.array([[5, 5, 5, 5.0]]), 8, 1.5, False, 1.0, False, 0, 1)
+        _native.crop_blur(img, np.array([[5, 5, 5, 5.0]]), out_size=8, crop_scale=1.5, sigma=1.0)
 
 
 @pytest.mark.parametrize(

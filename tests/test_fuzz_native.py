@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from rar_edge import _native
-from rar_edge.image.boxes import CropConfig, crop_boxes, validate_boxes
 from rar_edge.errors import InvalidInputError
+from rar_edge.image.boxes import CropConfig, crop_boxes, validate_boxes
 
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 
@@ -113,7 +113,8 @@ coords = st.floats(allow_nan=True, allow_infinity=True, min_value=None, max_valu
 )
 def test_crop_blur_never_crashes(image, boxes, out_size, crop_scale, adaptive, sigma, letterbox, pad_value, threads):
     try:
-        out = _native.crop_blur(image, boxes, out_size, crop_scale, adaptive, sigma, letterbox, pad_value, threads)
+        out = _native.crop_blur(image, boxes, out_size=out_size, crop_scale=crop_scale, adaptive=adaptive, sigma=sigma,
+                                letterbox=letterbox, pad_value=pad_value, threads=threads)
     except (TypeError, ValueError):
         return
     assert out.shape == (boxes.shape[0], out_size, out_size, 3) and out.dtype == np.uint8
@@ -159,7 +160,8 @@ def test_crop_boxes_valid_inputs(hw, boxes, size, scale, sigma, letterbox, seed)
 def test_crop_blur_hostile_boxes(hw, boxes, out_size, crop_scale, adaptive, sigma, letterbox, threads):
     img = np.full((*hw, 3), 128, np.uint8)
     try:
-        out = _native.crop_blur(img, boxes, out_size, crop_scale, adaptive, sigma, letterbox, 7, threads)
+        out = _native.crop_blur(img, boxes, out_size=out_size, crop_scale=crop_scale, adaptive=adaptive, sigma=sigma,
+                                letterbox=letterbox, pad_value=7, threads=threads)
     except ValueError:
         return
     assert out.shape == (len(boxes), out_size, out_size, 3)

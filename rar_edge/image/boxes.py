@@ -45,6 +45,7 @@ __all__ = [
     "CropConfig",
     "adaptive_crop_scale",
     "crop_boxes",
+    "crop_valid_boxes",
     "validate_boxes",
 ]
 
@@ -207,25 +208,34 @@ def crop_boxes(
         InvalidInputError: the image is not (H, W, 3) uint8 C-contiguous, or threads < 1.
     """
     img = check_rgb(image, contiguous=True)
+    valid, _, _ = validate_boxes(boxes, img.shape[:2], on_invalid="raise")
+    return crop_valid_boxes(img, valid, config=config, threads=threads)
+
+
+def crop_valid_boxes(image: np.ndarray, boxes: np.ndarray, *, config: CropConfig, threads: int = 1) -> np.ndarray:
+    """`crop_boxes` for boxes that `validate_boxes` already returned (clipped, float64): no second pass.
+
+    The native call still refuses a box that is not inside the image (InvalidBoxError), so a caller that
+    skipped validation gets an error, never a wrong crop.
+    """
+    check_rgb(image, contiguous=True)
     if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
         raise InvalidInputError(f"threads must be an int >= 1, got {threads!r}")
-    valid, _, _ = validate_boxes(boxes, img.shape[:2], on_invalid="raise")
-    adaptive = config.crop_scale == "adaptive"
-    scale = 1.0 if adaptive else float(config.crop_scale)
     sigma = float(config.blur_sigma_px)
     if not math.isfinite(sigma):
         raise InvalidInputError("blur_sigma_px must be finite")
+    adaptive = config.crop_scale == "adaptive"
     try:
         return _native.crop_blur(
-            img,
-            valid,
-            int(config.out_size_px),
-            scale,
-            adaptive,
-            sigma,
-            bool(config.letterbox),
-            int(config.pad_value),
-            int(threads),
+            image,
+            boxes,
+            out_size=int(config.out_size_px),
+            crop_scale=1.0 if adaptive else float(config.crop_scale),
+            adaptive=adaptive,
+            sigma=sigma,
+            letterbox=bool(config.letterbox),
+            pad_value=int(config.pad_value),
+            threads=int(threads),
         )
-    except ValueError as e:  # the native checks repeat the ones above; kept as a safety net
-        raise InvalidInputError(str(e)) from None
+    except ValueError as e:  # the native checks: a box outside the image, an image the checks above let by
+        raise (InvalidBoxError if "box" in str(e) else InvalidInputError)(str(e)) from None

@@ -55,7 +55,7 @@ def resize_for_model(img: Image.Image | np.ndarray, spec: ImageSpec) -> np.ndarr
         # the native resampler crops whole pixels (it rounds a box outwards); a fractional centre crop
         # goes to Pillow, which resamples exactly that region
         box = np.asarray([region], np.float64)
-        return _native.crop_blur(np.ascontiguousarray(pixels), box, th, 1.0, False, 0.0, False, 0, 1)[0]
+        return _native.crop_blur(np.ascontiguousarray(pixels), box, out_size=th)[0]
     if region == (0.0, 0.0, float(width), float(height)) and (height, width) == (th, tw):
         return np.ascontiguousarray(pixels)
     return image_to_array(Image.fromarray(np.ascontiguousarray(pixels), "RGB").resize((tw, th), RESAMPLE[spec.resample], box=region))
