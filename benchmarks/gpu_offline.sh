@@ -90,7 +90,7 @@ prepare() {
     "$py" - "$bundle/tiny-vlm" <<'EOF'
 import sys, tempfile
 from pathlib import Path
-from rar_edge_export._tiny_models import build_tiny_vlm
+from rar_edge_export.tiny_models import build_tiny_vlm
 from rar_edge_export.mllm import export_mllm, llama_cpp_source
 src = llama_cpp_source()
 with tempfile.TemporaryDirectory() as tmp:

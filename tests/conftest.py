@@ -94,7 +94,7 @@ def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     real CLIP tokenizer (vocab 49,408) and CLIP's image processor config, saved with save_pretrained."""
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    from rar_edge_export._tiny_clip import build_tiny_clip
+    from rar_edge_export.tiny_clip import build_tiny_clip
 
     return build_tiny_clip(tmp_path_factory.mktemp("tiny_clip"), seed=0, wheel=_open_clip_wheel())
 

@@ -25,7 +25,7 @@ SDIST_DIR = Path(os.environ.get("RAR_EDGE_LLAMA_CPP_SDIST", REPO / ".cache" / "s
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory) -> Path:
-    from rar_edge_export._tiny_models import write_tiny_text_gguf
+    from rar_edge_export.tiny_models import write_tiny_text_gguf
 
     return write_tiny_text_gguf(tmp_path_factory.mktemp("tiny") / "tiny.gguf", seed=0)
 
@@ -170,7 +170,7 @@ FAMILY_PARAMS = [
 def test_tiny_vlm_exports_and_ranks_an_image(tmp_path, lcpp, family, quant, handler, projector):
     pytest.importorskip("llama_cpp")
     from rar_edge.rank.ranker import Ranker
-    from rar_edge_export._tiny_models import build_tiny_vlm
+    from rar_edge_export.tiny_models import build_tiny_vlm
     from rar_edge_export.mllm import export_mllm
 
     hf = build_tiny_vlm(family, tmp_path / "hf", vocab_gguf=lcpp / "models" / "ggml-vocab-gpt-2.gguf")
@@ -221,7 +221,7 @@ def test_tiny_multimodal_ranker_classifies_an_image_through_the_cli(tmp_path, lc
                                                                       run_cli):
     """RAR end to end, offline, with the commands a user types: export mllm, memory build, classify --ranker."""
     pytest.importorskip("llama_cpp")
-    from rar_edge_export._tiny_models import build_tiny_vlm
+    from rar_edge_export.tiny_models import build_tiny_vlm
 
     flowers = shared_path / "data" / "flowers17"
     if not flowers.is_dir():

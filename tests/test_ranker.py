@@ -14,8 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rar_edge.errors import InvalidInputError, ManifestError, MissingDependencyError, RankerError
-from rar_edge.rank.prompts import RANKING_PROMPT_V1, RankingExample, render_chat
-from rar_edge.rank.prompts import parse_ranking
+from rar_edge.rank.prompts import RANKING_PROMPT_V1, RankingExample, parse_ranking, render_chat
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "export"))
 
@@ -30,7 +29,7 @@ FLOWERS = ["bluebell", "buttercup", "colts foot", "cowslip", "crocus", "daffodil
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory) -> Path:
-    from rar_edge_export._tiny_models import write_tiny_text_gguf
+    from rar_edge_export.tiny_models import write_tiny_text_gguf
 
     return write_tiny_text_gguf(tmp_path_factory.mktemp("tiny") / "tiny.gguf", seed=0)
 
@@ -204,7 +203,7 @@ def test_prompt_follows_the_chat_template(tiny_gguf):
 
 
 def test_plain_prompt_without_chat_template(tmp_path):
-    from rar_edge_export._tiny_models import write_tiny_text_gguf
+    from rar_edge_export.tiny_models import write_tiny_text_gguf
 
     path = write_tiny_text_gguf(tmp_path / "base.gguf", chat_template=None)
     with Ranker.load(path, n_threads=1) as r:

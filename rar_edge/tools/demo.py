@@ -68,7 +68,7 @@ def _clip_model(models: Path, clip: str | None) -> tuple[Path, str]:
             return out, f"{HUB_CLIP} from the Hugging Face hub (real pretrained weights)"
         except Exception as e:  # noqa: BLE001 - any hub failure falls back, and is said
             _say(f"    could not export {HUB_CLIP} from the hub ({type(e).__name__}: {e}); falling back")
-    from rar_edge_export._tiny_clip import build_tiny_clip
+    from rar_edge_export.tiny_clip import build_tiny_clip
 
     out = models / "tiny_random_clip"
     if not (out / "manifest.json").is_file():
@@ -95,13 +95,13 @@ def _ranker_model(models: Path, ranker: str | None) -> tuple[Any, str]:
         return Ranker.load(vlm), _TINY_VLM_DESC
     src = _llama_cpp_sources(models)
     if src is not None:
-        from rar_edge_export._tiny_models import build_tiny_vlm
+        from rar_edge_export.tiny_models import build_tiny_vlm
 
         hf = build_tiny_vlm("smolvlm", models / "tiny_random_smolvlm_hf", vocab_gguf=src / "models" / "ggml-vocab-gpt-2.gguf")
         export_mllm(hf, vlm, quant="Q8_0", llama_cpp_src=src, overwrite=True)
         return Ranker.load(vlm), _TINY_VLM_DESC
     if not (txt / "manifest.json").is_file():
-        from rar_edge_export._tiny_models import write_tiny_text_gguf
+        from rar_edge_export.tiny_models import write_tiny_text_gguf
 
         gguf = write_tiny_text_gguf(models / "tiny_random_llama_f32.gguf", seed=0)
         export_mllm(gguf, txt, quant="Q8_0", overwrite=True)
