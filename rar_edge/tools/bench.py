@@ -512,14 +512,7 @@ def run_bench(
 
     config = config or BenchConfig()
     out = Path(out_dir)
-    if config.plots:
-        _require_matplotlib()
-    if out.exists() and not out.is_dir():
-        raise InvalidInputError(f"--out {out} is a file, not a folder")
-    if out.is_dir() and not (out / "bench.json").is_file() and any(out.iterdir()):
-        # e.g. a class folder: plots written there would be read as photos by the next memory build
-        raise InvalidInputError(f"--out {out} is a folder that holds other files and no bench.json (it is not an "
-                                "earlier bench output): give a new or empty folder")
+    _check_out_dir(out, config)
     load_before = _loadavg()
     rss_start = _rss_bytes()
     cold: dict[str, float | None] = {}
@@ -544,25 +537,13 @@ def run_bench(
     try:
         pipe = Pipeline(memory=inputs.memory, encoder=enc, ranker=rk,
                         config=PipelineConfig(k=config.k, encoder=enc.config))
-        inst = _ModelTime(pipe)
-        t0 = time.perf_counter()
-        pipe.classify(inputs.queries[0][0], k=config.k)
-        cold["first_classify_ms"] = _ms(t0)
-        cold["total_ms"] = sum(v for v in cold.values() if v is not None)
-        rss_loaded = _rss_bytes()
-        classify = _time_classify(pipe, inst, inputs.queries, config=config,
-                                  meaningful=inputs.accuracy_meaningful)
-        classify["stream"] = (_time_stream(pipe, inst, inputs.queries, config=config)
-                              if config.prefetch > 0 else None)
-        detect = _time_detect(pipe, inst, boxes, config=config) if boxes is not None else None
-        rss_runs = _rss_bytes()
-        # ru_maxrss and /proc's resident count can differ by a few pages: the peak is at least the current.
-        peak_runs = max(_peak_rss_bytes(), rss_runs or 0)
+        measured = _measure(pipe, inputs, boxes, cold, config=config)
         variant_rows = _time_variants(enc, variants, inputs.queries, config=config) if variants else []
-        env = environment(enc, rk)
+        env = environment(enc, pipe.ranker)
     finally:
-        if owns_ranker and rk is not None and callable(getattr(rk, "close", None)):
+        if owns_ranker and rk is not None:
             rk.close()
+    classify, detect = measured["classify"], measured["detect"]
 
     result: dict[str, Any] = {
         "schema": SCHEMA,
@@ -571,8 +552,7 @@ def run_bench(
             "encoder": enc.describe(),
             "memory": inputs.memory_source,
             "queries": {"n_images": len(inputs.queries), "folder": None if queries is None else str(queries)},
-            "ranker": None if rk is None else {"name": getattr(rk, "name", type(rk).__name__),
-                                               "mode": getattr(rk, "mode", None)},
+            "ranker": env.get("ranker"),
             "boxes": None if boxes is None else str(boxes),
             "runs": config.runs, "warmup": config.warmup, "k": config.k,
         },
@@ -590,9 +570,9 @@ def run_bench(
         "model_time_method": MODEL_TIME_METHOD,
         "memory_rss": {
             "at_start_bytes": rss_start,
-            "after_load_bytes": rss_loaded,
-            "after_runs_bytes": rss_runs,
-            "peak_bytes": peak_runs,
+            "after_load_bytes": measured["rss_loaded"],
+            "after_runs_bytes": measured["rss_runs"],
+            "peak_bytes": measured["peak_runs"],
             "method": "current RSS from /proc/self/statm (psutil elsewhere); peak from getrusage ru_maxrss, "
                       "taken before the encoder variants are loaded (it includes whatever the process held before)",
         },
@@ -600,14 +580,49 @@ def run_bench(
         "notes": list(notes),
         "files": {"json": "bench.json", "summary": "summary.md", "plots": []},
     }
-    out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails on its inputs leaves no empty folder
+    _write_outputs(result, out, plots=config.plots)
+    return result
+
+
+def _check_out_dir(out: Path, config: BenchConfig) -> None:
+    """Refuses an output path that is a file, or a folder holding other things than an earlier bench's output."""
     if config.plots:
+        _require_matplotlib()
+    if out.exists() and not out.is_dir():
+        raise InvalidInputError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and not (out / "bench.json").is_file() and any(out.iterdir()):
+        # e.g. a class folder: plots written there would be read as photos by the next memory build
+        raise InvalidInputError(f"--out {out} is a folder that holds other files and no bench.json (it is not an "
+                                "earlier bench output): give a new or empty folder")
+
+
+def _measure(pipe: "Pipeline", inputs: _Inputs, boxes: Any, cold: dict[str, float | None], *,
+             config: BenchConfig) -> dict[str, Any]:
+    """The first call (cold start), then the timed classify, streamed and detect runs, and RSS around them."""
+    inst = _ModelTime(pipe)
+    t0 = time.perf_counter()
+    pipe.classify(inputs.queries[0][0], k=config.k)
+    cold["first_classify_ms"] = _ms(t0)
+    cold["total_ms"] = sum(v for v in cold.values() if v is not None)
+    rss_loaded = _rss_bytes()
+    classify = _time_classify(pipe, inst, inputs.queries, config=config, meaningful=inputs.accuracy_meaningful)
+    classify["stream"] = _time_stream(pipe, inst, inputs.queries, config=config) if config.prefetch > 0 else None
+    detect = _time_detect(pipe, inst, boxes, config=config) if boxes is not None else None
+    rss_runs = _rss_bytes()
+    # ru_maxrss and /proc's resident count can differ by a few pages: the peak is at least the current.
+    return {"classify": classify, "detect": detect, "rss_loaded": rss_loaded, "rss_runs": rss_runs,
+            "peak_runs": max(_peak_rss_bytes(), rss_runs or 0)}
+
+
+def _write_outputs(result: dict[str, Any], out: Path, *, plots: bool) -> None:
+    """bench.json, summary.md and the plots; plots an earlier run left in the same folder are removed."""
+    out.mkdir(parents=True, exist_ok=True)  # only now: a run that fails on its inputs leaves no empty folder
+    if plots:
         result["files"]["plots"] = write_plots(result, out)
     for stale in set(_PLOTS) - set(result["files"]["plots"]):
-        (out / stale).unlink(missing_ok=True)  # from an earlier run into the same folder
+        (out / stale).unlink(missing_ok=True)
     write_text(out / "summary.md", summary_markdown(result))
     write_text(out / "bench.json", json.dumps(result, indent=1) + "\n")
-    return result
 
 
 # -- report ----------------------------------------------------------------------------------------------------
@@ -700,6 +715,121 @@ def _hboxplot(ax: Any, data: list, labels: list[str]) -> dict:
     return ax.boxplot(data, vert=False, labels=labels, **kw)  # matplotlib 3.8 / 3.9
 
 
+def _plot_stage_bars(ax: Any, block: dict[str, Any], mode: str) -> None:
+    """p50 per stage with p95 whiskers (a log axis when the stages differ by orders of magnitude)."""
+    lat = block["latency_ms"]
+    stages = [s for s in STAGES if lat.get(s)]
+    p50 = [lat[s]["p50"] for s in stages]
+    p95 = [lat[s]["p95"] for s in stages]
+    y = np.arange(len(stages))
+    ax.barh(y, p50, color=[STAGE_COLOURS[s] for s in stages])
+    ax.errorbar(p50, y, xerr=[np.zeros(len(p50)), np.maximum(np.subtract(p95, p50), 0)], fmt="none",
+                ecolor="black", capsize=3, lw=1)
+    for yi, v, w in zip(y, p50, p95):
+        ax.text(max(v, w), yi, f"  p50 {v:.2f} / p95 {w:.2f} ms", va="center", ha="left", fontsize=8)
+    ax.set_yticks(y, stages)
+    ax.invert_yaxis()
+    if max(p95) > 200 * max(min(p50), 1e-3):  # e.g. a ranker taking seconds: small stages need a log axis
+        ax.set_xscale("log")
+        ax.set_xlim(max(min(p50), 1e-3) / 2, max(p95) * 30)
+        ax.set_xlabel("latency per call (ms, log scale): bar = p50, whisker = p95")
+    else:
+        ax.set_xlim(0, max(p95) * 1.45)
+        ax.set_xlabel("latency per call (ms): bar = p50, whisker = p95")
+    ax.set_title(f"{mode}: per-stage latency ({block['runs']} runs)")
+    ax.grid(axis="x", alpha=0.3)
+
+
+def _plot_model_split(ax2: Any, block: dict[str, Any], mode: str) -> None:
+    """The mean total split into model calls and SDK overhead, one call at a time and streamed."""
+    s = block["samples_ms"]
+    total = float(np.mean(s["total"]))
+    enc_m = float(np.mean(s["encoder_model"]))
+    rnk_m = float(np.mean(s["ranker_model"]))
+    parts = [("encoder session.run", enc_m, "#C44E52"), ("ranker llama.cpp", rnk_m, "#CCB974"),
+             ("SDK overhead", max(total - enc_m - rnk_m, 0.0), "#999999")]
+    left = 0.0
+    for label, v, c in parts:
+        if v <= 0:
+            continue
+        ax2.barh([1], [v], left=left, height=0.5, color=c, label=f"{label}: {v:.2f} ms ({v / total:.1%})")
+        left += v
+    st = block.get("stream")
+    if st:  # the streamed run: wall time per image split the same way
+        smodel, swall = st["model_ms_per_image"], st["wall_ms_per_image"]
+        ax2.barh([0.2], [smodel], height=0.5, color="#8172B2",
+                 label=f"streamed: model {smodel:.2f} ms, overhead {max(swall - smodel, 0):.2f} ms "
+                       f"(share {st['overhead_share']:.3f})")
+        ax2.barh([0.2], [max(swall - smodel, 0.0)], left=smodel, height=0.5, color="#999999")
+        ax2.set_yticks([1, 0.2], ["one call", f"stream\n(prefetch {st['prefetch']})"], fontsize=8)
+    else:
+        ax2.set_yticks([])
+    ax2.set_ylim(-1.6, 1.5)
+    ax2.set_xlabel("mean latency per call (ms)")
+    ov = block["overhead"]["overhead_share"]
+    ax2.set_title(f"{mode}: model calls vs SDK overhead (target share <= {OVERHEAD_TARGET})\n"
+                  f"overhead_share = {ov:.3f} one call at a time"
+                  + (f", {st['overhead_share']:.3f} streamed" if st else ""), fontsize=9)
+    ax2.legend(loc="lower center", fontsize=8, frameon=False)
+    ax2.set_xlim(0, total * 1.05)
+
+
+def _plot_stage_distributions(ax: Any, block: dict[str, Any], mode: str) -> None:
+    """Box plots of every stage's samples (log scale)."""
+    samples = block["samples_ms"]
+    stages = [s for s in STAGES if samples.get(s)]
+    data = [np.maximum(samples[s], 1e-3) for s in stages]
+    bp = _hboxplot(ax, data, stages)
+    for patch, st in zip(bp["boxes"], stages):
+        patch.set_facecolor(STAGE_COLOURS[st])
+        patch.set_alpha(0.6)
+    ax.set_xscale("log")
+    ax.invert_yaxis()
+    ax.set_xlabel("latency per call (ms, log scale): box = p25..p75, line = p50, whiskers = p1..p99")
+    ax.set_title(f"{mode}: latency distribution per stage")
+    ax.grid(axis="x", which="both", alpha=0.3)
+
+
+def _plot_runs(ax2: Any, block: dict[str, Any], mode: str) -> None:
+    """The total of every timed run in order, with its percentiles (noise, drift)."""
+    samples = block["samples_ms"]
+    tot = samples["total"]
+    ax2.plot(np.arange(1, len(tot) + 1), tot, ".-", lw=0.8, ms=3, color="#333333", label="total")
+    lat = block["latency_ms"]["total"]
+    for q, ls in (("p50", "-"), ("p95", "--"), ("p99", ":")):
+        ax2.axhline(lat[q], ls=ls, color="#C44E52", lw=1, label=f"{q} {lat[q]:.2f} ms")
+    ax2.set_xlabel("timed run #")
+    ax2.set_ylabel("total latency (ms)")
+    ax2.set_title(f"{mode}: total per run (noise, drift)")
+    ax2.legend(fontsize=8)
+    ax2.grid(alpha=0.3)
+
+
+def _plot_variants(plt: Any, rows: list[dict[str, Any]], where: str, out: Path) -> None:
+    """Encoder variants: session.run latency with the cosine to the reference written on each bar."""
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.7 * len(rows)))
+    y = np.arange(len(rows))
+    p50 = [r["session_run_ms"]["p50"] for r in rows]
+    p95 = [r["session_run_ms"]["p95"] for r in rows]
+    ax.barh(y, p50, color=["#4C72B0"] + ["#DD8452"] * (len(rows) - 1))
+    ax.errorbar(p50, y, xerr=[np.zeros(len(rows)), np.maximum(np.subtract(p95, p50), 0)], fmt="none",
+                ecolor="black", capsize=3, lw=1)
+    for yi, r, v, w in zip(y, rows, p50, p95):
+        c = r["cosine_to_reference"]
+        ax.text(max(v, w), yi, f"  p50 {v:.2f} ms (x{r['latency_ratio_to_reference_p50']:.2f} of reference)\n"
+                f"  cosine to reference: mean {c['mean']:.5f}, min {c['min']:.5f}", va="center", fontsize=8)
+    ax.set_yticks(y, [r["name"] for r in rows])
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(p95) * 2.4)
+    ax.set_xlabel("image encoder session.run per image (ms): bar = p50, whisker = p95")
+    ax.set_title(f"encoder variants on the same {rows[0]['cosine_to_reference']['n']} real images\n{where}",
+                 fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / _PLOT_VARIANTS, dpi=110)
+    plt.close(fig)
+
+
 def write_plots(res: dict[str, Any], out: Path) -> list[str]:
     """Stage breakdown, latency distributions and (when present) encoder variants as PNGs; returns file names."""
     _require_matplotlib()
@@ -712,133 +842,26 @@ def write_plots(res: dict[str, Any], out: Path) -> list[str]:
     name = res["setup"]["encoder"]["name"]
     where = f"{env['cpu_model']} | {env['cpus_usable']} CPUs | encoder threads: {env['encoder_threads']}"
     modes = [m for m in ("classify", "detect") if res.get(m)]
+    pages = [
+        (_PLOT_STAGES, _plot_stage_bars, _plot_model_split, 3.6, f"rar-edge bench: {name}\n{where}"),
+        (_PLOT_LATENCY, _plot_stage_distributions, _plot_runs, 3.8,
+         f"rar-edge bench: {name} | load average before/after {env['load_average_before']} / "
+         f"{env['load_average_after']}"),
+    ]
     files = []
-
-    # 1. Stage breakdown: p50 per stage (with p95 whiskers) and the model-call vs SDK-overhead split.
-    fig, axes = plt.subplots(len(modes), 2, figsize=(12, 3.6 * len(modes)), squeeze=False,
-                             gridspec_kw={"width_ratios": [3, 2]})
-    for row, mode in zip(axes, modes):
-        block = res[mode]
-        lat = block["latency_ms"]
-        stages = [s for s in STAGES if lat.get(s)]
-        p50 = [lat[s]["p50"] for s in stages]
-        p95 = [lat[s]["p95"] for s in stages]
-        ax = row[0]
-        y = np.arange(len(stages))
-        ax.barh(y, p50, color=[STAGE_COLOURS[s] for s in stages])
-        ax.errorbar(p50, y, xerr=[np.zeros(len(p50)), np.maximum(np.subtract(p95, p50), 0)], fmt="none",
-                    ecolor="black", capsize=3, lw=1)
-        for yi, v, w in zip(y, p50, p95):
-            ax.text(max(v, w), yi, f"  p50 {v:.2f} / p95 {w:.2f} ms", va="center", ha="left", fontsize=8)
-        ax.set_yticks(y, stages)
-        ax.invert_yaxis()
-        if max(p95) > 200 * max(min(p50), 1e-3):  # e.g. a ranker taking seconds: small stages need a log axis
-            ax.set_xscale("log")
-            ax.set_xlim(max(min(p50), 1e-3) / 2, max(p95) * 30)
-            ax.set_xlabel("latency per call (ms, log scale): bar = p50, whisker = p95")
-        else:
-            ax.set_xlim(0, max(p95) * 1.45)
-            ax.set_xlabel("latency per call (ms): bar = p50, whisker = p95")
-        ax.set_title(f"{mode}: per-stage latency ({block['runs']} runs)")
-        ax.grid(axis="x", alpha=0.3)
-        # Mean split of the total into model calls and SDK overhead.
-        ax2 = row[1]
-        s = block["samples_ms"]
-        total = float(np.mean(s["total"]))
-        enc_m = float(np.mean(s["encoder_model"]))
-        rnk_m = float(np.mean(s["ranker_model"]))
-        parts = [("encoder session.run", enc_m, "#C44E52"), ("ranker llama.cpp", rnk_m, "#CCB974"),
-                 ("SDK overhead", max(total - enc_m - rnk_m, 0.0), "#999999")]
-        left = 0.0
-        for label, v, c in parts:
-            if v <= 0:
-                continue
-            ax2.barh([1], [v], left=left, height=0.5, color=c, label=f"{label}: {v:.2f} ms ({v / total:.1%})")
-            left += v
-        st = block.get("stream")
-        if st:  # the streamed run: wall time per image split the same way
-            smodel, swall = st["model_ms_per_image"], st["wall_ms_per_image"]
-            ax2.barh([0.2], [smodel], height=0.5, color="#8172B2",
-                     label=f"streamed: model {smodel:.2f} ms, overhead {max(swall - smodel, 0):.2f} ms "
-                           f"(share {st['overhead_share']:.3f})")
-            ax2.barh([0.2], [max(swall - smodel, 0.0)], left=smodel, height=0.5, color="#999999")
-            ax2.set_yticks([1, 0.2], ["one call", f"stream\n(prefetch {st['prefetch']})"], fontsize=8)
-        else:
-            ax2.set_yticks([])
-        ax2.set_ylim(-1.6, 1.5)
-        ax2.set_xlabel("mean latency per call (ms)")
-        ov = block["overhead"]["overhead_share"]
-        ax2.set_title(f"{mode}: model calls vs SDK overhead (target share <= {OVERHEAD_TARGET})\n"
-                      f"overhead_share = {ov:.3f} one call at a time"
-                      + (f", {st['overhead_share']:.3f} streamed" if st else ""), fontsize=9)
-        ax2.legend(loc="lower center", fontsize=8, frameon=False)
-        ax2.set_xlim(0, total * 1.05)
-    fig.suptitle(f"rar-edge bench: {name}\n{where}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out / _PLOT_STAGES, dpi=110)
-    plt.close(fig)
-    files.append(_PLOT_STAGES)
-
-    # 2. Latency distributions: box plots per stage (log scale) and the total of every run in order.
-    fig, axes = plt.subplots(len(modes), 2, figsize=(12, 3.8 * len(modes)), squeeze=False,
-                             gridspec_kw={"width_ratios": [3, 2]})
-    for row, mode in zip(axes, modes):
-        block = res[mode]
-        samples = block["samples_ms"]
-        stages = [s for s in STAGES if samples.get(s)]
-        ax = row[0]
-        data = [np.maximum(samples[s], 1e-3) for s in stages]
-        bp = _hboxplot(ax, data, stages)
-        for patch, st in zip(bp["boxes"], stages):
-            patch.set_facecolor(STAGE_COLOURS[st])
-            patch.set_alpha(0.6)
-        ax.set_xscale("log")
-        ax.invert_yaxis()
-        ax.set_xlabel("latency per call (ms, log scale): box = p25..p75, line = p50, whiskers = p1..p99")
-        ax.set_title(f"{mode}: latency distribution per stage")
-        ax.grid(axis="x", which="both", alpha=0.3)
-        ax2 = row[1]
-        tot = samples["total"]
-        ax2.plot(np.arange(1, len(tot) + 1), tot, ".-", lw=0.8, ms=3, color="#333333", label="total")
-        lat = block["latency_ms"]["total"]
-        for q, ls in (("p50", "-"), ("p95", "--"), ("p99", ":")):
-            ax2.axhline(lat[q], ls=ls, color="#C44E52", lw=1, label=f"{q} {lat[q]:.2f} ms")
-        ax2.set_xlabel("timed run #")
-        ax2.set_ylabel("total latency (ms)")
-        ax2.set_title(f"{mode}: total per run (noise, drift)")
-        ax2.legend(fontsize=8)
-        ax2.grid(alpha=0.3)
-    fig.suptitle(f"rar-edge bench: {name} | load average before/after {env['load_average_before']} / "
-                 f"{env['load_average_after']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out / _PLOT_LATENCY, dpi=110)
-    plt.close(fig)
-    files.append(_PLOT_LATENCY)
-
-    # 3. Encoder variants: session.run latency with the cosine to the reference written on each bar.
-    if res["encoder_variants"]:
-        rows = res["encoder_variants"]
-        fig, ax = plt.subplots(figsize=(8, 1.2 + 0.7 * len(rows)))
-        y = np.arange(len(rows))
-        p50 = [r["session_run_ms"]["p50"] for r in rows]
-        p95 = [r["session_run_ms"]["p95"] for r in rows]
-        ax.barh(y, p50, color=["#4C72B0"] + ["#DD8452"] * (len(rows) - 1))
-        ax.errorbar(p50, y, xerr=[np.zeros(len(rows)), np.maximum(np.subtract(p95, p50), 0)], fmt="none",
-                    ecolor="black", capsize=3, lw=1)
-        for yi, r, v, w in zip(y, rows, p50, p95):
-            c = r["cosine_to_reference"]
-            ax.text(max(v, w), yi, f"  p50 {v:.2f} ms (x{r['latency_ratio_to_reference_p50']:.2f} of reference)\n"
-                    f"  cosine to reference: mean {c['mean']:.5f}, min {c['min']:.5f}", va="center", fontsize=8)
-        ax.set_yticks(y, [r["name"] for r in rows])
-        ax.invert_yaxis()
-        ax.set_xlim(0, max(p95) * 2.4)
-        ax.set_xlabel("image encoder session.run per image (ms): bar = p50, whisker = p95")
-        ax.set_title(f"encoder variants on the same {rows[0]['cosine_to_reference']['n']} real images\n{where}",
-                     fontsize=9)
-        ax.grid(axis="x", alpha=0.3)
+    for file_name, left, right, row_height, title in pages:
+        fig, axes = plt.subplots(len(modes), 2, figsize=(12, row_height * len(modes)), squeeze=False,
+                                 gridspec_kw={"width_ratios": [3, 2]})
+        for row, mode in zip(axes, modes):
+            left(row[0], res[mode], mode)
+            right(row[1], res[mode], mode)
+        fig.suptitle(title, fontsize=10)
         fig.tight_layout()
-        fig.savefig(out / _PLOT_VARIANTS, dpi=110)
+        fig.savefig(out / file_name, dpi=110)
         plt.close(fig)
+        files.append(file_name)
+    if res["encoder_variants"]:
+        _plot_variants(plt, res["encoder_variants"], where, out)
         files.append(_PLOT_VARIANTS)
     return files
 
