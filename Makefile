@@ -7,9 +7,19 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # Baseline CPU builds (no -march=native) so a wheel built here runs on any x86-64 machine.
 export HNSWLIB_NO_NATIVE := 1
+# llama.cpp's CPU code: with GGML_NATIVE=OFF it is built for the baseline CPU, on aarch64 ARMv8.0 without the
+# dot product its int8 kernels use; so where this CPU has it (/proc/cpuinfo "asimddp": Jetson Orin's
+# Cortex-A78AE) name ARMv8.2 + dotprod. A wheel built so does not run on an aarch64 CPU without it.
+ifeq ($(shell uname -m),aarch64)
+ifneq ($(shell grep -m1 -ow asimddp /proc/cpuinfo 2>/dev/null),)
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_CPU_ARM_ARCH=armv8.2-a+dotprod
+endif
+endif
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
+TORCH := torch==2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 EXTRAS := cpu,export,tflite,llm,bench,dev,ray
 
 .PHONY: demo test test-slow bench clean-venv
@@ -17,8 +27,13 @@ EXTRAS := cpu,export,tflite,llm,bench,dev,ray
 $(VENV)/.installed: pyproject.toml Makefile CMakeLists.txt $(wildcard cpp/*)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q -U pip
-	# torch first, from the CPU build; otherwise a dependency pulls a multi-GB CUDA build.
-	$(PIP) install -q "torch==2.13.0"
+	# torch first, the CPU build, before anything pulls torch: the plain name on PyPI is the CUDA build on
+	# x86-64 Linux (GBs). PyTorch's own CPU index when it answers, the plain name otherwise; then it says which.
+	if $(PY) -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + "/torch/", timeout=10)' "$(TORCH_CPU_INDEX)" 2>/dev/null \
+	    && $(PIP) install -q --index-url "$(TORCH_CPU_INDEX)" "$(TORCH)"; then echo "torch: from PyTorch's CPU index $(TORCH_CPU_INDEX)"; \
+	else echo "torch: $(TORCH_CPU_INDEX) unreachable or without $(TORCH) here; the plain name from the configured index"; \
+	    $(PIP) install -q "$(TORCH)"; fi
+	$(PY) -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda or "none (the CPU build)")'
 	# llama-cpp-python before the project: its build must not see the project's editable hook.
 	$(PIP) install -q "$(LLAMA_CPP_PYTHON)"
 	$(PIP) install -q scikit-build-core pybind11 cmake ninja
@@ -37,6 +52,12 @@ test: $(VENV)/.installed
 test-slow: $(VENV)/.installed
 	bash tools/fetch_llm.sh --model
 	$(PY) -m pytest -m slow -q
+
+# The runtime in an emulated Debian arm64 root (debootstrap + qemu-user-static; root; tens of minutes the first
+# time): install, runtime tests, classify/detect compared with this machine. Not part of `make test`.
+.PHONY: test-arm64
+test-arm64: $(VENV)/.installed
+	bash tools/arm64_check.sh artifacts/arm64
 
 clean-venv:
 	rm -rf $(VENV)
