@@ -15,7 +15,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -84,13 +84,7 @@ def export_tflite(
         MissingDependencyError: tensorflow / tf2onnx / onnxruntime are not installed.
     """
     check_quantize_mode(quantize)
-    path = Path(tflite_file)
-    if not path.is_file():
-        raise ExportError(f"TFLite model {path} does not exist")
-    with open(path, "rb") as f:
-        header = f.read(8)
-    if header[4:8] != _TFLITE_IDENTIFIER:
-        raise ExportError(f"{path} is not a TFLite model (no 'TFL3' flatbuffer identifier)")
+    path = _check_tflite_file(tflite_file)
     out_dir = Path(out_dir)
     check_output_dir(out_dir, overwrite=overwrite)
     check_installed("tensorflow", package="tensorflow-cpu", extra="tflite", purpose="Reading a TFLite model")
@@ -117,25 +111,10 @@ def export_tflite(
         cosine = _check_matches_tflite(onnx_path, input_name, output_name, images, reference, out.quantization)
 
         source_sha256 = sha256_file(path)
-        quantization = None
-        model_file = MODEL_FILE
-        if quantize in (None, "int8") and is_quantized(onnx_path):  # an integer TFLite is int8 whatever was asked
-            quantization = {
-                "mode": "int8",
-                "method": "native: the TFLite model is integer-quantized; its QDQ graph is kept as converted",
-                "source_sha256": {"image_model": source_sha256},
-                "cosine_to_source_min": {"image_model": cosine},
-            }
-        elif quantize is not None:
-            model_file = MODEL_FILE.replace(".onnx", f".{quantize}.onnx")
-            info = quantize_onnx(onnx_path, tmp / model_file, mode=quantize)
-            q_cosine = _check_matches_tflite(
-                tmp / model_file, input_name, output_name, images, reference, out.quantization, min_cosine=0.0
-            )
-            quantization = quantization_record(
-                {"image_model": info}, {"image_model": check_quantized_cosine(model_file, q_cosine)}
-            )
-            onnx_path.unlink()
+        model_file, quantization = _quantize_step(
+            onnx_path, quantize, source_sha256=source_sha256, cosine=cosine,
+            check=lambda f: _check_matches_tflite(f, input_name, output_name, images, reference, out.quantization,
+                                                  min_cosine=0.0))
 
         image = ImageSpec(
             size_px=(inp.shape[1], inp.shape[2]),
@@ -166,6 +145,42 @@ def export_tflite(
             files={"image_model": model_file},
         )
     return load_manifest(out_dir)
+
+
+def _check_tflite_file(tflite_file: str | os.PathLike) -> Path:
+    """The path, once it is known to be a file with the TFLite flatbuffer identifier."""
+    path = Path(tflite_file)
+    if not path.is_file():
+        raise ExportError(f"TFLite model {path} does not exist")
+    with open(path, "rb") as f:
+        header = f.read(8)
+    if header[4:8] != _TFLITE_IDENTIFIER:
+        raise ExportError(f"{path} is not a TFLite model (no 'TFL3' flatbuffer identifier)")
+    return path
+
+
+def _quantize_step(onnx_path: Path, quantize: str | None, *, source_sha256: str, cosine: float,
+                   check: Callable[[Path], float]) -> tuple[str, dict[str, Any] | None]:
+    """The model file to keep and the manifest's quantization record.
+
+    An integer TFLite stays as converted (it is int8 whatever was asked); otherwise ``quantize`` writes a
+    quantized copy, ``check`` gives its cosine to the TFLite outputs, and the float model is removed.
+    """
+    if quantize in (None, "int8") and is_quantized(onnx_path):
+        return MODEL_FILE, {
+            "mode": "int8",
+            "method": "native: the TFLite model is integer-quantized; its QDQ graph is kept as converted",
+            "source_sha256": {"image_model": source_sha256},
+            "cosine_to_source_min": {"image_model": cosine},
+        }
+    if quantize is None:
+        return MODEL_FILE, None
+    model_file = MODEL_FILE.replace(".onnx", f".{quantize}.onnx")
+    info = quantize_onnx(onnx_path, onnx_path.parent / model_file, mode=quantize)
+    q_cosine = check(onnx_path.parent / model_file)
+    record = quantization_record({"image_model": info}, {"image_model": check_quantized_cosine(model_file, q_cosine)})
+    onnx_path.unlink()
+    return model_file, record
 
 
 def _canonical_names(onnx_path: Path) -> None:
