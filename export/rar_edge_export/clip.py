@@ -131,35 +131,8 @@ def export_clip(
         towers = _reference_outputs(vision, text, tmp / TOKENIZER_FILE, preprocessing["size_px"])
         max_diff = {t.role: _check_matches_torch(fp32_dir / t.file, t) for t in towers}
 
-        files = {"tokenizer": TOKENIZER_FILE}
-        quantization = None
-        if quantize is None:
-            files.update({t.role: t.file for t in towers})
-        else:
-            infos, cosines = {}, {}
-            for t in towers:
-                files[t.role] = t.file.replace(".onnx", f".{quantize}.onnx")
-                infos[t.role] = quantize_onnx(fp32_dir / t.file, tmp / files[t.role], mode=quantize)
-                got = run_onnx(tmp / files[t.role], t.feed, t.output_name)
-                cosines[t.role] = check_quantized_cosine(files[t.role], float(cosine_rows(got, t.reference).min()))
-            quantization = quantization_record(infos, cosines)
-            shutil.rmtree(fp32_dir)
-
-        image_session = onnx_session(tmp / files["image_model"])
-        text_session = onnx_session(tmp / files["text_model"])
-        image = ImageSpec.from_dict(
-            {
-                **preprocessing,
-                "input_name": image_session.get_inputs()[0].name,
-                "output_name": image_session.get_outputs()[0].name,
-            }
-        ).to_dict()
-        text_spec = TextSpec(
-            input_names=tuple(i.name for i in text_session.get_inputs()),
-            output_name=text_session.get_outputs()[0].name,
-            context_length=context_length,
-            pad_token_id=pad_token_id,
-        )
+        files, quantization = _quantize_towers(towers, fp32_dir, tmp, quantize)
+        image, text_spec = _io_specs(tmp, files, preprocessing, context_length, pad_token_id)
         write_manifest(
             tmp,
             {
@@ -178,6 +151,44 @@ def export_clip(
             files=files,
         )
     return load_manifest(out_dir)
+
+
+def _quantize_towers(towers: Sequence[Any], fp32_dir: Path, tmp: Path,
+                     quantize: str | None) -> tuple[dict[str, str], dict[str, Any] | None]:
+    """The files map (tokenizer and towers) and the quantization record; quantized towers replace the fp32 ones."""
+    files = {"tokenizer": TOKENIZER_FILE}
+    if quantize is None:
+        files.update({t.role: t.file for t in towers})
+        return files, None
+    infos, cosines = {}, {}
+    for t in towers:
+        files[t.role] = t.file.replace(".onnx", f".{quantize}.onnx")
+        infos[t.role] = quantize_onnx(fp32_dir / t.file, tmp / files[t.role], mode=quantize)
+        got = run_onnx(tmp / files[t.role], t.feed, t.output_name)
+        cosines[t.role] = check_quantized_cosine(files[t.role], float(cosine_rows(got, t.reference).min()))
+    shutil.rmtree(fp32_dir)
+    return files, quantization_record(infos, cosines)
+
+
+def _io_specs(tmp: Path, files: dict[str, str], preprocessing: dict[str, Any], context_length: int,
+              pad_token_id: int) -> tuple[dict[str, Any], TextSpec]:
+    """The manifest's image section and text spec, with the input and output names the exported graphs have."""
+    image_session = onnx_session(tmp / files["image_model"])
+    text_session = onnx_session(tmp / files["text_model"])
+    image = ImageSpec.from_dict(
+        {
+            **preprocessing,
+            "input_name": image_session.get_inputs()[0].name,
+            "output_name": image_session.get_outputs()[0].name,
+        }
+    ).to_dict()
+    text_spec = TextSpec(
+        input_names=tuple(i.name for i in text_session.get_inputs()),
+        output_name=text_session.get_outputs()[0].name,
+        context_length=context_length,
+        pad_token_id=pad_token_id,
+    )
+    return image, text_spec
 
 
 def _check_templates(templates: Sequence[str]) -> tuple[str, ...]:
