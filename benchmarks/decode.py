@@ -37,9 +37,9 @@ def main() -> None:
     import cv2
     from PIL import Image
 
-    from rar_edge.manifest import ImageSpec
     from rar_edge.image.codec import decode_rgb
     from rar_edge.image.transform import draft_size, resize_for_model
+    from rar_edge.manifest import ImageSpec
 
     root = shared_dir() / "data" / "flowers17"
     paths = sorted(root.rglob("*.jpg"))[: args.limit]

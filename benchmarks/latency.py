@@ -107,8 +107,8 @@ def _quantization_mode(model_dir: Path) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rar_edge.tools.bench import add_bench_arguments, run_from_args, summary_lines
     from rar_edge.errors import RarEdgeError
+    from rar_edge.tools.bench import add_bench_arguments, run_from_args, summary_lines
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--export-variants", default=None, metavar="SRC")

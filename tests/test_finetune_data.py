@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rar_edge.errors import DatasetError, InvalidInputError
+from rar_edge.rank.prompts import RANKING_PROMPT_V1
 from rar_edge.tools.finetune_data import (
     build_ranking_rows,
     in_context_examples,
@@ -18,7 +19,6 @@ from rar_edge.tools.finetune_data import (
     split_disjoint,
     write_jsonl,
 )
-from rar_edge.rank.prompts import RANKING_PROMPT_V1
 
 
 def _clustered(n_classes: int, per_class: int, dim: int = 16, seed: int = 0):

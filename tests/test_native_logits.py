@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import SIMD_FAMILIES
-
 from rar_edge import _native
+
+from conftest import SIMD_FAMILIES
 
 
 def _reference(x: np.ndarray) -> float:

@@ -7,11 +7,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import SIMD_FAMILIES as FAMILIES
-
 from rar_edge import _native
-from rar_edge.index.lookup import DEFAULT_STORAGE, STORAGES, VectorStore, quantize_int8
 from rar_edge.errors import InvalidInputError
+from rar_edge.index.lookup import DEFAULT_STORAGE, STORAGES, VectorStore, quantize_int8
+
+from conftest import SIMD_FAMILIES as FAMILIES
 
 NEG_INF = np.float32(-np.inf)
 
