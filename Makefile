@@ -22,7 +22,7 @@ TORCH := torch==2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 EXTRAS := cpu,export,tflite,llm,bench,dev,ray
 
-.PHONY: demo test test-slow bench clean-venv
+.PHONY: demo test lint test-slow bench clean-venv
 
 $(VENV)/.installed: pyproject.toml Makefile CMakeLists.txt $(wildcard cpp/*)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -45,8 +45,12 @@ $(VENV)/.installed: pyproject.toml Makefile CMakeLists.txt $(wildcard cpp/*)
 demo: $(VENV)/.installed
 	$(VENV)/bin/rar-edge demo
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed lint
 	$(PY) -m pytest -m "not slow" -q
+
+# ruff's lint rules and formatter, as configured in pyproject.toml (part of `make test`, so CI runs them).
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
 
 # Minutes-long tests and those that need the real 1.1 GB GGUF (fetched from PyPI parts).
 test-slow: $(VENV)/.installed
