@@ -17,7 +17,7 @@ from rar_edge.errors import (
 )
 from rar_edge.index.memory import HnswParams, Memory
 from rar_edge.pipeline import Pipeline, PipelineConfig, classify, detect
-from rar_edge.types import Candidate, Classification, Detection, Ranking
+from rar_edge.types import Candidate, Classification, Detection, ImageError, Ranking
 
 __version__ = "0.1.0"
 
@@ -32,6 +32,7 @@ __all__ = [
     "EncoderConfig",
     "ExportError",
     "HnswParams",
+    "ImageError",
     "ImageDecodeError",
     "InvalidBoxError",
     "InvalidInputError",

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import IO, Iterator
 
+from rar_edge.errors import InvalidInputError
+
 TEMP_SUFFIX = ".tmp"
 
 
@@ -55,6 +57,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", *, encoding: str | N
     if mode not in ("wb", "w"):
         raise ValueError(f"atomic_write mode must be 'wb' or 'w', not {mode!r}")
     p = Path(path)
+    if p.is_dir():  # else the rename fails naming the temporary file, not the path the caller gave
+        raise InvalidInputError(f"{p} is a folder; give the path of a file to write")
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=TEMP_SUFFIX, dir=p.parent)
     try:

@@ -46,6 +46,8 @@ FORMAT_VERSION = 1
 #: when decoding changes pixels (2: EXIF orientation applied), so that memories built before are refused.
 DECODE_VERSION = 2
 KINDS = ("clip", "image_embedder", "mllm")
+#: The largest model input side accepted from a manifest (the largest vision towers take about 1,500 px).
+MAX_SIZE_PX = 8192
 
 
 def sha256_file(path: str | os.PathLike, *, chunk_bytes: int = 1 << 20) -> str:
@@ -99,8 +101,10 @@ class ImageSpec:
                 resize_shortest_edge_px=None if d.get("resize_shortest_edge_px") is None
                 else int(d["resize_shortest_edge_px"]),
             )
-        except (KeyError, TypeError, ValueError, IndexError) as e:
-            raise ManifestError(f"bad 'image' section in manifest: {e!r}") from e
+        except KeyError as e:
+            raise ManifestError(f"the 'image' section lacks {e.args[0]!r}") from e
+        except (TypeError, ValueError, IndexError) as e:
+            raise ManifestError(f"bad 'image' section in manifest: {e}") from e
         if spec.layout not in ("NCHW", "NHWC"):
             raise ManifestError(f"image.layout must be NCHW or NHWC, not {spec.layout!r}")
         if spec.dtype not in ("float32", "uint8"):
@@ -113,8 +117,9 @@ class ImageSpec:
             raise ManifestError(f"image.resample must be bicubic, bilinear or nearest, not {spec.resample!r}")
         if len(spec.mean) != 3 or len(spec.std) != 3 or min(spec.std) <= 0:
             raise ManifestError("image.mean and image.std need 3 values, std > 0")
-        if min(spec.size_px) < 1:
-            raise ManifestError("image.size_px must be positive")
+        if min(spec.size_px) < 1 or max(spec.size_px) > MAX_SIZE_PX:
+            raise ManifestError(f"image.size_px must be [height, width] within 1..{MAX_SIZE_PX}, "
+                                f"not {list(spec.size_px)}")
         if spec.resize_shortest_edge_px is not None and spec.resize_shortest_edge_px < min(spec.size_px):
             raise ManifestError("image.resize_shortest_edge_px must be at least the crop size")
         return spec
@@ -293,8 +298,20 @@ def load_manifest(folder: str | os.PathLike, *, verify: bool = True) -> Manifest
     if data.get("kind") not in KINDS:
         raise ManifestError(f"{mpath}: unknown kind {data.get('kind')!r}, expected one of {KINDS}")
     m = Manifest(root=root.resolve(), data=data)
+    for section in ("image", "text"):  # validated now, not at first use: a bad value is named before any work
+        if data.get(section) is not None:
+            if not isinstance(data[section], dict):
+                raise ManifestError(f"{mpath}: '{section}' must be an object, not {type(data[section]).__name__}")
+            try:
+                m.image if section == "image" else m.text
+            except ManifestError as e:
+                raise ManifestError(f"{mpath}: {e}") from None
     if verify:
         m.verify()
+    else:  # no hashing, but a missing file is named now rather than by whatever fails to open it later
+        for role in m.files:
+            if not m.path(role).is_file():
+                raise ManifestError(f"model file for '{role}' is missing: {m.path(role)}")
     return m
 
 

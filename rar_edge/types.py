@@ -117,3 +117,27 @@ class Ranking:
     scores: tuple[float, ...]
     fallback: bool = False
     raw: str = ""
+
+
+@dataclass(frozen=True)
+class ImageError:
+    """The record of one image of a batch that could not be classified (``on_error="skip"``).
+
+    Streams (`rar_edge.Pipeline.iter_classify`, `classify_many`) yield it in the failed image's place, so
+    results stay in step with the inputs; the images after it are still classified.
+
+    Attributes:
+        index: the image's position in the batch (0-based).
+        image: the image as given (its path), or a short description of it (``<1234 bytes>``, ``ndarray``).
+        error: the error's message.
+        error_type: the error's class name (e.g. ``ImageDecodeError``).
+    """
+
+    index: int
+    image: str
+    error: str
+    error_type: str
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict."""
+        return {"index": self.index, "image": self.image, "error": self.error, "error_type": self.error_type}

@@ -118,7 +118,7 @@ def load_image(
         return _array_to_image(src)
     if isinstance(src, Image.Image):
         if src.width * src.height > max_pixels:
-            raise ImageDecodeError(f"image {what} has {src.width}x{src.height} pixels, more than max_pixels={max_pixels}")
+            raise ImageDecodeError(_too_many_pixels(what, src.width, src.height, max_pixels))
         if src.width < 1 or src.height < 1:
             raise InvalidInputError(f"image {what} is empty: {src.width}x{src.height}")
         try:
@@ -168,12 +168,14 @@ def _pil_decode(data: bytes, what: str, draft_size_px: tuple[int, int] | None, m
             # images over twice Image.MAX_IMAGE_PIXELS outright.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
-            if img.width * img.height > max_pixels:
-                raise ImageDecodeError(_too_many_pixels(what, img.width, img.height, max_pixels))
+            width, height, scale = img.width, img.height, 1
             if draft_size_px is not None and img.format == "JPEG":
                 # the draft must cover the upright image: the request in the stored frame
                 dw, dh = _swapped_if_transposed(draft_size_px, _exif_orientation_of(img))
                 img.draft("RGB", (int(dw), int(dh)))
+                scale = max(1, width // max(img.width, 1))
+            if img.width * img.height > max_pixels:  # the pixels decoded (a JPEG draft decodes fewer)
+                raise ImageDecodeError(_too_many_pixels(what, width, height, max_pixels, scale=scale))
             img.load()
             img = _upright(img, what)
     except ImageDecodeError:
@@ -208,9 +210,10 @@ def decode_rgb(
     return fast if fast is not None else image_to_array(_pil_decode(data, what, draft_size_px, max_pixels))
 
 
-def _too_many_pixels(what: str, width: int, height: int, max_pixels: int) -> str:
-    return (f"image {what} is {width}x{height} = {width * height} pixels, "
-            f"more than max_pixels={max_pixels} (decompression-bomb guard)")
+def _too_many_pixels(what: str, width: int, height: int, max_pixels: int, *, scale: int = 1) -> str:
+    at = "" if scale == 1 else f" (decoded at 1/{scale} scale: {-(-width // scale)}x{-(-height // scale)})"
+    return (f"image {what} is {width}x{height} = {width * height} pixels{at}, more than the limit of "
+            f"{max_pixels} (a decompression-bomb guard; raise it with --max-pixels, or PipelineConfig.max_pixels)")
 
 
 _SIMPLEJPEG: object = None  # the module once imported, False where it is not installed
@@ -245,12 +248,13 @@ def _decode_jpeg_fast(data: bytes, draft_size_px: tuple[int, int] | None, max_pi
     if info is None or info[2] not in ("YCbCr", "Gray"):
         return None
     width, height, _, orientation = info
-    if width * height > max_pixels:
-        raise ImageDecodeError(_too_many_pixels(what, width, height, max_pixels))
     if draft_size_px is not None:
         draft_size_px = _swapped_if_transposed(draft_size_px, orientation)  # as in _pil_decode
     s = _jpeg_draft_scale(width, height, draft_size_px)
     h, w = -(-height // s), -(-width // s)
+    # The guard is on the pixels decoded: a 12000x9000 phone photo decoded at 1/8 scale is 1500x1125.
+    if w * h > max_pixels:
+        raise ImageDecodeError(_too_many_pixels(what, width, height, max_pixels, scale=s))
     try:
         # min_factor=s with min sizes of ceil(size/s) leaves exactly the scale 1/s (libjpeg-turbo also has M/8).
         out = sj.decode_jpeg(data, colorspace="RGB", min_height=h, min_width=w, min_factor=s, strict=True)

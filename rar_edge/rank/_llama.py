@@ -6,15 +6,18 @@ from ``llama.py``); `rar_edge.rank.ranker.Ranker` builds prompts and rankings on
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import functools
 import logging
 import os
+import signal
 import threading
 import time
 import warnings
 import weakref
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
@@ -35,18 +38,46 @@ def _import_llama_cpp() -> Any:
 # (llama-cpp-python's own callback prints to stderr). The ctypes callbacks must stay referenced.
 _LOG_LOCK = threading.Lock()
 _LOG_CALLBACKS: list[Any] = []
-# Python runs a pending Ctrl-C handler inside whatever Python code runs next, often this log callback while
-# llama.cpp is busy; ctypes then prints the KeyboardInterrupt as "ignored" and drops it. The callback notes it
-# here instead and `raise_pending_interrupt` raises it once the native call has returned.
-_INTERRUPTED = threading.Event()
 _TLS = threading.local()  # .errors: a list collecting llama.cpp's error lines during a load on this thread
+_T = TypeVar("_T")
 
 
-def raise_pending_interrupt() -> None:
-    """Raises the KeyboardInterrupt that arrived while llama.cpp called back into Python, if one did."""
-    if _INTERRUPTED.is_set():
-        _INTERRUPTED.clear()
-        raise KeyboardInterrupt
+@contextlib.contextmanager
+def ctrl_c_deferred() -> Iterator[None]:
+    """Runs the Python SIGINT handler (Ctrl-C: KeyboardInterrupt) once the native work inside has returned.
+
+    Python runs a pending signal handler in whatever Python code runs next, and while llama.cpp works that is
+    its log callback: ctypes reports the KeyboardInterrupt raised there as "ignored" and drops it, so Ctrl-C
+    did nothing. Inside this block a Ctrl-C is only noted; the handler that was installed (the default one
+    raises KeyboardInterrupt, an application's own is called as it is) runs when the block ends. Only the main
+    thread receives signals; elsewhere, and under SIG_IGN / SIG_DFL, this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if not callable(previous):
+        yield
+        return
+    noted: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: noted.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if noted:
+            previous(signal.SIGINT, None)
+
+
+def _defers_ctrl_c(fn: Callable[..., _T]) -> Callable[..., _T]:
+    """``fn`` run inside `ctrl_c_deferred`: for the methods that call into llama.cpp, which logs through Python."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> _T:
+        with ctrl_c_deferred():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _install_log_callback(llama_cpp: Any, mtmd: Any | None) -> None:
@@ -57,19 +88,16 @@ def _install_log_callback(llama_cpp: Any, mtmd: Any | None) -> None:
         native_logger = logging.getLogger("rar_edge.llama_cpp")
 
         def forward(level: int, text: bytes, user_data: Any) -> None:
-            try:
-                # ggml.h levels: 0 none, 1 debug, 2 info, 3 warn, 4 error, 5 continuation; only errors are worth
-                # more than DEBUG here (llama.cpp "warns" about routine things such as quantization fallbacks).
-                py_level = logging.ERROR if level == 4 else logging.DEBUG
-                collect = getattr(_TLS, "errors", None)
-                if level == 4 and collect is not None and text:
-                    # a failing load: its reason goes into the RankerError, not onto the console
-                    collect.append(text.decode("utf-8", "replace").strip())
-                    py_level = logging.DEBUG
-                if text and native_logger.isEnabledFor(py_level):
-                    native_logger.log(py_level, "%s", text.decode("utf-8", "replace").rstrip("\n"))
-            except KeyboardInterrupt:
-                _INTERRUPTED.set()
+            # ggml.h levels: 0 none, 1 debug, 2 info, 3 warn, 4 error, 5 continuation; only errors are worth
+            # more than DEBUG here (llama.cpp "warns" about routine things such as quantization fallbacks).
+            py_level = logging.ERROR if level == 4 else logging.DEBUG
+            collect = getattr(_TLS, "errors", None)
+            if level == 4 and collect is not None and text:
+                # a failing load: its reason goes into the RankerError, not onto the console
+                collect.append(text.decode("utf-8", "replace").strip())
+                py_level = logging.DEBUG
+            if text and native_logger.isEnabledFor(py_level):
+                native_logger.log(py_level, "%s", text.decode("utf-8", "replace").rstrip("\n"))
 
         if not _LOG_CALLBACKS:
             cb = llama_cpp.llama_log_callback(forward)
@@ -103,6 +131,7 @@ class _Native:
     A thin resource-owning layer over the raw ``llama_cpp`` bindings; frees everything in `close`.
     """
 
+    @_defers_ctrl_c
     def __init__(
         self,
         model_path: Path,
@@ -146,11 +175,9 @@ class _Native:
             _TLS.errors = None
         if not self.model:
             self.model = None
-            raise_pending_interrupt()
             why = f": {errors[-1]}" if errors else ""
             raise RankerError(f"llama.cpp could not load the model {model_path} (not a GGUF it supports?){why}")
         try:
-            raise_pending_interrupt()  # a Ctrl-C during the load: the model is freed below
             self.vocab = lc.llama_model_get_vocab(self.model)
             self.n_vocab = int(lc.llama_vocab_n_tokens(self.vocab))
             cparams = lc.llama_context_default_params()
@@ -253,6 +280,7 @@ class _Native:
         self.lc.llama_memory_clear(self.mem, True)
         self._slots_used.clear()
 
+    @_defers_ctrl_c
     def decode(self, entries: Sequence[tuple[int, int, int | tuple[int, ...], bool]]) -> list[int]:
         """Decodes ``(token, pos, seq or seqs, want_logits)`` entries in as few calls as ``n_batch`` allows.
 
@@ -288,7 +316,6 @@ class _Native:
             t0 = time.perf_counter()
             rc = self.lc.llama_decode(self.ctx, b)
             self.clock.add(time.perf_counter() - t0)
-            raise_pending_interrupt()
             n_calls += 1
             if rc == 1:
                 raise RankerError(
@@ -323,6 +350,7 @@ class _Native:
 
     # -- multimodal ----------------------------------------------------------------------------------
 
+    @_defers_ctrl_c
     def eval_mtmd(self, text: str, images: Sequence[np.ndarray], *, n_past: int, seq: int,
                   add_special: bool) -> tuple[int, int, int]:
         """Tokenizes ``text`` (with one media marker per image) and evaluates it into ``seq`` at ``n_past``.
@@ -371,7 +399,6 @@ class _Native:
                 self.mtmd_ctx, self.ctx, chunks, n_past, seq, self.n_batch, True, ctypes.byref(new_n_past)
             )
             self.clock.add(time.perf_counter() - t0)
-            raise_pending_interrupt()
             if rc != 0:
                 raise RankerError(f"evaluating the image and text failed (mtmd code {rc})")
             return int(new_n_past.value), n_tok
@@ -381,6 +408,7 @@ class _Native:
             for bm in bitmaps:
                 mt.mtmd_bitmap_free(bm)
 
+    @_defers_ctrl_c
     def close(self) -> None:
         if self.forked:  # the parent owns these objects: freeing them here could wait on its threads
             self.mtmd_ctx = self._batch = self.ctx = self.model = None
