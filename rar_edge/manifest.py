@@ -303,7 +303,7 @@ def load_manifest(folder: str | os.PathLike, *, verify: bool = True) -> Manifest
             if not isinstance(data[section], dict):
                 raise ManifestError(f"{mpath}: '{section}' must be an object, not {type(data[section]).__name__}")
             try:
-                m.image if section == "image" else m.text
+                ImageSpec.from_dict(data[section]) if section == "image" else TextSpec.from_dict(data[section])
             except ManifestError as e:
                 raise ManifestError(f"{mpath}: {e}") from None
     if verify:

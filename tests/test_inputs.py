@@ -31,8 +31,7 @@ from rar_edge.errors import (
     ManifestError,
     RankerError,
 )
-from rar_edge.manifest import load_manifest, write_manifest
-from rar_edge.types import ImageError
+from rar_edge.manifest import write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "export"))
@@ -145,8 +144,8 @@ def tiny_vlm(tmp_path_factory) -> Path:
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
     for mod in ("torch", "transformers"):
         pytest.importorskip(mod)
-    from rar_edge_export.tiny_models import build_tiny_vlm
     from rar_edge_export.mllm import DEFAULT_LLAMA_CPP_PYTHON, export_mllm, llama_cpp_source
+    from rar_edge_export.tiny_models import build_tiny_vlm
 
     sdist = REPO / ".cache" / "sdist" / f"llama_cpp_python-{DEFAULT_LLAMA_CPP_PYTHON}.tar.gz"
     if not sdist.is_file():

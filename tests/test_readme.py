@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
 from test_inputs import COLOURS, make_folder, photo, save_jpeg, write_tiny_embedder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,8 +48,8 @@ def workdir(tmp_path) -> Path:
 def _tiny_ranker(folder: Path) -> None:
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
     pytest.importorskip("gguf")
-    from rar_edge_export.tiny_models import write_tiny_text_gguf
     from rar_edge_export.mllm import export_mllm
+    from rar_edge_export.tiny_models import write_tiny_text_gguf
 
     gguf = write_tiny_text_gguf(folder.parent / "tiny.gguf", seed=0)
     export_mllm(gguf, folder)

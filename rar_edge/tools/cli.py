@@ -413,7 +413,7 @@ def cmd_detect(args) -> int:
         (print if not args.json else lambda m: print(f"rar-edge: {m}", file=sys.stderr))(f"no boxes in {args.boxes}")
     dets = pipe.detect(args.image, boxes, on_invalid=args.on_invalid)
     skipped = _skipped_boxes(args.image, boxes, dets) if args.on_invalid == "skip" else {}
-    for i, why in skipped.items():
+    for why in skipped.values():
         if args.json:
             print(f"rar-edge: warning: skipped {why}", file=sys.stderr)
     if args.json:

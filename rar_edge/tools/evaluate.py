@@ -35,7 +35,8 @@ def score_results(results: Sequence[Classification | Detection], truths: Sequenc
                   ranker_given: bool | None = None) -> dict[str, Any]:
     """Top-1, recall@1..k (truth among the first j retrieved classes) and per-class accuracy; with a ranker
     (``ranker_given``; None: inferred from whether it ran) also the ranker's rates, zero when the gate
-    kept it from ever running."""
+    kept it from ever running, and ``ranked_top1``: top-1 over the queries whose final order the ranker
+    gave (it ran and did not fall back), None when there were none."""
     n = len(results)
     if n == 0:
         return {"top1": None, "recall": {}, "n_queries": 0}
@@ -56,7 +57,10 @@ def score_results(results: Sequence[Classification | Detection], truths: Sequenc
     }
     ran = [r.ranker_ran for r in results]
     if any(ran) if ranker_given is None else ranker_given:
-        out["ranked_top1"] = out["top1"]
+        # top1 mixes queries the ranker ordered with those the gate or a fallback left in retrieval order;
+        # ranked_top1 is the ranker's own accuracy, over the queries whose final order it gave.
+        used = [bool(h) for h, r in zip(hits_rank, results) if r.ranker_ran and not r.ranker_fallback]
+        out["ranked_top1"] = float(np.mean(used)) if used else None
         out["ranker_ran_rate"] = float(np.mean(ran))
         out["ranker_fallback_rate"] = float(np.mean([r.ranker_fallback for r in results]))
         out["ranker_changed_rate"] = float(
@@ -171,9 +175,7 @@ def evaluate_detection(
         The fields of `rar_edge.tools.evaluate.evaluate_classification` plus per-class accuracy and the
         crop settings used.
     """
-    from rar_edge.datasets import read_detection_dataset
-
-    from rar_edge.datasets import warn_invalid_boxes
+    from rar_edge.datasets import read_detection_dataset, warn_invalid_boxes
 
     _, images = read_detection_dataset(dataset)
     invalid_labels = warn_invalid_boxes(images, str(dataset))
