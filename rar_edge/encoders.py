@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import platform
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,18 @@ class ProviderFallbackWarning(RuntimeWarning):
     """A requested execution provider (CUDA, TensorRT) is not in use; the model runs on the CPU."""
 
 
+# What ONNX Runtime says (cudaErrorNoKernelImageForDevice) when its CUDA kernels were built for other GPUs, e.g.
+# PyPI's aarch64 onnxruntime-gpu on a Jetson: it lists CUDAExecutionProvider, then fails on the first run.
+_NO_KERNEL_IMAGE = "no kernel image is available"
+
+
+def _no_kernel_image_message(config: "EncoderConfig", path: Path, err: BaseException) -> str:
+    first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+    return (f"requested provider {config.provider!r} fell back to the CPU for {path.name}: this onnxruntime build "
+            f"has no CUDA kernels for this GPU ({first}). Install an onnxruntime-gpu built for the GPU's compute "
+            "capability; on a Jetson, the wheel for your JetPack (docs/jetson.md).")
+
+
 def _ort():
     try:
         import onnxruntime as ort
@@ -58,12 +71,22 @@ class EncoderConfig:
             process (docs/design-notes.md#encoder-spinning), the decode thread of
             `Pipeline.iter_classify`, the app. None (default): True for a lone
             encoder, False when a `Pipeline` (or `rar-edge bench`) also holds a ranker.
+        trt_engine_cache_dir: where the TensorRT provider keeps the engines it builds, so that the next start
+            loads them instead of building them again (ONNX Runtime's ``trt_engine_cache_path``). None:
+            ``$XDG_CACHE_HOME`` (default ``~/.cache``) ``/rar_edge/tensorrt``. Engines fit one GPU and one
+            TensorRT version: empty the folder after upgrading either. Provider "tensorrt" only.
+        trt_engine_cache: False builds every engine anew at each session start.
+        trt_fp16: lets TensorRT run layers in FP16 (``trt_fp16_enable``): faster on GPUs with fast FP16
+            (Jetson Orin), with slightly different embeddings.
     """
 
     provider: str = "cpu"
     threads: int | None = None
     batch_size: int = defaults.BATCH_SIZE
     allow_spinning: bool | None = None
+    trt_engine_cache_dir: str | os.PathLike | None = None
+    trt_engine_cache: bool = True
+    trt_fp16: bool = False
 
     def __post_init__(self) -> None:
         if self.provider not in PROVIDERS:
@@ -76,6 +99,25 @@ class EncoderConfig:
     def beside_ranker(self) -> "EncoderConfig":
         """This config for an encoder that shares the process with a ranker: no spinning unless asked."""
         return self if self.allow_spinning is not None else dataclasses.replace(self, allow_spinning=False)
+
+    def tensorrt_options(self) -> dict[str, bool | str]:
+        """The TensorRT execution provider's options these settings give (what `rar-edge bench` records)."""
+        cache = self.trt_engine_cache_dir
+        if cache is None:
+            cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rar_edge" / "tensorrt"
+        return {"trt_engine_cache_enable": self.trt_engine_cache, "trt_engine_cache_path": str(cache),
+                "trt_fp16_enable": self.trt_fp16}
+
+
+def _providers(config: EncoderConfig, available: Sequence[str]) -> list:
+    """The ``providers`` argument of an InferenceSession: the wanted ones ONNX Runtime has, TensorRT's with options."""
+    names = [p for p in PROVIDERS[config.provider] if p in available] or ["CPUExecutionProvider"]
+    if "TensorrtExecutionProvider" not in names:
+        return names
+    trt = config.tensorrt_options()
+    if trt["trt_engine_cache_enable"]:
+        Path(str(trt["trt_engine_cache_path"])).mkdir(parents=True, exist_ok=True)
+    return [(p, trt) if p == "TensorrtExecutionProvider" else p for p in names]
 
 
 def _session(path: Path, config: EncoderConfig):
@@ -90,10 +132,13 @@ def _session(path: Path, config: EncoderConfig):
     opts.log_severity_level = 3  # ORT's own fallback errors would be noise; we report it ourselves below
     wanted = PROVIDERS[config.provider]
     available = ort.get_available_providers()
-    providers = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
+    providers = _providers(config, available)
     try:
         sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
     except Exception as e:  # noqa: BLE001 - ONNX Runtime's errors (InvalidProtobuf, Fail, ...) share no base class
+        if _NO_KERNEL_IMAGE in str(e) and config.provider != "cpu":
+            warnings.warn(_no_kernel_image_message(config, path, e), ProviderFallbackWarning, stacklevel=3)
+            return _session(path, dataclasses.replace(config, provider="cpu"))
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CorruptFileError(f"ONNX Runtime cannot load {path}: {first[:300]} (re-export the model folder "
                                "with 'rar-edge export')") from e
@@ -101,7 +146,10 @@ def _session(path: Path, config: EncoderConfig):
     if wanted[0] not in in_use:
         msg = (
             f"requested provider {config.provider!r} ({wanted[0]}) is not in use for {path.name}; "
-            f"running on {in_use} (available: {available}). Install the 'gpu' extra and a matching CUDA."
+            f"running on {in_use} (available: {available}). "
+            + ("On aarch64 the 'gpu' extra installs no onnxruntime-gpu: install the wheel built for your JetPack "
+               "(docs/jetson.md)." if platform.machine() == "aarch64" else
+               "Install the 'gpu' extra and a matching CUDA.")
         )
         warnings.warn(msg, ProviderFallbackWarning, stacklevel=3)  # once: not also a log line
     return sess
@@ -245,7 +293,7 @@ class Encoder:
         for i in range(0, len(pixels), step):
             x = normalize(pixels[i : i + step], self.image_spec)
             with self._clock.timing():
-                y = self._image_sess.run([self._image_output], {self._image_input: x})[0]
+                y = self._run("image", [self._image_output], {self._image_input: x})[0]
             outs.append(np.asarray(y).reshape(len(x), -1))
         if not outs:
             return np.zeros((0, self.dim), np.float32)
@@ -260,6 +308,25 @@ class Encoder:
                 raise ManifestError(f"output_dequantize scale must be > 0, got {deq[0]}")
             zero_point = deq[1]
         return l2_normalize(raw, zero_point)
+
+    def _run(self, which: str, outputs: list[str], feeds: dict) -> list:
+        """One run of the image or text session. A GPU session whose kernels do not fit this GPU (ONNX Runtime's
+        "no kernel image is available") is replaced by a CPU session, with a `ProviderFallbackWarning` saying so."""
+        sess = self._image_sess if which == "image" else self._text_sess
+        assert sess is not None  # the text session is made by _ensure_text before any text run
+        try:
+            return sess.run(outputs, feeds)
+        except Exception as e:  # noqa: BLE001 - ONNX Runtime's Fail has no importable base class
+            if _NO_KERNEL_IMAGE not in str(e) or sess.get_providers() == ["CPUExecutionProvider"]:
+                raise
+            path = self.manifest.path(f"{which}_model")
+            warnings.warn(_no_kernel_image_message(self.config, path, e), ProviderFallbackWarning, stacklevel=4)
+            cpu = _session(path, dataclasses.replace(self.config, provider="cpu"))
+            if which == "image":
+                self._image_sess = cpu
+            else:
+                self._text_sess = cpu
+            return cpu.run(outputs, feeds)
 
     def embed_images(self, images: Sequence[ImageLike]) -> np.ndarray:
         """Decodes, preprocesses and embeds images: (N, dim) float32, L2-normalised."""
@@ -309,7 +376,7 @@ class Encoder:
             if "attention_mask" in self._text_inputs:
                 feeds["attention_mask"] = np.asarray([e.attention_mask for e in enc], dtype=np.int64)
             with self._clock.timing():
-                y = self._text_sess.run([self._text_output], feeds)[0]  # type: ignore[union-attr]
+                y = self._run("text", [self._text_output], feeds)[0]
             outs.append(np.asarray(y, dtype=np.float32))
         return l2_normalize(np.concatenate(outs))
 

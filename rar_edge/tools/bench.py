@@ -213,6 +213,8 @@ def environment(encoder: "Encoder", ranker: RankerProtocol | None = None) -> dic
         "provider_requested": cfg.provider,
         "providers_in_use": encoder.providers,
         "providers_available": list(ort.get_available_providers()),
+        # engine cache folder and FP16: what a TensorRT run's start-up time and numbers depend on
+        "tensorrt": cfg.tensorrt_options() if cfg.provider == "tensorrt" else None,
         "python": platform.python_version(),
         "versions": {name: _version(dist) for name, dist in (
             ("rar_edge", "rar-edge"), ("numpy", "numpy"), ("pillow", "pillow"), ("onnxruntime", "onnxruntime"),
