@@ -99,8 +99,8 @@ def test_cli_names_a_corrupt_image_and_exits_2(tmp_path, mobilenet_onnx):
         _img(tmp_path / "data" / c / "ok.png")
     (tmp_path / "data" / "b" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     out = subprocess.run([sys.executable, "-m", "rar_edge", "-q", "memory", "build", str(tmp_path / "data"),
-                          "--encoder", str(mobilenet_onnx), "-o", str(tmp_path / "m.rarmem")],
-                         capture_output=True, text=True, timeout=120)
+                          "--encoder", str(mobilenet_onnx), "-o", str(tmp_path / "m.rarmem"), "--on-error", "stop"],
+                         capture_output=True, text=True, timeout=120)  # the default skips it (tests/test_inputs.py)
     assert out.returncode == 2 and "broken.jpg" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "m.rarmem").exists()  # nothing half-written
 
@@ -128,8 +128,8 @@ def test_cli_refusals_are_one_line_errors(tmp_path, mobilenet_onnx):
     assert built.returncode == 0, built.stderr
     cases = [
         (["eval", tmp_path / "data", *enc, "--shots", "4"], "no query images left"),
-        (["memory", "build", tmp_path / "data", *enc, "-o", tmp_path], "Is a directory"),
-        (["memory", "build", "--boxes", tmp_path / "yolo", *enc, "--shots", "0", "-o", tmp_path / "b"], "shots must be"),
+        (["memory", "build", tmp_path / "data", *enc, "-o", tmp_path], "exists and is not a memory"),
+        (["memory", "build", "--boxes", tmp_path / "yolo", *enc, "--shots", "0", "-o", tmp_path / "b"], "--shots: must be >= 1"),
         (["eval-detect", tmp_path / "yolo", *enc, "--crop-scale", "foo"], "'adaptive'"),
         (["detect", tmp_path / "missing.jpg", "--boxes", tmp_path / "b.txt", "--memory", tmp_path / "m"],
          "no such image file"),

@@ -211,6 +211,39 @@ def test_plain_prompt_without_chat_template(tmp_path):
         assert sorted(r.rank(None, ["a", "b", "c"]).labels) == ["a", "b", "c"]
 
 
+_ICL = [RankingExample(candidates=("a", "b", "c"), ranked=("b", "c", "a")),
+        RankingExample(candidates=("x y", "z"), ranked=("z", "x y"))]
+
+
+def _icl_user(candidates: str) -> str:
+    p = RANKING_PROMPT_V1
+    return f"{p.instruction}\n{p.no_image_line}\n{p.candidates_header}\n{candidates}"
+
+
+@pytest.mark.parametrize("chat", [True, False], ids=["chat-template", "plain"])
+def test_in_context_examples_are_rendered_with_their_answers(tmp_path, tiny_gguf, chat):
+    """Each example is a user turn listing its candidates in the order shown and an assistant turn holding its
+    answer: the ranked order (b, c, a), not the order shown (a, b, c)."""
+    from rar_edge_export.tiny_models import write_tiny_text_gguf
+
+    p = RANKING_PROMPT_V1
+    path = tiny_gguf if chat else write_tiny_text_gguf(tmp_path / "base.gguf", chat_template=None)
+    with Ranker.load(path, n_threads=1, in_context_examples=_ICL) as r:
+        text = r._prefix_text + r._query_text(["rose", "tulip"], False)
+    ex1, ex2, query = _icl_user("a\nb\nc"), _icl_user("x y\nz"), _icl_user("rose\ntulip")
+    if chat:
+        want = (f"<|im_start|>system\n{p.system}<|im_end|>\n"
+                f"<|im_start|>user\n{ex1}<|im_end|>\n<|im_start|>assistant\n1. b\n2. c\n3. a<|im_end|>\n"
+                f"<|im_start|>user\n{ex2}<|im_end|>\n<|im_start|>assistant\n1. z\n2. x y<|im_end|>\n"
+                f"<|im_start|>user\n{query}<|im_end|>\n<|im_start|>assistant\n1.")
+    else:
+        want = (f"{p.system}\n\n"
+                f"### Question:\n{ex1}\n### Answer:\n1. b\n2. c\n3. a\n\n"
+                f"### Question:\n{ex2}\n### Answer:\n1. z\n2. x y\n\n"
+                f"### Question:\n{query}\n### Answer:\n1.")
+    assert text == want
+
+
 # --- generate mode: constrained greedy lines, repair, fallback ------------------------------------------
 
 
@@ -318,7 +351,7 @@ def test_load_errors(tmp_path, tiny_gguf):
         Ranker.load(tmp_path)  # a folder without manifest.json
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"not a gguf")
-    with pytest.raises(RankerError, match="could not load"):
+    with pytest.raises(RankerError, match="not a GGUF file"):
         Ranker.load(bad)
     with pytest.raises(InvalidInputError, match="mode"):
         Ranker.load(tiny_gguf, mode="vote")
