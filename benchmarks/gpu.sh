@@ -32,7 +32,8 @@ cuda_arch="${CUDA_ARCH:-native}"
 : "${ENCODER:?set ENCODER to an exported encoder folder}"
 : "${IMAGES:?set IMAGES to an image folder with one sub-folder per class}"
 
-# A Jetson has no nvidia-smi (JetPack 5 at all; its iGPU shares the board's memory): tegrastats reports it.
+# On a Jetson nvidia-smi is absent (JetPack 5) or says little about the iGPU, which shares the board's memory:
+# /etc/nv_tegra_release, the device tree and tegrastats describe it instead.
 jetson=0; [ -f /etc/nv_tegra_release ] && jetson=1
 if [ "$jetson" = 1 ]; then
   head -n 1 /etc/nv_tegra_release; tr -d '\0' </proc/device-tree/model; echo
