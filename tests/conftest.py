@@ -29,12 +29,42 @@ MOBILENET_TFLITE = "models/mobilenet_v1_embedding/mobilenet_v1_1.0_224_quant_emb
 # --- the shared data folder ---------------------------------------------------------------------------
 
 
+def _shared_root() -> Path:
+    return Path(os.environ.get("RAR_EDGE_SHARED", REPO_ROOT.parent / "shared"))
+
+
+def on_ci() -> bool:
+    """Whether this is a CI run (``CI=true``), where missing shared data fails tests instead of skipping them."""
+    return os.environ.get("CI") == "true"
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    root = _shared_root()
+    ci = " (CI=true: tests that need it fail when it is absent)" if on_ci() else ""
+    return f"shared data: {root} {'present' if root.is_dir() else 'ABSENT'}{ci}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """Under CI=true a test skipped for missing shared data fails: a CI run without the data would otherwise
+    pass with those tests silently skipped. Every such skip names a path under the shared folder."""
+    rep = yield
+    report = rep.get_result()
+    if not (on_ci() and report.skipped) or hasattr(report, "wasxfail"):
+        return
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    if str(_shared_root()) in reason:
+        report.outcome = "failed"
+        report.longrepr = (f"{reason}\nCI=true: the shared data folder ({_shared_root()}, or $RAR_EDGE_SHARED) must be "
+                           "present, so this test fails instead of skipping.")
+
+
 def shared_dir() -> Path:
     """The read-only shared folder (``$RAR_EDGE_SHARED``, default ``<repo>/../shared``).
 
-    Skips the calling test when the folder is absent.
+    Skips the calling test when the folder is absent (fails it under CI=true: `pytest_runtest_makereport`).
     """
-    path = Path(os.environ.get("RAR_EDGE_SHARED", REPO_ROOT.parent / "shared"))
+    path = _shared_root()
     if not path.is_dir():
         pytest.skip(f"shared data folder {path} is absent (set RAR_EDGE_SHARED to its location)")
     return path

@@ -132,6 +132,20 @@ def test_in_context_examples_have_distinct_labels():
     assert all(e.image is not None for e in in_context_examples(rows, n=2, with_images=True))
 
 
+def test_in_context_examples_carry_the_rows_answers_not_the_order_shown():
+    rows, _ = _rows(k=4)
+    by_shown = {(r.image, r.candidates): r for r in rows}
+    assert len(by_shown) == len(rows)
+    examples = in_context_examples(rows, n=5, seed=1, with_images=True)
+    assert len(examples) == 5
+    for e in examples:
+        row = by_shown[e.image, e.candidates]  # the candidates as the row shows them (shuffled)
+        assert e.ranked == row.ranked and e.ranked[0] == row.label
+        # the answer a ranker's prompt renders for it is the row's fine-tuning answer
+        assert RANKING_PROMPT_V1.answer(e.ranked) == row.to_conversation()["conversations"][1]["value"]
+    assert any(e.ranked != e.candidates for e in examples)  # else the check above could not tell them apart
+
+
 def test_write_jsonl_is_atomic_and_leaves_no_temp_files(tmp_path):
     out = tmp_path / "rows.jsonl"
     out.write_text("old\n")
