@@ -16,14 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import flower_photos, shared_file
 
 from rar_edge.encoders import Encoder
-from rar_edge.errors import ImageDecodeError, MissingDependencyError
+from rar_edge.errors import ImageDecodeError, InvalidInputError, MissingDependencyError
 from rar_edge.index.memory import Memory
 from rar_edge.pipeline import Pipeline, PipelineConfig
 from rar_edge.types import Ranking
 
+from conftest import flower_photos, shared_file
 from stub_ranker import StubRanker
 
 pq = pytest.importorskip("pyarrow.parquet")
@@ -198,21 +198,59 @@ def test_cli_joins_the_cluster_builds_and_labels(ray_cluster, encoder, flowers, 
         assert row["scores"] == pytest.approx([c.score for c in r.retrieved], abs=1e-6)
 
 
-def test_a_ray_output_folder_is_not_overwritten_unasked(ray_cluster, encoder, flowers, tmp_path):
-    from rar_edge.errors import InvalidInputError
-    from rar_edge.tools.batch import classify_batch
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight text GGUF: a real llama.cpp ranker that ranks from the names alone."""
+    pytest.importorskip("llama_cpp")
+    from rar_edge_export.tiny_models import write_tiny_text_gguf
 
-    mem = Memory.from_folder(flowers, encoder=encoder, shots=1)
-    mem.save(tmp_path / "m.rarmem")
+    return write_tiny_text_gguf(tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf", seed=0)
+
+
+def test_ray_rows_with_a_ranker_equal_local_and_the_output_is_not_overwritten_unasked(
+        ray_cluster, encoder, flowers, tiny_gguf, tmp_path):
+    from rar_edge.errors import InvalidInputError
+    from rar_edge.tools.batch import BatchConfig, classify_batch
+
+    Memory.from_folder(flowers, encoder=encoder, shots=1).save(tmp_path / "m.rarmem")
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join(str(p) for p in sorted(flowers.rglob("*.jpg"))[::4]) + "\n")
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.parquet").write_bytes(b"x")
+    kw = {"memory": tmp_path / "m.rarmem", "ranker": tiny_gguf, "config": BatchConfig(k=3)}
     with pytest.raises(InvalidInputError, match="--overwrite"):
-        classify_batch(flowers, memory=tmp_path / "m.rarmem", output=out, engine="ray")
-    res = classify_batch(next(flowers.rglob("*.jpg")), memory=tmp_path / "m.rarmem", output=out, engine="ray",
-                         overwrite=True)
-    assert (res.rows, res.errors) == (1, 0)
+        classify_batch(listing, output=out, engine="ray", **kw)
+    res = classify_batch(listing, output=out, engine="ray", overwrite=True, **kw)
+    assert (res.rows, res.errors) == (3, 0)
     assert not (out / "old.parquet").exists()
+    classify_batch(listing, output=tmp_path / "local.parquet", **kw)
+    rows, local = pq.read_table(out).to_pylist(), pq.read_table(tmp_path / "local.parquet").to_pylist()
+    assert all(r["ranker_ran"] and sorted(r["ranked"]) == sorted(r["labels"]) for r in rows)
+    assert [(r["path"], r["ranked"]) for r in rows] == [(r["path"], r["ranked"]) for r in local]
+
+
+def test_a_shipped_model_folder_reaches_an_actor_without_the_path(ray_cluster, encoder, tmp_path):
+    from rar_edge.tools.distributed import folder_files, materialise
+
+    missing = str(tmp_path / "not_on_this_node")
+    ref = [ray_cluster.put(folder_files(encoder.path))]
+    got = materialise(missing, ref, marker="manifest.json")
+    assert materialise(missing, ref, marker="manifest.json") == got  # one copy per node and content
+    assert Encoder(got).fingerprint == encoder.fingerprint
+    assert materialise(str(encoder.path), ref, marker="manifest.json") == str(encoder.path)  # the path wins
+    with pytest.raises(InvalidInputError, match="does not exist on this node"):
+        materialise(missing, None, marker="manifest.json")
+
+
+def test_actors_reserve_a_gpu_with_the_cuda_provider(ray_cluster):
+    from rar_edge.tools.distributed import RayOptions, actor_resources
+
+    assert actor_resources(RayOptions(concurrency=3), "cuda")["num_gpus"] == 1.0
+    assert "num_gpus" not in actor_resources(RayOptions(), "cpu")
+    assert actor_resources(RayOptions(num_gpus_per_actor=0.25), "cuda")["num_gpus"] == 0.25
+    pool = actor_resources(RayOptions(concurrency=3), "cpu")["compute"]
+    assert (pool.min_size, pool.max_size) == (3, 3)
 
 
 def test_local_batch_reads_a_list_of_paths_and_uris(encoder, flowers, tmp_path, monkeypatch):

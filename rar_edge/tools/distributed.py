@@ -17,9 +17,11 @@ store (see `RayOptions.ship_files`).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import os
+import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -43,8 +45,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rar_edge")
 
-#: Rows added to the memory at a time while results stream in (each add copies the memory's vectors once).
-ADD_CHUNK_ROWS = 65_536
+#: Rows added to the memory at a time while results stream in (`Memory.add` normalises a chunk in float64:
+#: 32 MB at 1024 dims).
+ADD_CHUNK_ROWS = 4096
 #: Most input rows per Ray block: small enough that every actor gets work early, large enough to keep
 #: the number of blocks (each an object in Ray's store) low for millions of photos.
 MAX_BLOCK_ROWS = 1024
@@ -167,6 +170,10 @@ def materialise(path: str, shipped: list | None, *, marker: str | None) -> str:
         path: where it lives on the driver; used as it is when it exists here (``marker`` inside a folder).
         shipped: ``[ObjectRef]`` of `folder_files` output (a folder) or of bytes (a file), or None.
         marker: for a folder, a file that must be in it (``manifest.json``); None for a file.
+
+    Returns:
+        ``path``, or a copy under the node's temporary folder named by the content's sha256 (written once
+        per node and content, renamed into place complete, shared by the node's actors).
     """
     here = Path(path) / marker if marker else Path(path)
     if here.is_file():
@@ -176,15 +183,23 @@ def materialise(path: str, shipped: list | None, *, marker: str | None) -> str:
                                 "let it travel through Ray's object store (ship_files / --ray-ship-files)")
     ray = import_ray()
     data = ray.get(shipped[0])
-    tmp = Path(tempfile.mkdtemp(prefix="rar_edge-"))
-    if isinstance(data, dict):
-        for rel, blob in data.items():
+    files = data if isinstance(data, dict) else {Path(path).name: data}
+    digest = hashlib.sha256()
+    for rel in sorted(files):
+        digest.update(rel.encode() + b"\0" + hashlib.sha256(files[rel]).digest())
+    root = Path(tempfile.gettempdir()) / "rar_edge-shipped"
+    final = root / digest.hexdigest()[:32]
+    if not final.is_dir():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".incoming-", dir=root))
+        for rel, blob in files.items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             (tmp / rel).write_bytes(blob)
-        return str(tmp)
-    out = tmp / Path(path).name
-    out.write_bytes(data)
-    return str(out)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another actor on this node renamed the same content into place first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(final if isinstance(data, dict) else final / Path(path).name)
 
 
 def _ship(ray: Any, options: RayOptions, make: Any) -> list | None:
