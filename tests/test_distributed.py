@@ -140,16 +140,22 @@ def test_zero_shot_build_equals_local(ray_cluster, tiny_clip_onnx):
     assert remote.sources[2] == "text:red fox"
 
 
-def test_a_corrupt_image_stops_the_build_naming_it(ray_cluster, encoder, flowers, tmp_path):
+def test_a_corrupt_image_stops_or_is_skipped_as_locally(ray_cluster, encoder, flowers, tmp_path, caplog):
     from rar_edge.tools.distributed import build_memory
 
     shutil.copytree(flowers, tmp_path / "f", symlinks=True)
     bad = tmp_path / "f" / sorted(os.listdir(flowers))[0] / "zz_broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     with pytest.raises(ImageDecodeError, match="zz_broken.jpg"):
-        Memory.from_folder(tmp_path / "f", encoder=encoder)  # the local build refuses it too
+        Memory.from_folder(tmp_path / "f", encoder=encoder)  # on_error="stop", the API's default
     with pytest.raises(ImageDecodeError, match="zz_broken.jpg"):
         build_memory(tmp_path / "f", encoder=encoder)
+    local = Memory.from_folder(tmp_path / "f", encoder=encoder, on_error="skip")
+    with caplog.at_level("WARNING", logger="rar_edge"):
+        remote = build_memory(tmp_path / "f", encoder=encoder, on_error="skip")
+    _same_memory(local, remote)
+    assert remote.size == 12 and str(bad) not in remote.sources
+    assert any("zz_broken.jpg" in r.getMessage() for r in caplog.records)
 
 
 def _batch_src(flowers: Path, tmp_path: Path) -> tuple[Path, list[str]]:
@@ -271,6 +277,10 @@ def test_local_batch_reads_a_list_of_paths_and_uris(encoder, flowers, tmp_path, 
     pipe = Pipeline(memory=mem, encoder=encoder)
     assert [r["label"] for r in rows[:3]] == [pipe.classify(p).label for p in photos]
     assert "missing.jpg" in rows[3]["error"]
+    with pytest.raises(InvalidInputError, match="--overwrite"):
+        classify_batch(listing, memory=tmp_path / "m.rarmem", output=tmp_path / "o.parquet")
+    assert classify_batch(photos[0], memory=tmp_path / "m.rarmem", output=tmp_path / "o.parquet",
+                          overwrite=True).rows == 1
 
 
 def test_rows_carry_the_rankers_answer(encoder, flowers):

@@ -72,7 +72,7 @@ def _filesystem_of(prefix: str) -> Any:
 
 
 def filesystem(path: str) -> tuple[Any, str]:
-    """(pyarrow filesystem, path inside it) for a local path or a URI (s3://, gs://, hdfs://, file://)."""
+    """(pyarrow filesystem, path inside it) for a local path or a URI (s3://, gs://, file://)."""
     _, pafs, _ = _pa()
     if not _is_uri(path):
         return pafs.LocalFileSystem(), os.path.abspath(path)
@@ -265,7 +265,7 @@ def classify_batch(
         config: k, encoder settings, ranker settings.
         engine: "local" (this process) or "ray" (an actor pool on Ray Data).
         options: the Ray job's settings (engine "ray").
-        overwrite: replace the Ray engine's output folder if it holds files (the local file is always replaced).
+        overwrite: replace an existing output (the local engine's file, the Ray engine's folder of shards).
         progress: a progress bar (local) or Ray Data's progress bars.
 
     Returns:
@@ -278,6 +278,14 @@ def classify_batch(
     enc = None if encoder is None else os.fspath(encoder)
     rk = None if ranker is None else os.fspath(ranker)
     paths = list_images(src)
+    _, pafs, _ = _pa()
+    fs, p = filesystem(out)
+    info = fs.get_file_info(p)
+    if engine == "local" and info.type != pafs.FileType.NotFound:
+        if info.type != pafs.FileType.File:
+            raise InvalidInputError(f"{out} is not a file: the local engine writes one Parquet file")
+        if not overwrite:
+            raise InvalidInputError(f"{out} exists: pass --overwrite to replace it")
     if engine == "local":
         pipe = open_pipeline(memory, encoder=enc, ranker=rk, config=config)
         it: Iterable[str] = paths

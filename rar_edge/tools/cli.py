@@ -267,7 +267,7 @@ def cmd_memory_build(args) -> int:
 
         mem = build_memory(args.folder, encoder=enc, classes=read_class_names(args.classes) if args.classes else None,
                            boxes=getattr(args, "boxes", None), shots=args.shots, seed=args.seed, backend=args.backend,
-                           hnsw=hnsw, options=_ray_options(args), progress=not args.quiet)
+                           hnsw=hnsw, on_error=args.on_error, options=_ray_options(args), progress=not args.quiet)
     elif args.classes:
         from rar_edge.datasets import read_class_names
 
@@ -613,7 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ranker_args(cb)
     cb.add_argument("-o", "--output", required=True,
                     help="Parquet file (local engine) or folder of Parquet shards (ray engine); a path or a URI")
-    cb.add_argument("--overwrite", action="store_true", help="replace the ray engine's output folder if not empty")
+    cb.add_argument("--overwrite", action="store_true", help="replace an existing output (file or folder of shards)")
     _add_engine_args(cb)
     cb.set_defaults(func=cmd_classify_batch)
 

@@ -36,7 +36,6 @@ from rar_edge.errors import (
     InvalidInputError,
     MemoryMismatchError,
     MissingDependencyError,
-    RarEdgeError,
 )
 
 if TYPE_CHECKING:
@@ -271,8 +270,8 @@ class ImageEmbedder(_EncoderActor):
             try:
                 pixels.append(enc.preprocess(enc.decode(_read(str(path)))))
                 good.append(i)
-            except (RarEdgeError, OSError) as e:
-                errors[i] = f"{type(e).__name__}: {e}"
+            except InvalidInputError as e:  # the image's own fault (unreadable, corrupt, too large), as locally
+                errors[i] = str(e)
         if pixels:
             vectors[good] = enc.embed_pixels(np.stack(pixels))
         return {"key": keys, "vector": vectors, "error": np.asarray(errors, dtype=object)}
@@ -296,12 +295,12 @@ class BoxEmbedder(_EncoderActor):
             boxes = np.asarray(flat, np.float64).reshape(-1, 4)
             try:
                 c, lab, src = exemplar_crops(str(path), boxes, picks, self.crop)
-            except (RarEdgeError, OSError) as e:
+            except InvalidInputError as e:
                 keys.append(int(key))
                 crops.append(np.zeros((1, self.crop.out_size_px, self.crop.out_size_px, 3), np.uint8))
                 labels.append("")
                 sources.append(str(path))
-                errors.append(f"{type(e).__name__}: {e}")
+                errors.append(str(e))
                 continue
             keys.extend([int(key)] * len(c))
             crops.append(c)
@@ -334,13 +333,19 @@ class TextEmbedder(_EncoderActor):
 
 # -- the driver ----------------------------------------------------------------------------------------
 class _InOrderAdder:
-    """Adds streamed result batches to a memory in entry order, a chunk at a time; refuses errors and gaps."""
+    """Adds streamed result batches to a memory in entry order, a chunk at a time.
+
+    A row with an error (an image that cannot be read) stops the build (``on_error="stop"``) or is left out
+    with a warning naming it (``"skip"``), as `Memory.add_images` does; rows out of order stop it too.
+    """
 
     def __init__(self, mem: "Memory", *, labels: Sequence[str] | None, sources: Sequence[str] | None,
-                 paths: Sequence[str], what: str) -> None:
+                 paths: Sequence[str], what: str, on_error: str = "stop") -> None:
         self.mem, self.labels, self.sources, self.paths, self.what = mem, labels, sources, paths, what
+        self.on_error = on_error
         self.last = -1
         self.rows = 0
+        self.skipped: list[str] = []
         self._v: list[np.ndarray] = []
         self._l: list[str] = []
         self._s: list[str] = []
@@ -350,14 +355,22 @@ class _InOrderAdder:
         keys = np.asarray(batch["key"], np.int64)
         if not len(keys):
             return
-        for k, err in zip(keys, batch["error"]):
-            if err:
-                # As the local build: the first unreadable image stops the build, naming the file.
-                raise ImageDecodeError(f"{self.paths[int(k)]}: {err}")
         if keys[0] < self.last or np.any(np.diff(keys) < 0):
             raise RuntimeError(f"Ray Data returned {self.what} out of order (key {int(keys[0])} after "
                                f"{self.last}); the memory would not match a local build")
         self.last = int(keys[-1])
+        self.rows += len(keys)
+        ok = np.asarray([not e for e in batch["error"]], bool)
+        for k, err in zip(keys[~ok], np.asarray(batch["error"])[~ok]):
+            if self.on_error == "stop":
+                raise ImageDecodeError(str(err))  # the decoder's message names the file
+            log.warning("skipped image %s: %s", self.paths[int(k)], err)
+            self.skipped.append(self.paths[int(k)])
+        if not ok.all():
+            keys = keys[ok]
+            batch = {name: np.asarray(col)[ok] for name, col in batch.items()}
+            if not len(keys):
+                return
         self._v.append(np.asarray(batch["vector"], np.float32))
         if self.labels is not None:
             self._l.extend(self.labels[int(k)] for k in keys)
@@ -372,7 +385,6 @@ class _InOrderAdder:
     def flush(self) -> None:
         if self._n:
             self.mem.add(np.concatenate(self._v), self._l, sources=self._s)
-            self.rows += self._n
         self._v, self._l, self._s, self._n = [], [], [], 0
 
 
@@ -389,6 +401,7 @@ def build_memory(
     blur_sigma_px: float | None = None,
     backend: str = "auto",
     hnsw: "HnswParams | None" = None,
+    on_error: str = "stop",
     options: RayOptions | None = None,
     progress: bool = False,
 ) -> "Memory":
@@ -407,11 +420,13 @@ def build_memory(
         templates: zero-shot prompt templates (default: the manifest's).
         crop_scale, blur_sigma_px: box crop settings (default: the SDK's).
         backend, hnsw: the memory's search back end.
+        on_error: for ``folder``: ``"stop"`` (raise at an unreadable image) or ``"skip"`` (leave it out with a
+            warning naming it), as `Memory.from_folder`; box builds always stop, as `memory_from_boxes`.
         options: the Ray job's settings.
         progress: show Ray Data's progress bars.
 
     Raises:
-        ImageDecodeError: an image cannot be decoded (the path is named), as in a local build.
+        ImageDecodeError: an image cannot be decoded (the path is named) and it is not skipped.
         MissingDependencyError: ray is not installed.
     """
     from rar_edge.index.memory import Memory
@@ -419,6 +434,8 @@ def build_memory(
     given = [x for x in (folder, classes, boxes) if x is not None]
     if len(given) != 1:
         raise InvalidInputError("give exactly one of folder (few-shot images), classes (zero-shot) or boxes (crops)")
+    if on_error not in ("stop", "skip"):
+        raise InvalidInputError(f"on_error must be 'stop' or 'skip', not {on_error!r}")
     options = options or RayOptions()
     import pyarrow as pa
 
@@ -435,7 +452,7 @@ def build_memory(
             labels = [c for c, ps in split.support.items() for _ in ps]
             table = pa.table({"key": np.arange(len(paths), dtype=np.int64), "path": paths})
             actor, kwargs, what = ImageEmbedder, common, "images"
-            adder = _InOrderAdder(mem, labels=labels, sources=paths, paths=paths, what=what)
+            adder = _InOrderAdder(mem, labels=labels, sources=paths, paths=paths, what=what, on_error=on_error)
         elif classes is not None:
             names = [str(n) for n in classes]
             if not names:
@@ -470,7 +487,7 @@ def build_memory(
         for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
             adder.take(batch)
         adder.flush()
-    if boxes is None and adder.rows != table.num_rows:
+    if boxes is None and adder.rows != table.num_rows:  # every planned row answered, entry or error
         raise RuntimeError(f"Ray Data returned {adder.rows} of {table.num_rows} {what}")
     log.info("built a %d-entry memory on Ray (%d actors)", mem.size, options.concurrency)
     return mem
