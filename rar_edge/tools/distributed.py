@@ -248,15 +248,6 @@ class _EncoderActor:
                 f"driver's ({fingerprint[:12]}): give every node the same model files")
 
 
-def _read(path: str) -> Any:
-    """What the SDK's decoder takes for ``path``: the path itself, or the bytes of a URI (pyarrow)."""
-    if "://" not in path:
-        return path
-    from rar_edge.tools.batch import read_uri
-
-    return read_uri(path)
-
-
 class ImageEmbedder(_EncoderActor):
     """Rows ``key``, ``path`` -> ``key``, ``vector``, ``error`` ("" when fine); decoded as the local build does."""
 
@@ -268,7 +259,7 @@ class ImageEmbedder(_EncoderActor):
         good, pixels = [], []
         for i, path in enumerate(batch["path"]):
             try:
-                pixels.append(enc.preprocess(enc.decode(_read(str(path)))))
+                pixels.append(enc.preprocess(enc.decode(str(path))))
                 good.append(i)
             except InvalidInputError as e:  # the image's own fault (unreadable, corrupt, too large), as locally
                 errors[i] = str(e)
