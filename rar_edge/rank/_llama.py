@@ -11,6 +11,7 @@ import ctypes
 import functools
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -175,8 +176,9 @@ class _Native:
             _TLS.errors = None
         if not self.model:
             self.model = None
-            why = f": {errors[-1]}" if errors else ""
-            raise RankerError(f"llama.cpp could not load the model {model_path} (not a GGUF it supports?){why}")
+            # the first error says why ("tensor ... data is not within the file bounds"); the last only that it failed
+            why = re.sub(r"^\w+: (error loading model: )?", "", errors[0]) if errors else "not a GGUF it supports?"
+            raise RankerError(f"llama.cpp could not load the model {model_path}: {why}")
         try:
             self.vocab = lc.llama_model_get_vocab(self.model)
             self.n_vocab = int(lc.llama_vocab_n_tokens(self.vocab))
