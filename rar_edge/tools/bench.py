@@ -624,7 +624,7 @@ def _write_outputs(result: dict[str, Any], out: Path, *, plots: bool) -> None:
     for stale in set(_PLOTS) - set(result["files"]["plots"]):
         (out / stale).unlink(missing_ok=True)
     write_text(out / "summary.md", summary_markdown(result))
-    write_text(out / "bench.json", json.dumps(result, indent=1) + "\n")
+    write_text(out / "bench.json", json.dumps(result, indent=1, ensure_ascii=False) + "\n")
 
 
 # -- report ----------------------------------------------------------------------------------------------------
