@@ -135,7 +135,7 @@ def run_build(cmd: list[str], *, period_s: float = 0.5) -> dict:
         timeline.append(round(before[-1] / 1024, 1) if before else None)
     return {"wall_s": round(wall, 2), "driver_peak_rss_mb": round(peak["driver_hwm_kb"] / 1024, 1),
             "driver_rss_mb_each_tenth": timeline, "all_processes_peak_rss_mb": round(peak["all_kb"] / 1024, 1),
-            "stdout": out.strip().splitlines()[-1:] }
+            "stdout": out.strip().splitlines()[-1:]}
 
 
 def compare(a_path: Path, b_path: Path) -> dict:
@@ -164,7 +164,8 @@ def main() -> None:
     n = (args.n // args.classes) * args.classes
     out_dir = Path(args.dir) / "out"
     out_dir.mkdir(parents=True, exist_ok=True)
-    base = [sys.executable, "-m", "rar_edge", "-q", "memory", "build", str(folder), "--encoder", args.encoder]
+    base = [sys.executable, "-m", "rar_edge", "-q", "memory", "build", str(folder), "--encoder", args.encoder,
+            "--overwrite"]
     from rar_edge.encoders import Encoder
 
     dim = Encoder(args.encoder).dim
