@@ -454,10 +454,11 @@ def build_memory(
             actor, kwargs, what = TextEmbedder, {**common, "templates": templates}, "class names"
             adder = _InOrderAdder(mem, labels=names, sources=[f"text:{n}" for n in names], paths=names, what=what)
         else:
-            from rar_edge.datasets import read_detection_dataset
+            from rar_edge.datasets import read_detection_dataset, warn_invalid_boxes
             from rar_edge.index.build import crop_config, select_box_exemplars
 
             _, images = read_detection_dataset(boxes)  # type: ignore[arg-type]
+            warn_invalid_boxes(images, str(boxes))  # as memory_from_boxes: the driver says it once
             chosen = select_box_exemplars(images, str(boxes), shots=shots, seed=seed, image_indices=None)
             paths = [str(images[i].path) for i, _ in chosen]
             table = pa.table({
