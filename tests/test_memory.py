@@ -331,3 +331,122 @@ def test_labels_with_line_breaks_are_refused():
     for bad in ("tulip\n", "a\u2028b", "x\ry"):
         with pytest.raises(InvalidInputError, match="line break"):
             m.add(np.eye(4)[:1], [bad])
+
+
+# -- storage engine: segments, directory store, mapped loads ------------------------------------------------
+@pytest.fixture
+def small_segments(monkeypatch):
+    import rar_edge.index._store as store
+
+    monkeypatch.setattr(store, "SEAL_ROWS", 64)
+    monkeypatch.setattr(store, "HNSW_MIN_ROWS", 100)
+    monkeypatch.setattr(store, "MERGE_FAN_IN", 4)
+    return store
+
+
+def test_appends_grow_the_tail_by_doubling(small_segments, monkeypatch):
+    """Adding rows in batches of 16 reallocates the tail O(log n) times, not once per batch."""
+    monkeypatch.setattr(small_segments, "SEAL_ROWS", 1 << 20)
+    m = Memory(dim=8, backend="exact")
+    rng = np.random.default_rng(0)
+    buffers = set()
+    for i in range(500):
+        m.add(rng.standard_normal((16, 8)), [f"c{i % 7}"] * 16)
+        buffers.add(id(m._engine._tail_v))
+    assert m.size == 8000 and len(buffers) <= 8  # 256, 512, ... 8192 rows
+
+
+def test_segments_merges_and_tombstones_answer_like_one_array(small_segments):
+    x, labels, _ = clustered(n_classes=30, per_class=20, dim=24, seed=4)
+    m = Memory(dim=24, backend="exact")
+    for i in range(0, len(x), 16):
+        m.add(x[i : i + 16], labels[i : i + 16])
+    assert len(m._engine.snapshot.segments) >= 2
+    m.remove(ids=m.ids[::3])
+    m.remove(label="class_07")
+    keep = [i for i in range(len(x)) if i % 3 and labels[i] != "class_07"]
+    ref = make(x[keep], [labels[i] for i in keep], backend="exact")
+    assert m.size == ref.size and m.labels == ref.labels
+    np.testing.assert_array_equal(m.vectors, ref.vectors)
+    rng = np.random.default_rng(1)
+    for q in rng.standard_normal((20, 24)).astype(np.float32):
+        assert [c.label for c in m.search(q, k=5)[0]] == [c.label for c in ref.search(q, k=5)[0]]
+    # a class removed and added again comes back
+    m.add(x[labels.index("class_07")], ["class_07"])
+    assert "class_07" in m.classes and m.search(x[labels.index("class_07")], k=1)[0][0].label == "class_07"
+
+
+def test_segment_graphs_are_searched(small_segments):
+    x, labels, _ = clustered(n_classes=40, per_class=30, dim=32, noise=0.4, seed=5)
+    h = Memory(dim=32, backend="hnsw", hnsw=HnswParams(M=16, ef_construction=100, ef=128))
+    e = make(x, labels, backend="exact")
+    for i in range(0, len(x), 100):
+        h.add(x[i : i + 100], labels[i : i + 100])
+    assert any(s.hnsw is not None for s in h._engine.snapshot.segments)
+    rng = np.random.default_rng(0)
+    qs = x[rng.choice(len(x), 50, replace=False)] + 0.05 * rng.standard_normal((50, 32)).astype(np.float32)
+    agree = np.mean([len({c.label for c in h.search(q, k=5)[0]} & {c.label for c in e.search(q, k=5)[0]}) / 5
+                     for q in qs])
+    assert agree >= 0.95
+
+
+def test_directory_store_saves_only_what_changed(small_segments, tmp_path):
+    x, labels, _ = clustered(n_classes=10, per_class=30, dim=16)
+    m = make(x, labels)
+    store = m.save(tmp_path / "m.rarmemd")
+    first = {p.name: p.stat().st_ino for p in store.iterdir()}
+    m.add(x[:5] + 0.01, ["new"] * 5)
+    m.save(store)
+    second = {p.name: p.stat().st_ino for p in store.iterdir()}
+    kept = {n for n in first if n != "MANIFEST.json"}
+    assert kept <= set(second) and all(first[n] == second[n] for n in kept)  # old segment files untouched
+    new_files = set(second) - set(first)
+    assert new_files and all(".d" not in n for n in new_files)
+    written = sum((store / n).stat().st_size for n in new_files)
+    assert written < 2_000  # 5 rows of 16 floats and their ids, codes, sources
+    m.remove(ids=m.ids[:2])
+    m.save(store)
+    third = set(p.name for p in store.iterdir())
+    assert any(".d2-" in n for n in third - set(second))  # a tombstone file, not a rewrite
+    back = Memory.load(store)
+    assert same_memory(back, m)
+    assert back.search(x[7], k=3) == m.search(x[7], k=3)
+    # a folder that is not a store is not written into
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "a.jpg").write_bytes(b"x")
+    with pytest.raises(InvalidInputError, match="not a memory store"):
+        m.save(other, layout="dir")
+
+
+def same_memory(a, b) -> bool:
+    return (a.size == b.size and np.array_equal(a.vectors, b.vectors) and a.labels == b.labels
+            and np.array_equal(a.ids, b.ids) and a.sources == b.sources and a.classes == b.classes)
+
+
+@pytest.mark.parametrize("storage", ["float32", "int8_rerank"])
+@pytest.mark.parametrize("suffix", [".rarmem", ".rarmemd"])
+def test_mmap_loads_map_the_vectors_and_answer_the_same(tmp_path, storage, suffix):
+    x, labels, _ = clustered(n_classes=20, per_class=20, dim=32)
+    m = make(x, labels, storage=storage)
+    p = m.save(tmp_path / f"m{suffix}")
+    whole, mapped = Memory.load(p), Memory.load(p, mmap=True)
+    seg = mapped._engine.snapshot.segments[0]
+    assert isinstance(seg.vectors.base, np.memmap) or isinstance(seg.vectors, np.memmap)
+    if storage == "int8_rerank":
+        assert isinstance(seg.store._v, np.memmap) or isinstance(seg.store._v.base, np.memmap)
+    assert same_memory(whole, mapped)
+    for q in x[::17]:
+        assert mapped.search(q, k=5) == whole.search(q, k=5) == m.search(q, k=5)
+    mapped.add(-x[:2], ["more", "more"])  # a mapped memory takes writes (new rows live in RAM)
+    assert mapped.search(-x[0], k=1)[0][0].label == "more"
+
+
+def test_merging_memories_needs_the_same_encoder():
+    x, labels, _ = clustered()
+    a, b = make(x, labels), make(x[:10], labels[:10])
+    assert len(a.add_memory(b)) == 10 and a.size == len(x) + 10
+    c = Memory(dim=x.shape[1], encoder=EncoderRecord("other", "/m", "0" * 64, x.shape[1]))
+    c.add(x[:3], labels[:3])
+    with pytest.raises(MemoryMismatchError, match="different encoders"):
+        a.add_memory(c)
