@@ -595,6 +595,9 @@ def test_also_cli_words_version_and_readable_json(mem_path, folder, enc_dir, tmp
     assert cli("-q", "memory", "build", root, "--encoder", enc_dir, "-o", m).returncode == 0
     j = cli("-q", "classify", root / "café" / "0.jpg", "--memory", m, "--json")
     assert '"label": "café"' in j.stdout
+    f = cli("-q", "finetune-data", folder, "--encoder", enc_dir, "-k", "2", "-o", tmp_path / "rows.jsonl", "--json")
+    assert f.returncode == 0, f.stderr
+    assert json.loads(f.stdout)["rows"] == len((tmp_path / "rows.jsonl").read_text().splitlines()) > 0
 
 
 def test_also_every_option_has_help():
