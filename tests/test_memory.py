@@ -367,6 +367,8 @@ def test_segments_merges_and_tombstones_answer_like_one_array(small_segments):
     keep = [i for i in range(len(x)) if i % 3 and labels[i] != "class_07"]
     ref = make(x[keep], [labels[i] for i in keep], backend="exact")
     assert m.size == ref.size and m.labels == ref.labels
+    snap = m._engine.snapshot
+    assert snap.n_live_classes == len(snap.live_codes()) == len(ref.classes)  # the writer's count is right
     np.testing.assert_array_equal(m.vectors, ref.vectors)
     rng = np.random.default_rng(1)
     for q in rng.standard_normal((20, 24)).astype(np.float32):
@@ -450,3 +452,19 @@ def test_merging_memories_needs_the_same_encoder():
     c.add(x[:3], labels[:3])
     with pytest.raises(MemoryMismatchError, match="different encoders"):
         a.add_memory(c)
+
+
+def test_merged_segments_carry_the_int8_rows_they_were_quantised_to(small_segments, monkeypatch):
+    from rar_edge.index.lookup import quantize_int8
+
+    monkeypatch.setattr(small_segments, "SEAL_ROWS", 256)  # above RERANK_MIN_ROWS: int8 copies exist
+    x, labels, _ = clustered(n_classes=10, per_class=300, dim=16, seed=2)
+    m = Memory(dim=16, backend="exact", storage="int8_rerank")
+    for i in range(0, len(x), 100):
+        m.add(x[i : i + 100], labels[i : i + 100])
+    m.remove(ids=m.ids[::4])
+    m.compact()
+    (seg,) = m._engine.snapshot.segments
+    q8, scales = quantize_int8(seg.vectors)
+    np.testing.assert_array_equal(seg.store._v, q8)
+    np.testing.assert_array_equal(seg.store._scales, scales)

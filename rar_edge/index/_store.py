@@ -146,6 +146,7 @@ class Snapshot:
     n_codes: int  # len(names) when published
     n_live: int
     next_id: int
+    n_live_classes: int = 0  # codes with at least one live entry
     _cache: dict = field(default_factory=dict, repr=False)
 
     def parts(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, Sequence[str]]]:
@@ -301,12 +302,34 @@ class Engine:
         self._tail_l = np.zeros(0, np.int32)
         self._tail_i = np.zeros(0, np.int64)
         self._tail_s: list[str] = []
+        # live entries per code: the writer's own (readers get the class count; the per-class counts they
+        # ask for are computed from their snapshot)
+        self._counts = np.zeros(16, np.int64)
+        self._n_live_classes = 0
         self.snapshot = Snapshot(self.dim, (), Tail(self._tail_v, self._tail_l, self._tail_i, self._tail_s), self._names,
                                  1, 0, 0)
 
     # -- classes -------------------------------------------------------------------------------------
     def code_of(self, name: str) -> int | None:
         return self._index.get(name)
+
+    def live_count(self, code: int) -> int:
+        """Live entries of a class code (writer side: call under `lock`)."""
+        return int(self._counts[code]) if code < len(self._counts) else 0
+
+    def _count(self, codes: np.ndarray, sign: int) -> None:
+        if not len(codes):
+            return
+        uniq, cnt = np.unique(codes, return_counts=True)
+        if uniq[-1] >= len(self._counts):
+            grown = np.zeros(max(2 * len(self._counts), int(uniq[-1]) + 1), np.int64)
+            grown[: len(self._counts)] = self._counts
+            self._counts = grown
+        before = self._counts[uniq]
+        after = before + sign * cnt
+        self._counts[uniq] = after
+        self._n_live_classes += int(np.count_nonzero((before == 0) & (after > 0)))
+        self._n_live_classes -= int(np.count_nonzero((before > 0) & (after == 0)))
 
     def _code(self, name: str) -> int:
         c = self._index.get(name)
@@ -326,7 +349,8 @@ class Engine:
     # -- publishing ----------------------------------------------------------------------------------
     def _publish(self, segments: Sequence[Segment], tail: Tail, next_id: int) -> Snapshot:
         n_live = sum(s.n_live for s in segments) + tail.n - tail.n_dead
-        snap = Snapshot(self.dim, tuple(segments), tail, self._names, len(self._names), n_live, next_id)
+        snap = Snapshot(self.dim, tuple(segments), tail, self._names, len(self._names), n_live, next_id,
+                        self._n_live_classes)
         self.snapshot = snap  # the commit: one reference assignment
         return snap
 
@@ -334,6 +358,8 @@ class Engine:
         """Publishes loaded segments (codes already in the table)."""
         with self.lock:
             s = self.snapshot
+            for seg in segments:
+                self._count(seg.labels[seg.labels > 0], +1)
             self._publish(list(s.segments) + list(segments), s.tail, max(next_id, s.next_id))
 
     # -- writes -------------------------------------------------------------------------------------
@@ -368,6 +394,7 @@ class Engine:
             segments = list(snap.segments)
             if tail.n >= SEAL_ROWS:
                 segments, tail = self._seal(segments, tail, snap.n_live + m)
+            self._count(codes, +1)
             self._publish(segments, tail, snap.next_id + m)
             return ids
 
@@ -379,25 +406,37 @@ class Engine:
         self._tail_s = []
         return Tail(self._tail_v, self._tail_l, self._tail_i, self._tail_s)
 
-    def _segment_from(self, parts: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, Sequence[str]]],
-                      n_live_total: int) -> Segment:
-        """One new segment holding the live rows of ``parts`` (copied), with a graph if one is wanted."""
-        vs, ls, is_, ss = [], [], [], []
-        for v, lab, ids, src in parts:
+    def _segment_from(self, parts: Sequence[tuple], n_live_total: int) -> Segment:
+        """One new segment holding the live rows of ``parts`` (copied), with a graph if one is wanted.
+
+        A part is (vectors, labels, ids, sources) or, for a sealed segment, also its store: int8 rows are
+        quantised row by row, so a merge concatenates the segments' int8 copies instead of quantising again.
+        """
+        vs, ls, is_, ss, q8s, scs = [], [], [], [], [], []
+        for part in parts:
+            v, lab, ids, src = part[:4]
+            store = part[4] if len(part) > 4 else None
             keep = lab > 0
-            if keep.all():
+            every = bool(keep.all())
+            if every:
                 vs.append(v), ls.append(lab), is_.append(ids), ss.extend(src)
             else:
                 vs.append(v[keep]), ls.append(lab[keep]), is_.append(ids[keep])
                 ss.extend(s for s, k in zip(src, keep) if k)
+            if store is not None and store._scales is not None:
+                q8s.append(store._v if every else store._v[keep])
+                scs.append(store._scales if every else store._scales[keep])
         v = np.ascontiguousarray(np.concatenate(vs)) if len(vs) > 1 else np.array(vs[0], np.float32, copy=True)
         lab = np.concatenate(ls).astype(np.int32, copy=True)
         ids = np.concatenate(is_).astype(np.int64, copy=True)
+        q8 = scales = None
+        if len(q8s) == len(parts) and self.config.storage in ("int8", "int8_rerank"):
+            q8, scales = np.concatenate(q8s), np.concatenate(scs)
         graph = None
         if self.config.want_graph(n_live_total) and len(v) >= HNSW_MIN_ROWS:
             c = self.config
             graph = build_graph(v, M=c.M, ef_construction=c.ef_construction, ef=c.ef)
-        return make_segment(v, lab, ids, ss, storage=self.config.storage, hnsw=graph)
+        return make_segment(v, lab, ids, ss, storage=self.config.storage, hnsw=graph, q8=q8, scales=scales)
 
     def _seal(self, segments: list[Segment], tail: Tail, n_live_total: int) -> tuple[list[Segment], Tail]:
         if tail.n - tail.n_dead > 0:
@@ -419,7 +458,8 @@ class Engine:
             for i in range(len(segments) - MERGE_FAN_IN + 1):
                 group = segments[i : i + MERGE_FAN_IN]
                 if len({tier(s) for s in group}) == 1:
-                    new = self._segment_from([(s.vectors, s.labels, s.ids, s.sources) for s in group], n_live_total)
+                    new = self._segment_from([(s.vectors, s.labels, s.ids, s.sources, s.store) for s in group],
+                                             n_live_total)
                     segments = segments[:i] + [new] + segments[i + MERGE_FAN_IN :]
                     merged = True
                     break
@@ -438,7 +478,9 @@ class Engine:
         """Rewrites every live row into one segment (tombstones dropped); ``graph`` forces a graph on or off."""
         with self.lock:
             snap = self.snapshot
-            parts = snap.parts()
+            parts: list[tuple] = [(s.vectors, s.labels, s.ids, s.sources, s.store) for s in snap.segments]
+            if snap.tail.n:
+                parts.append(snap.tail.rows())
             if not parts or snap.n_live == 0:
                 return self._publish([], self._empty_tail(), snap.next_id)
             seg = self._segment_from(parts, snap.n_live)
@@ -454,6 +496,7 @@ class Engine:
         with self.lock:
             snap = self.snapshot
             removed = 0
+            gone: list[np.ndarray] = []  # the codes of the removed rows
             segments: list[Segment] = []
             for seg in snap.segments:
                 drop = self._drop_mask(seg.labels, seg.ids, ids, code)
@@ -462,11 +505,12 @@ class Engine:
                     segments.append(seg)
                     continue
                 removed += cnt
+                gone.append(seg.labels[drop])
                 labels = seg.labels.copy()
                 labels[drop] = 0
                 if seg.n_dead + cnt >= REWRITE_DEAD_FRACTION * seg.n:
                     if seg.n_dead + cnt < seg.n:
-                        segments.append(self._segment_from([(seg.vectors, labels, seg.ids, seg.sources)],
+                        segments.append(self._segment_from([(seg.vectors, labels, seg.ids, seg.sources, seg.store)],
                                                            snap.n_live - cnt))
                     continue
                 live = labels[labels > 0]
@@ -479,11 +523,13 @@ class Engine:
                 cnt = int(drop.sum())
                 if cnt:
                     removed += cnt
+                    gone.append(t.labels[: t.n][drop])
                     labels = t.labels.copy()  # the whole buffer: the writer keeps appending into it
                     labels[: t.n][drop] = 0
                     self._tail_l = labels
                     tail = Tail(t.vectors, labels, t.ids, t.sources, t.n, t.n_dead + cnt)
             if removed:
+                self._count(np.concatenate(gone), -1)
                 self._publish(segments, tail, snap.next_id)
             return removed
 

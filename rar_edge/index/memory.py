@@ -436,7 +436,7 @@ class Memory:
             code = None
             if label is not None:
                 code = self._engine.code_of(normalize_label(str(label)))
-                if code is None or self._engine.snapshot.code_counts()[code] == 0:
+                if code is None or self._engine.live_count(code) == 0:
                     raise InvalidInputError(f"no class {label!r} in this memory")
             return self._engine.remove(want, code)
 
@@ -502,7 +502,7 @@ class Memory:
             raise InvalidInputError("queries contain NaN or inf")
         if q.size and not np.all(np.any(q != 0, axis=1)):
             raise InvalidInputError("a query is all zeros: it has no direction to search")
-        k = min(int(k), len(snap.live_codes()))  # no more classes than there are (and no (Q, k) arrays beyond)
+        k = min(int(k), snap.n_live_classes)  # no more classes than there are (and no (Q, k) arrays beyond)
         codes, scores = _store.search(snap, q, k, use_hnsw=self._backend_for(snap.n_live) == "hnsw",
                                       ef=self.hnsw_params.ef)
         names = snap.names
