@@ -43,8 +43,14 @@ def quantize_int8(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     v = np.asarray(vectors, dtype=np.float32)
     peak = np.abs(v).max(axis=1) if v.shape[1] else np.zeros(v.shape[0], np.float32)
     scales = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
-    q = np.rint(v / scales[:, None]).clip(-127, 127).astype(np.int8)
-    return np.ascontiguousarray(q), np.ascontiguousarray(scales)
+    q = np.empty(v.shape, np.int8)
+    step = 4096  # rows per block: the float temporary stays in cache, no full-size temporaries
+    for i in range(0, len(v), step):
+        t = np.divide(v[i : i + step], scales[i : i + step, None])
+        np.rint(t, out=t)
+        np.clip(t, -127, 127, out=t)
+        q[i : i + step] = t
+    return q, np.ascontiguousarray(scales)
 
 
 class VectorStore:
