@@ -183,8 +183,10 @@ def write_file(path: Path, meta: dict, arrays: dict[str, tuple[np.dtype, tuple[i
         blobs: other members (e.g. ``hnsw.bin``).
     """
     checksums: dict[str, str] = {}
-    with folder_lock(path.parent, wait=True):
-        remove_stale_temps(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with folder_lock(path.parent, wait=True) as locked:
+        if locked:  # no other save of this folder runs: what temporaries are left were left by a killed one
+            remove_stale_temps(path)
         with atomic_write(path, "wb") as f:
             with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as z:
                 for name, (dtype, row_shape, n, parts) in arrays.items():

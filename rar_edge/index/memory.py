@@ -31,6 +31,7 @@ import os
 import tempfile
 import time
 import unicodedata
+import weakref
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -135,9 +136,14 @@ class Memory:
         self.hnsw_params = hnsw or HnswParams()
         self.storage = storage
         p = self.hnsw_params
+        me = weakref.ref(self)  # no cycle: a dropped memory's arrays are freed at once, not at the next gc
+
+        def want_graph(n: int) -> bool:
+            m = me()
+            return m is not None and m._backend_for(n) == "hnsw"
+
         self._engine = _store.Engine(self.dim, _store.EngineConfig(
-            storage=storage, want_graph=lambda n: self._backend_for(n) == "hnsw", M=p.M,
-            ef_construction=p.ef_construction, ef=p.ef))
+            storage=storage, want_graph=want_graph, M=p.M, ef_construction=p.ef_construction, ef=p.ef))
         self.path: Path | None = None
 
     # -- construction ---------------------------------------------------------------------------
