@@ -486,6 +486,9 @@ void prepare_query(const float* f, std::size_t dim, bool quantize, Query* q) {
 
 // Folds rows [b, e) into best[a][class] for queries qs[0..nq); when row_scores is given, also stores every
 // row's score there (row_scores[a][i]). Returns the largest int8 row scale seen (0 for other storages).
+// Row blocks are the outer loop: a block (kBlock rows, <= 512 KiB of float32 at d = 512) is read from memory
+// once and then served from cache to every query group, so a batch costs one pass over the memory, not one
+// per group. Each (row, query) score is the same kernel call's either way.
 float scan_rows(const Kernels& ks, const VectorView& v, const int32_t* labels, std::size_t b, std::size_t e,
                 const Query* const* qs, std::size_t nq, float* const* best, float* const* row_scores) {
   const std::size_t es = element_size(v.storage);
@@ -493,27 +496,25 @@ float scan_rows(const Kernels& ks, const VectorView& v, const int32_t* labels, s
   const int si = static_cast<int>(v.storage);
   float buf[kBlock * 4];
   float max_scale = 0.f;
-  std::size_t a0 = 0;
-  while (a0 < nq) {
-    const std::size_t kg = static_cast<std::size_t>(ks.group);
-    const std::size_t group = nq - a0 >= kg ? kg : 1;
-    const DotsFn fn = ks.fn[si][group == kg ? 1 : 0];
-    const void* qa[4];
-    float mul[4];
-    for (std::size_t a = 0; a < group; ++a) {
-      qa[a] = qs[a0 + a]->kernel_arg();
-      mul[a] = qs[a0 + a]->qscale;
-    }
-    for (std::size_t i0 = b; i0 < e; i0 += kBlock) {
-      const std::size_t cnt = std::min(kBlock, e - i0);
+  for (std::size_t i0 = b; i0 < e; i0 += kBlock) {
+    const std::size_t cnt = std::min(kBlock, e - i0);
+    if (v.scales)
+      for (std::size_t i = 0; i < cnt; ++i) max_scale = v.scales[i0 + i] > max_scale ? v.scales[i0 + i] : max_scale;
+    std::size_t a0 = 0;
+    while (a0 < nq) {
+      const std::size_t kg = static_cast<std::size_t>(ks.group);
+      const std::size_t group = nq - a0 >= kg ? kg : 1;
+      const DotsFn fn = ks.fn[si][group == kg ? 1 : 0];
+      const void* qa[4];
+      float mul[4];
+      for (std::size_t a = 0; a < group; ++a) {
+        qa[a] = qs[a0 + a]->kernel_arg();
+        mul[a] = qs[a0 + a]->qscale;
+      }
       fn(base + i0 * v.dim * es, cnt, v.dim, qa, buf);
       for (std::size_t i = 0; i < cnt; ++i) {
         const std::size_t l = static_cast<std::size_t>(labels[i0 + i]);
-        float sc = 1.f;
-        if (v.scales) {
-          sc = v.scales[i0 + i];
-          max_scale = sc > max_scale ? sc : max_scale;
-        }
+        const float sc = v.scales ? v.scales[i0 + i] : 1.f;
         for (std::size_t a = 0; a < group; ++a) {
           const float s = buf[i * group + a] * (sc * mul[a]);
           if (row_scores) row_scores[a0 + a][i0 + i] = s;
@@ -521,8 +522,8 @@ float scan_rows(const Kernels& ks, const VectorView& v, const int32_t* labels, s
           if (s > slot) slot = s;
         }
       }
+      a0 += group;
     }
-    a0 += group;
   }
   return max_scale;
 }
@@ -595,19 +596,25 @@ void topk_classes(const VectorView& v, const int32_t* labels, int32_t n_classes,
   const bool rerank = quantize && v.rerank != nullptr;
 
   if (n_queries >= static_cast<std::size_t>(threads) || v.n == 0) {
-    // Batches: each worker owns whole queries, four at a time through the kernels.
+    // Batches: each worker owns whole queries and scans the memory once per up to kQueryBlock of them
+    // (fewer when the per-row int8 scores of the rescoring pass would pass kRowScoreBudget floats).
+    constexpr std::size_t kQueryBlock = 32;
+    constexpr std::size_t kRowScoreBudget = std::size_t{1} << 23;  // 32 MiB of row scores per worker
+    const std::size_t qblock =
+        rerank ? std::max<std::size_t>(1, std::min(kQueryBlock, kRowScoreBudget / std::max<std::size_t>(v.n, 1)))
+               : kQueryBlock;
     parallel_chunks(n_queries, threads, [&](int, std::size_t qb, std::size_t qe) {
-      std::vector<float> best(4 * nc), exact;
+      const std::size_t qmax = std::min(qblock, qe - qb);
+      std::vector<float> best(qmax * nc), exact;
       // Per-row int8 scores for the rescoring pass: written before read, so not zero-filled.
-      std::unique_ptr<float[]> rows(rerank ? new float[std::min<std::size_t>(4, qe - qb) * v.n] : nullptr);
+      std::unique_ptr<float[]> rows(rerank ? new float[qmax * v.n] : nullptr);
       std::vector<int32_t> order;
       order.reserve(nc);
-      Query qbuf[4];
-      for (std::size_t a0 = qb; a0 < qe; a0 += 4) {
-        const std::size_t g = std::min<std::size_t>(4, qe - a0);
-        const Query* qs[4];
-        float* bs[4];
-        float* rs[4];
+      std::vector<Query> qbuf(qmax);
+      std::vector<const Query*> qs(qmax);
+      std::vector<float*> bs(qmax), rs(qmax);
+      for (std::size_t a0 = qb; a0 < qe; a0 += qmax) {
+        const std::size_t g = std::min(qmax, qe - a0);
         for (std::size_t a = 0; a < g; ++a) {
           prepare_query(queries + (a0 + a) * v.dim, v.dim, quantize, &qbuf[a]);
           qs[a] = &qbuf[a];
@@ -615,7 +622,7 @@ void topk_classes(const VectorView& v, const int32_t* labels, int32_t n_classes,
           rs[a] = rerank ? rows.get() + a * v.n : nullptr;
         }
         std::fill(best.begin(), best.end(), neg_inf);
-        const float max_scale = scan_rows(ks, v, labels, 0, v.n, qs, g, bs, rerank ? rs : nullptr);
+        const float max_scale = scan_rows(ks, v, labels, 0, v.n, qs.data(), g, bs.data(), rerank ? rs.data() : nullptr);
         for (std::size_t a = 0; a < g; ++a) {
           int32_t* oc = out_classes + (a0 + a) * kk;
           float* os = out_scores + (a0 + a) * kk;

@@ -144,6 +144,18 @@ def test_int8_rerank_equals_float32(family):
         np.testing.assert_array_equal(got[1], exact[1])
 
 
+@pytest.mark.parametrize("storage", STORAGES)
+def test_a_batch_answers_each_query_as_alone(storage, family):
+    # 37 = one block of 32 queries (one pass over the rows) + 5 (a kernel group of 4 or 2, then single ones)
+    v, labels, q = clustered(1500, 30, 77, n_queries=37, seed=17)
+    store = VectorStore(v, storage=storage)
+    batch_c, batch_s = store.topk_classes(labels, 30, q, 6)
+    for i in range(len(q)):
+        one_c, one_s = store.topk_classes(labels, 30, q[i], 6)
+        np.testing.assert_array_equal(batch_c[i], one_c[0])
+        np.testing.assert_array_equal(batch_s[i], one_s[0])
+
+
 def test_default_storage_recall_on_clustered_data():
     v, labels, q = clustered(20000, 500, 256, n_queries=50, seed=11)
     exact, _ = VectorStore(v, storage="float32").topk_classes(labels, 500, q, 5)
