@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -160,3 +161,24 @@ def test_cli_never_overwrites_other_files_and_checks_before_embedding(built, flo
     assert Memory.load(out).size == 6
     merged = _cli("memory", "merge", out, out, "-o", out, check=False)
     assert merged.returncode == 2 and "--overwrite" in merged.stderr
+
+
+def test_a_pack_carries_its_ranker(built, tmp_path, caplog):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "export"))
+    from rar_edge_export.tiny_models import write_tiny_text_gguf
+
+    _, _, mem_path, queries = built
+    gguf = write_tiny_text_gguf(tmp_path / "tiny.gguf", seed=0)
+    pack = write_pack(tmp_path / "pack", memory=mem_path, ranker=gguf)
+    copied = shutil.copytree(pack, tmp_path / "copy")
+    shutil.rmtree(pack)
+    gguf.unlink()
+    opened = open_pack(copied)
+    assert opened.ranker is not None and opened.ranker.parent == (copied / "ranker").resolve()
+    with Pipeline(pack=copied) as pipe:
+        assert pipe.ranker is not None
+        with caplog.at_level("WARNING", logger="rar_edge"):
+            r = pipe.classify(queries[0])
+        assert "no vision projector" in caplog.text  # the tiny model is text only: it ranks the names
+        assert r.ranker_ran and {c.label for c in r.candidates} <= set(Memory.load(mem_path).classes)
