@@ -219,3 +219,36 @@ def test_a_member_with_a_wrong_crc_is_refused(saved, member):
     _change_member(saved, member, TAMPER[member], fix_crc=False)
     with pytest.raises(CorruptFileError):
         Memory.load(saved)
+
+
+# --- what a save holds ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("storage", ["float32", "int8_rerank"])
+def test_a_save_after_removals_holds_exactly_the_live_entries(tmp_path, storage):
+    """Entries removed before a save (from the entries loaded and from ones added after the load) are not in
+    the file, and the rest keep their ids, labels, sources, vectors and search results."""
+    rng = np.random.default_rng(1)
+    v = rng.standard_normal((14, 8)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    labels = [CLASSES[i % len(CLASSES)] for i in range(14)]
+    mem = Memory(dim=8, storage=storage)
+    first = mem.add(v[:9], labels[:9], sources=[f"s{i}" for i in range(9)])
+    mem = Memory.load(mem.save(tmp_path / "a.rarmem"))  # reopened, as an app would between batches
+    later = mem.add(v[9:], labels[9:], sources=[f"s{i}" for i in range(9, 14)])
+    assert mem.remove(ids=[int(first[1]), int(first[4]), int(later[2])]) == 3
+    keep = [i for i in range(14) if i not in (1, 4, 11)]
+    mem.save(tmp_path / "b.rarmem")
+    back = Memory.load(tmp_path / "b.rarmem")
+    assert back.size == 11 and back.counts() == {"daisy": 5, "tulip": 3, "rose": 3}  # 1, 4: tulip; 11: rose
+    assert back.ids.tolist() == [int(np.concatenate([first, later])[i]) for i in keep]
+    assert back.labels == tuple(labels[i] for i in keep) and back.sources == tuple(f"s{i}" for i in keep)
+    np.testing.assert_array_equal(back.vectors, mem.vectors)  # bit for bit what the memory held
+    np.testing.assert_allclose(back.vectors, v[keep], atol=1e-6)
+    q = v[[0, 5, 12]] + 0.01
+    assert back.search(q, k=3) == mem.search(q, k=3)
+
+
+def test_an_empty_memory_saves_and_loads(tmp_path):
+    back = Memory.load(Memory(dim=8).save(tmp_path / "empty.rarmem"))
+    assert back.size == 0 and back.dim == 8 and back.classes == ()
