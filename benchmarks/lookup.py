@@ -17,7 +17,9 @@ Recall: class recall@5 against an exact float64 search. Every size also reports 
 per query (vectors + scales + int32 labels; faiss: the float32 rows) and the load average around it (the
 machine may be shared: compare methods within one run, never across runs).
 With --batch B the queries go B at a time (native: one topk_classes call; faiss: one batched search),
-one thread each, and the times are per batch.
+one thread each, and the times are per batch; bytes_per_query and the floors are then one read of the
+memory per call (the native scan reads it once per 32 queries, fewer when int8_rerank's row buffer caps
+the block: docs/design-notes.md#batch-scan), numpy and hnswlib are skipped.
 
     python benchmarks/lookup.py --json artifacts/lookup.json [--sizes 1000 10000 100000] [--queries 200]
 """
