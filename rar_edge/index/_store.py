@@ -39,13 +39,12 @@ from rar_edge.index.lookup import VectorStore
 
 log = logging.getLogger("rar_edge")
 
-#: Rows the tail holds before it is sealed (quantised, maybe given a graph). The tail is scanned in float32:
-#: 16k x 512 rows is 32 MB, ~3 ms a query on one core, a bound on what an unsealed tail adds to a search.
+#: Rows the tail holds before it is sealed (quantised, maybe given a graph); the tail is scanned in float32
+#: (docs/design-notes.md#memory-segments, as for the next two).
 SEAL_ROWS = 16_384
 #: Sealed segments of one size tier merged into one of the next tier (tier = log_{fan-in} of rows / SEAL_ROWS).
 MERGE_FAN_IN = 8
-#: Segments with fewer live rows are scanned exactly even on the HNSW back end (an int8 scan of 50k x 512
-#: rows costs about what a graph search with a wide beam does, and a graph costs seconds to build).
+#: Segments with fewer live rows are scanned exactly even on the HNSW back end.
 HNSW_MIN_ROWS = 50_000
 #: A removal that leaves a segment at least this fraction tombstones rewrites it without them.
 REWRITE_DEAD_FRACTION = 0.5
