@@ -488,7 +488,7 @@ void prepare_query(const float* f, std::size_t dim, bool quantize, Query* q) {
 // row's score there (row_scores[a][i]). Returns the largest int8 row scale seen (0 for other storages).
 // Row blocks are the outer loop: a block (kBlock rows, <= 512 KiB of float32 at d = 512) is read from memory
 // once and then served from cache to every query group, so a batch costs one pass over the memory, not one
-// per group. Each (row, query) score is the same kernel call's either way.
+// per group (docs/design-notes.md#batch-scan). Each (row, query) score is the same kernel call's either way.
 float scan_rows(const Kernels& ks, const VectorView& v, const int32_t* labels, std::size_t b, std::size_t e,
                 const Query* const* qs, std::size_t nq, float* const* best, float* const* row_scores) {
   const std::size_t es = element_size(v.storage);
