@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ import numpy as np
 
 from rar_edge.errors import DatasetError, InvalidInputError
 from rar_edge.image.codec import decode_rgb, load_image, upright_size
+from rar_edge.labels import normalize_label
 
 log = logging.getLogger("rar_edge")
 
@@ -45,7 +45,7 @@ def read_image_folder(folder: str | os.PathLike) -> dict[str, list[Path]]:
         if not imgs:
             raise DatasetError(f"class folder {d} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         # NFC: a folder name written in decomposed form (macOS) is the same class as its composed form
-        out.setdefault(unicodedata.normalize("NFC", d.name), []).extend(imgs)
+        out.setdefault(normalize_label(d.name), []).extend(imgs)
     return {c: sorted(ps) for c, ps in sorted(out.items())}
 
 
@@ -101,7 +101,7 @@ def read_class_names(path: str | os.PathLike) -> list[str]:
         lines = p.read_text(encoding="utf-8-sig").splitlines()  # -sig: a byte-order mark (Notepad) is not a name
     except (OSError, UnicodeDecodeError) as e:
         raise DatasetError(f"cannot read class list {p}: {e}") from e
-    names = [unicodedata.normalize("NFC", ln.strip()) for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+    names = [normalize_label(ln.strip()) for ln in lines if ln.strip() and not ln.strip().startswith("#")]
     if not names:
         raise DatasetError(f"{p} lists no class names")
     dup = sorted({n for n in names if names.count(n) > 1})
@@ -208,7 +208,7 @@ def read_coco_json(path: str | os.PathLike, *, images_dir: str | os.PathLike | N
     p = Path(path)
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
-        cats = {int(c["id"]): unicodedata.normalize("NFC", str(c["name"])) for c in data["categories"]}
+        cats = {int(c["id"]): normalize_label(str(c["name"])) for c in data["categories"]}
         imgs = {int(i["id"]): i for i in data["images"]}
         anns = data.get("annotations", [])
     except (OSError, ValueError, KeyError, TypeError) as e:

@@ -17,12 +17,13 @@ from typing import Sequence
 
 import numpy as np
 
-from rar_edge import _native, defaults
+from rar_edge import defaults
 from rar_edge._clock import ModelClock
 from rar_edge.errors import CorruptFileError, InvalidInputError, ManifestError, MissingDependencyError
 from rar_edge.image.codec import DEFAULT_MAX_PIXELS, ImageLike, decode_rgb
 from rar_edge.image.transform import draft_size, normalize, resize_for_model
 from rar_edge.manifest import Manifest, load_manifest
+from rar_edge.vectors import l2_normalize
 
 log = logging.getLogger("rar_edge")
 
@@ -394,17 +395,3 @@ class Encoder:
         texts = [t.format(n) for n in names for t in tpl]
         emb = self.embed_texts(texts).reshape(len(names), len(tpl), self.dim).mean(axis=1)
         return l2_normalize(emb)
-
-
-def l2_normalize(x: np.ndarray, zero_point: float = 0.0) -> np.ndarray:
-    """Rows minus zero_point, scaled to unit length (zero rows stay zero) in one native pass: float32.
-
-    Rows holding NaN or inf come back all NaN, so Memory.add and Memory.search refuse them.
-    """
-    x = np.asarray(x)
-    if x.dtype not in (np.float32, np.uint8, np.int8):
-        x = x.astype(np.float32)
-    shape = x.shape
-    rows, _ = _native.unit_rows(np.require(x.reshape(-1, shape[-1]) if x.ndim != 2 else x, requirements="CA"),
-                                float(zero_point))
-    return rows.reshape(shape)

@@ -30,7 +30,6 @@ import logging
 import os
 import tempfile
 import time
-import unicodedata
 import weakref
 import zipfile
 from dataclasses import asdict, dataclass
@@ -49,8 +48,9 @@ from rar_edge.errors import (
 )
 from rar_edge.index import _files, _store
 from rar_edge.index.lookup import DEFAULT_STORAGE, STORAGES, quantize_int8
-from rar_edge.rank.prompts import has_line_break
+from rar_edge.labels import check_labels, normalize_label
 from rar_edge.types import Candidate
+from rar_edge.vectors import unit_rows_checked
 
 if TYPE_CHECKING:
     from rar_edge.encoders import Encoder
@@ -402,25 +402,10 @@ class Memory:
             raise InvalidInputError(f"vectors must be (n, {self.dim}), got {v.shape}")
         if isinstance(labels, (str, bytes)):
             raise InvalidInputError("labels must be a sequence of class names, one per row, not one string")
-        labels = list(labels)
-        for lbl in labels:
-            if not isinstance(lbl, (str, np.str_)):
-                raise InvalidInputError(f"class labels must be strings, got {type(lbl).__name__} {lbl!r}")
-        labels = [normalize_label(str(x)) for x in labels]
+        labels = check_labels(str(x) if isinstance(x, np.str_) else x for x in labels)
         if len(labels) != len(v):
             raise InvalidInputError(f"{len(v)} vectors but {len(labels)} labels")
-        if any(not lbl.strip() for lbl in labels):
-            raise InvalidInputError("class labels must be non-empty strings")
-        broken = next((lbl for lbl in labels if has_line_break(lbl)), None)
-        if broken is not None:  # a ranker lists candidates one per line
-            raise InvalidInputError(f"class label {broken!r} contains a line break")
-        if not np.all(np.isfinite(v)):
-            raise InvalidInputError("vectors contain NaN or inf")
-        v64 = v.astype(np.float64)  # norms of large float32 values overflow in float32
-        norms = np.linalg.norm(v64, axis=1)
-        if np.any(norms == 0):
-            raise InvalidInputError("vectors contain an all-zero row")
-        v = (v64 / norms[:, None]).astype(np.float32)
+        v = unit_rows_checked(v)
         srcs = list(sources) if sources is not None else [""] * len(v)
         if len(srcs) != len(v):
             raise InvalidInputError(f"{len(v)} vectors but {len(srcs)} sources")
@@ -822,10 +807,6 @@ def _clean_stale(path: Path) -> None:
                 log.info("removed %d temporary file(s) a killed save left beside %s", len(removed), path)
 
 
-def normalize_label(label: str) -> str:
-    """A class name in Unicode NFC, so that names typed or stored in other forms (macOS folder names are
-    NFD) are one class: "café" is the same name whether its "é" is one code point or two."""
-    return unicodedata.normalize("NFC", label)
 
 
 def _image_name(image: object, other: str | None = None) -> str:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from rar_edge.errors import InvalidInputError, RankerError
+from rar_edge.labels import has_line_break
 
 __all__ = [
     "PROMPTS",
@@ -57,12 +58,6 @@ class RankingExample:
         validate_candidates(self.candidates)
         if sorted(self.ranked) != sorted(self.candidates):
             raise InvalidInputError("an example's 'ranked' must be a permutation of its 'candidates'")
-
-
-def has_line_break(name: str) -> bool:
-    """Whether a name holds any line break Python splits lines at (\\n, \\r, \\v, \\f, \\x1c-\\x1e, \\x85,
-    \\u2028, \\u2029): such a name cannot be one line of a ranked list."""
-    return name != "".join(name.splitlines())
 
 
 def validate_candidates(candidates: Sequence[str]) -> tuple[str, ...]:

@@ -39,6 +39,7 @@ from rar_edge.datasets import IMAGE_SUFFIXES
 from rar_edge.datasets import read_image_folder as _read_classes
 from rar_edge.errors import DatasetError, InvalidInputError
 from rar_edge.rank.prompts import RankingExample, get_prompt
+from rar_edge.vectors import unit_rows_checked
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -143,10 +144,7 @@ def _normalise(x: np.ndarray, what: str) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     if x.ndim != 2 or x.shape[0] == 0:
         raise InvalidInputError(f"{what} must be a non-empty 2-D array, got shape {x.shape}")
-    if not np.all(np.isfinite(x)):
-        raise InvalidInputError(f"{what} has NaN or inf values")
-    n = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(n, 1e-12)
+    return unit_rows_checked(x, what=what)
 
 
 def _check_sizes(k: int, neighbours: int, windows_per_image: int, *, n_classes: int | None = None) -> None:
