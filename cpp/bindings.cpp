@@ -147,6 +147,72 @@ std::tuple<py::array_t<int32_t>, py::array_t<float>> topk_classes(py::array vect
   return {out_c, out_s};
 }
 
+void require_float_array(const py::array& a, const char* name, py::ssize_t rows, py::ssize_t cols) {
+  if (!is_dtype<float>(a)) throw py::type_error(std::string(name) + " must be float32, not " + dtype_str(a));
+  const bool ok = cols < 0 ? (a.ndim() == 1 && a.shape(0) == rows) : (a.ndim() == 2 && a.shape(0) == rows && a.shape(1) == cols);
+  if (!ok)
+    throw py::value_error(std::string(name) + " must be (" + std::to_string(rows) + (cols < 0 ? ",)" : ", " + std::to_string(cols) + ")") +
+                          ", got " + shape_str(a));
+  require_c_contiguous(a, name);
+}
+
+std::tuple<py::array_t<int32_t>, py::array_t<float>> topk_classes_int4(py::array codes, py::array scales, py::array resid,
+                                                                       py::array rerank, py::array labels, int n_classes,
+                                                                       py::array queries, int k, double margin_sigmas,
+                                                                       int threads) {
+  if (!is_dtype<float>(rerank)) throw py::type_error("rerank must be float32, not " + dtype_str(rerank));
+  if (rerank.ndim() != 2) throw py::value_error("rerank must be (N, d), got shape " + shape_str(rerank));
+  const py::ssize_t n = rerank.shape(0), dim = rerank.shape(1);
+  require_c_contiguous(rerank, "rerank");
+  if (!is_dtype<uint8_t>(codes)) throw py::type_error("codes must be uint8, not " + dtype_str(codes));
+  if (codes.ndim() != 2 || codes.shape(0) != n || codes.shape(1) != (dim + 31) / 32 * 16)
+    throw py::value_error("codes must be (N, ceil(d / 32) * 16) = (" + std::to_string(n) + ", " +
+                          std::to_string((dim + 31) / 32 * 16) + "), got " + shape_str(codes));
+  require_c_contiguous(codes, "codes");
+  require_float_array(scales, "scales", n, -1);
+  require_float_array(resid, "resid", n, -1);
+  if (!is_dtype<float>(queries))
+    throw py::type_error("queries must be float32, not " + dtype_str(queries) + " (use np.asarray(q, dtype=np.float32))");
+  if (queries.ndim() != 2 || queries.shape(1) != dim)
+    throw py::value_error("queries must be (Q, " + std::to_string(dim) + "), got " + shape_str(queries));
+  require_c_contiguous(queries, "queries");
+  if (!is_dtype<int32_t>(labels)) throw py::type_error("labels must be int32, not " + dtype_str(labels));
+  if (labels.ndim() != 1 || labels.shape(0) != n)
+    throw py::value_error("labels must be (" + std::to_string(n) + ",), got " + shape_str(labels));
+  require_c_contiguous(labels, "labels");
+  if (k < 1 || k > kMaxK) throw py::value_error("k must be in [1, " + std::to_string(kMaxK) + "], got " + std::to_string(k));
+  if (n_classes < 0) throw py::value_error("n_classes must be >= 0, got " + std::to_string(n_classes));
+  if (!(margin_sigmas >= 0.0 && margin_sigmas <= 1e6))
+    throw py::value_error("margin_sigmas must be in [0, 1e6], got " + std::to_string(margin_sigmas));
+  check_threads(threads);
+  const auto* lab = static_cast<const int32_t*>(labels.data());
+  int32_t present = 0;
+  for (py::ssize_t i = 0; i < n; ++i) {
+    if (lab[i] < 0 || lab[i] >= n_classes)
+      throw py::value_error("label " + std::to_string(lab[i]) + " at row " + std::to_string(i) +
+                            " is outside [0, n_classes=" + std::to_string(n_classes) + ")");
+    present = lab[i] >= present ? lab[i] + 1 : present;
+  }
+  rar::Int4View v;
+  v.codes = static_cast<const uint8_t*>(codes.data());
+  v.scales = static_cast<const float*>(scales.data());
+  v.resid = static_cast<const float*>(resid.data());
+  v.rerank = static_cast<const float*>(rerank.data());
+  v.n = static_cast<std::size_t>(n);
+  v.dim = static_cast<std::size_t>(dim);
+  const auto nq = static_cast<std::size_t>(queries.shape(0));
+  py::array_t<int32_t> out_c({nq, static_cast<std::size_t>(k)});
+  py::array_t<float> out_s({nq, static_cast<std::size_t>(k)});
+  const auto* q = static_cast<const float*>(queries.data());
+  int32_t* oc = out_c.mutable_data();
+  float* os = out_s.mutable_data();
+  {
+    py::gil_scoped_release release;
+    rar::topk_classes_int4(v, lab, present, q, nq, k, static_cast<float>(margin_sigmas), threads, oc, os);
+  }
+  return {out_c, out_s};
+}
+
 template <class T>
 std::tuple<py::array_t<float>, bool> unit_rows_as(const py::array& x, float zero_point) {
   const auto n = static_cast<std::size_t>(x.shape(0)), d = static_cast<std::size_t>(x.shape(1));
@@ -267,6 +333,14 @@ PYBIND11_MODULE(_native, m) {
         "in float32, giving the float32 result);\n"
         "labels: (N,) int32 in [0, n_classes); queries: (Q, d) float32. Returns (classes int32 (Q, k),\n"
         "scores float32 (Q, k)); class score = best inner product among its rows; -1 / -inf pad.");
+  m.def("topk_classes_int4", &topk_classes_int4, py::arg("codes"), py::arg("scales"), py::arg("resid"),
+        py::arg("rerank"), py::arg("labels"), py::arg("n_classes"), py::arg("queries"), py::arg("k"), py::kw_only(),
+        py::arg("margin_sigmas") = 4.0, py::arg("threads") = 1,
+        "Top-k distinct classes from a 4-bit first pass and float32 rescoring (no recall guarantee).\n\n"
+        "codes: (N, ceil(d / 32) * 16) uint8 as rar_edge.index.lookup.quantize_int4 packs them; scales, resid:\n"
+        "(N,) float32; rerank: (N, d) float32 rows; labels (N,) int32 in [0, n_classes); queries (Q, d) float32.\n"
+        "Rows whose 4-bit score is within margin_sigmas standard deviations of the error (were the residual's\n"
+        "direction random) of the k-th class are rescored. Queries are split over threads.");
   m.def("crop_blur", &crop_blur, py::arg("image"), py::arg("boxes"), py::kw_only(), py::arg("out_size"),
         py::arg("crop_scale") = 1.0, py::arg("adaptive") = false, py::arg("sigma") = 0.0, py::arg("letterbox") = false,
         py::arg("pad_value") = 0, py::arg("threads") = 1,

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <memory>
 #include <type_traits>
@@ -673,6 +674,203 @@ void topk_classes(const VectorView& v, const int32_t* labels, int32_t n_classes,
     else
       select_topk(merged, n_classes, k, order, out_classes + a * kk, out_scores + a * kk);
   }
+}
+
+namespace {
+
+// Sum over a row's 32-dimension blocks of code (c + 8) x int16 query, exact: per block at most
+// 32 * 15 * 16383 < 2^24, summed in int64 per row (int32 lanes hold at most 32 blocks: < 2^29 each).
+// Rows are scored a block at a time (one indirect call per kBlock rows): out[i] = the sum for row i.
+using Dot4Fn = void (*)(const uint8_t* rows, std::size_t count, const int16_t* q, std::size_t blocks, int64_t* out);
+
+inline int64_t dot4_scalar(const uint8_t* row, const int16_t* q, std::size_t blocks) {
+  int64_t total = 0;
+  for (std::size_t b = 0; b < blocks; ++b) {
+    int32_t acc = 0;
+    const uint8_t* p = row + b * 16;
+    const int16_t* y = q + b * 32;
+    for (int j = 0; j < 16; ++j) acc += static_cast<int32_t>(p[j] & 15) * y[j] + static_cast<int32_t>(p[j] >> 4) * y[j + 16];
+    total += acc;
+  }
+  return total;
+}
+
+void dot4_rows_scalar(const uint8_t* rows, std::size_t count, const int16_t* q, std::size_t blocks, int64_t* out) {
+  for (std::size_t i = 0; i < count; ++i) out[i] = dot4_scalar(rows + i * blocks * 16, q, blocks);
+}
+
+#if defined(__x86_64__)
+RAR_AVX2 RAR_INLINE int64_t dot4_avx2(const uint8_t* row, const int16_t* q, std::size_t blocks) {
+  const __m256i low = _mm256_set1_epi16(15);
+  int64_t total = 0;
+  std::size_t b = 0;
+  while (b < blocks) {
+    const std::size_t end = std::min(blocks, b + 32);  // int32 lanes: at most 32 blocks before the int64 sum
+    __m256i acc0 = _mm256_setzero_si256(), acc1 = _mm256_setzero_si256();
+    for (; b < end; ++b) {
+      const __m256i x = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * 16)));
+      const __m256i lo = _mm256_and_si256(x, low);
+      const __m256i hi = _mm256_srli_epi16(x, 4);
+      acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b * 32))));
+      acc1 = _mm256_add_epi32(acc1, _mm256_madd_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b * 32 + 16))));
+    }
+    total += hsum256_epi32(_mm256_add_epi32(acc0, acc1));
+  }
+  return total;
+}
+
+// Two blocks per step: their 32 bytes widen to 32 int16 whose low nibbles are dimensions 0-15 of both
+// blocks and whose high nibbles are 16-31 of both. The query comes permuted to match (permute_query4):
+// per pair of blocks [lo of the 1st, lo of the 2nd, hi of the 1st, hi of the 2nd]; an odd last block keeps
+// its natural order.
+RAR_AVX2 void dot4_rows_avx2(const uint8_t* rows, std::size_t count, const int16_t* q, std::size_t blocks,
+                             int64_t* out) {
+  for (std::size_t i = 0; i < count; ++i) out[i] = dot4_avx2(rows + i * blocks * 16, q, blocks);
+}
+
+RAR_AVX512 RAR_INLINE int64_t dot4_avx512(const uint8_t* row, const int16_t* q, std::size_t blocks) {
+  const __m512i low = _mm512_set1_epi16(15);
+  int64_t total = 0;
+  const std::size_t pairs = blocks / 2;
+  std::size_t p = 0;
+  while (p < pairs) {
+    const std::size_t end = std::min(pairs, p + 16);  // int32 lanes: at most 16 pairs before the int64 sum
+    __m512i acc0 = _mm512_setzero_si512(), acc1 = _mm512_setzero_si512();
+    for (; p < end; ++p) {
+      const __m512i x = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + p * 32)));
+      acc0 = _mm512_add_epi32(acc0, _mm512_madd_epi16(_mm512_and_si512(x, low), _mm512_loadu_si512(q + p * 64)));
+      acc1 = _mm512_add_epi32(acc1, _mm512_madd_epi16(_mm512_srli_epi16(x, 4), _mm512_loadu_si512(q + p * 64 + 32)));
+    }
+    total += _mm512_reduce_add_epi32(_mm512_add_epi32(acc0, acc1));
+  }
+  if (blocks % 2) total += dot4_avx2(row + pairs * 32, q + pairs * 64, 1);
+  return total;
+}
+
+RAR_AVX512 void dot4_rows_avx512(const uint8_t* rows, std::size_t count, const int16_t* q, std::size_t blocks,
+                                 int64_t* out) {
+  for (std::size_t i = 0; i < count; ++i) out[i] = dot4_avx512(rows + i * blocks * 16, q, blocks);
+}
+#endif
+
+struct Dot4 {
+  Dot4Fn fn;
+  bool paired;  // the query in the pairwise order of dot4_avx512
+};
+
+Dot4 dot4_for(Simd s) {
+#if defined(__x86_64__)
+  if (s == Simd::avx512) return {&dot4_rows_avx512, true};
+  if (s == Simd::avx2) return {&dot4_rows_avx2, false};
+#endif
+  (void)s;
+  return {&dot4_rows_scalar, false};
+}
+
+// q (blocks * 32, natural order) into out in the pairwise order dot4_avx512 reads.
+void permute_query4(const int16_t* q, std::size_t blocks, int16_t* out) {
+  const std::size_t pairs = blocks / 2;
+  for (std::size_t p = 0; p < pairs; ++p) {
+    const int16_t* a = q + p * 64;
+    int16_t* o = out + p * 64;
+    std::copy(a, a + 16, o);            // 1st block, dimensions 0-15
+    std::copy(a + 32, a + 48, o + 16);  // 2nd block, 0-15
+    std::copy(a + 16, a + 32, o + 32);  // 1st block, 16-31
+    std::copy(a + 48, a + 64, o + 48);  // 2nd block, 16-31
+  }
+  if (blocks % 2) std::copy(q + pairs * 64, q + pairs * 64 + 32, out + pairs * 64);
+}
+
+}  // namespace
+
+void topk_classes_int4(const Int4View& v, const int32_t* labels, int32_t n_classes, const float* queries,
+                       std::size_t n_queries, int k, float margin_sigmas, int threads, int32_t* out_classes,
+                       float* out_scores) {
+  if (n_queries == 0) return;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  const std::size_t nc = static_cast<std::size_t>(std::max<int32_t>(n_classes, 0));
+  const std::size_t kk = static_cast<std::size_t>(k);
+  const std::size_t blocks = (v.dim + 31) / 32;
+  const Dot4 dot4 = dot4_for(selected_simd());
+  const DotsFn dot32 = kernels_for(selected_simd()).fn[static_cast<int>(Storage::f32)][0];
+  const double sigma_unit = static_cast<double>(margin_sigmas) / std::sqrt(static_cast<double>(std::max<std::size_t>(v.dim, 1)));
+  parallel_chunks(n_queries, std::max(1, threads), [&](int, std::size_t qb, std::size_t qe) {
+    std::vector<float> best(nc), exact, approx(v.n), margin(v.n);
+    std::vector<std::size_t> best_row(nc);
+    std::vector<int16_t> qpad(blocks * 32), qperm(dot4.paired ? blocks * 32 : 0);
+    std::vector<int32_t> order;
+    order.reserve(nc);
+    Query q;
+    for (std::size_t a = qb; a < qe; ++a) {
+      const float* f = queries + a * v.dim;
+      prepare_query(f, v.dim, true, &q);
+      std::fill(qpad.begin(), qpad.end(), int16_t{0});
+      std::copy(q.q16.begin(), q.q16.end(), qpad.begin());
+      int64_t qsum = 0;
+      double l2 = 0.0;
+      for (std::size_t j = 0; j < v.dim; ++j) {
+        qsum += qpad[j];
+        l2 += static_cast<double>(f[j]) * f[j];
+      }
+      // Query rounding: |t| <= qscale / 2 per dimension and |c| <= 8, so |scale * t.c| <= scale * qscale * 4 * dim;
+      // float rounding of the products and sums: far below both terms, covered by 1e-6.
+      const double q_round = static_cast<double>(q.qscale) * 4.0 * static_cast<double>(v.dim);
+      const double sig = sigma_unit * std::sqrt(l2);
+      if (dot4.paired) permute_query4(qpad.data(), blocks, qperm.data());
+      const int16_t* qk = dot4.paired ? qperm.data() : qpad.data();
+      std::fill(best.begin(), best.end(), neg_inf);
+      const float sig_f = static_cast<float>(sig), round_f = static_cast<float>(q_round);
+      int64_t dots[kBlock];
+      for (std::size_t i0 = 0; i0 < v.n; i0 += kBlock) {
+        const std::size_t cnt = std::min(kBlock, v.n - i0);
+        dot4.fn(v.codes + i0 * blocks * 16, cnt, qk, blocks, dots);
+        for (std::size_t t = 0; t < cnt; ++t) {
+          const std::size_t i = i0 + t;
+          // float products: their relative rounding (~1e-7) is far inside the margin's 1e-6 slack for unit rows
+          approx[i] = static_cast<float>(dots[t] - 8 * qsum) * (v.scales[i] * q.qscale);
+          margin[i] = sig_f * v.resid[i] + v.scales[i] * round_f + 1e-6f;
+        }
+        for (std::size_t i = i0; i < i0 + cnt; ++i) {
+          const auto l = static_cast<std::size_t>(labels[i]);
+          if (approx[i] > best[l]) {
+            best[l] = approx[i];
+            best_row[l] = i;
+          }
+        }
+      }
+      // threshold: the k-th largest float32 score of the best 4-bit rows of the 2k best 4-bit classes, a
+      // score k distinct classes reach, so no lower than the exact k-th class score (-inf when fewer than
+      // k classes are present).
+      order.clear();
+      for (std::size_t c = 0; c < nc; ++c)
+        if (best[c] > neg_inf) order.push_back(static_cast<int32_t>(c));
+      exact.assign(nc, neg_inf);
+      const void* qa[1] = {f};
+      float threshold = neg_inf;
+      if (order.size() >= kk) {
+        const std::size_t seeds = std::min(order.size(), 2 * kk);
+        std::partial_sort(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(seeds), order.end(),
+                          [&](int32_t x, int32_t y) { return best[x] > best[y]; });
+        std::vector<float> seed_scores(seeds);
+        for (std::size_t j = 0; j < seeds; ++j) {
+          const std::size_t c = static_cast<std::size_t>(order[j]);
+          dot32(v.rerank + best_row[c] * v.dim, 1, v.dim, qa, &seed_scores[j]);
+        }
+        std::nth_element(seed_scores.begin(), seed_scores.begin() + (k - 1), seed_scores.end(), std::greater<float>());
+        threshold = seed_scores[kk - 1];
+        if (std::isnan(threshold)) threshold = neg_inf;  // a NaN query: every row is rescored (all NaN)
+      }
+      for (std::size_t i = 0; i < v.n; ++i) {
+        // NaN scores (a NaN query) pass and are rescored: the float32 scores then decide, as for float32
+        if (approx[i] + margin[i] < threshold) continue;
+        float e;
+        dot32(v.rerank + i * v.dim, 1, v.dim, qa, &e);
+        float& slot = exact[static_cast<std::size_t>(labels[i])];
+        if (e > slot) slot = e;
+      }
+      select_topk(exact.data(), n_classes, k, order, out_classes + a * kk, out_scores + a * kk);
+    }
+  });
 }
 
 template <class T>

@@ -28,6 +28,29 @@ struct VectorView {
 void topk_classes(const VectorView& vectors, const int32_t* labels, int32_t n_classes, const float* queries,
                   std::size_t n_queries, int k, int threads, int32_t* out_classes, float* out_scores);
 
+// 4-bit rows for an opt-in first pass without int8_rerank's guarantee (docs/design-notes.md#lowbit-bound).
+// Row i ~= scales[i] * c (c in [-8, 7]); codes hold c + 8, per 32-dimension block 16 bytes: byte j of the
+// block carries dimension j in its low nibble and dimension j + 16 in its high one (dimensions past dim
+// hold code 8, i.e. 0). resid[i] >= ||row i - scales[i] * c||_2.
+struct Int4View {
+  const uint8_t* codes = nullptr;  // n x (ceil(dim / 32) * 16)
+  const float* scales = nullptr;   // n
+  const float* resid = nullptr;    // n
+  const float* rerank = nullptr;   // n x dim float32: the candidates are rescored from these
+  std::size_t n = 0;
+  std::size_t dim = 0;
+};
+
+// As topk_classes, scanning the 4-bit codes first: every row whose 4-bit score plus the margin
+// margin_sigmas * ||q||_2 * resid[i] / sqrt(dim) (plus the query rounding, bounded exactly) could reach the
+// k-th class's score minus the largest such margin is rescored in float32. The scores returned are float32
+// scores; a row whose 4-bit error exceeds its margin can be missed (the margin is a number of standard
+// deviations of the error were the residual's direction random, not a bound). Queries are split over the
+// threads; a single query runs on one.
+void topk_classes_int4(const Int4View& vectors, const int32_t* labels, int32_t n_classes, const float* queries,
+                       std::size_t n_queries, int k, float margin_sigmas, int threads, int32_t* out_classes,
+                       float* out_scores);
+
 // Rows (n x dim, C-contiguous) minus zero_point, scaled to unit L2 length, into out (float32, n x dim);
 // the norm is summed in double. Rows of zeros stay zero; rows holding a NaN or inf become all NaN, and
 // the return value is then false. T: uint8_t, int8_t or float.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['ADAPTIVE_MAX_SCALE', 'ADAPTIVE_MIN_SCALE', 'ADAPTIVE_TARGET_AREA', 'MAX_CROP_SCALE', 'MAX_OUT_SIZE', 'MAX_SIGMA', 'build_info', 'crop_blur', 'logsumexp', 'topk_classes', 'unit_rows']
+__all__: list[str] = ['ADAPTIVE_MAX_SCALE', 'ADAPTIVE_MIN_SCALE', 'ADAPTIVE_TARGET_AREA', 'MAX_CROP_SCALE', 'MAX_OUT_SIZE', 'MAX_SIGMA', 'build_info', 'crop_blur', 'logsumexp', 'topk_classes', 'topk_classes_int4', 'unit_rows']
 def _set_simd(name: str) -> str:
     """
     Testing hook: force a kernel family ('scalar', 'avx2', 'avx512', 'neon').
@@ -33,6 +33,15 @@ def topk_classes(vectors: numpy.ndarray, labels: numpy.ndarray, n_classes: typin
     in float32, giving the float32 result);
     labels: (N,) int32 in [0, n_classes); queries: (Q, d) float32. Returns (classes int32 (Q, k),
     scores float32 (Q, k)); class score = best inner product among its rows; -1 / -inf pad.
+    """
+def topk_classes_int4(codes: numpy.ndarray, scales: numpy.ndarray, resid: numpy.ndarray, rerank: numpy.ndarray, labels: numpy.ndarray, n_classes: typing.SupportsInt | typing.SupportsIndex, queries: numpy.ndarray, k: typing.SupportsInt | typing.SupportsIndex, *, margin_sigmas: typing.SupportsFloat | typing.SupportsIndex = 4.0, threads: typing.SupportsInt | typing.SupportsIndex = 1) -> tuple[numpy.typing.NDArray[numpy.int32], numpy.typing.NDArray[numpy.float32]]:
+    """
+    Top-k distinct classes from a 4-bit first pass and float32 rescoring (no recall guarantee).
+    
+    codes: (N, ceil(d / 32) * 16) uint8 as rar_edge.index.lookup.quantize_int4 packs them; scales, resid:
+    (N,) float32; rerank: (N, d) float32 rows; labels (N,) int32 in [0, n_classes); queries (Q, d) float32.
+    Rows whose 4-bit score is within margin_sigmas standard deviations of the error (were the residual's
+    direction random) of the k-th class are rescored. Queries are split over threads.
     """
 def unit_rows(x: numpy.ndarray, zero_point: typing.SupportsFloat | typing.SupportsIndex = 0.0) -> tuple[numpy.typing.NDArray[numpy.float32], bool]:
     """

@@ -12,6 +12,13 @@ Storages (what the search streams through memory for every query):
   float32 search's at about the int8 cost. Keeps a reference to the float32 vectors (no copy when they
   are given as C-contiguous float32), so it needs them in memory beside the int8 copy.
 
+* ``"int4_margin"`` (opt-in, no guarantee): 4-bit per-vector codes (half the int8 bytes), then float32
+  rescoring of every row within `INT4_MARGIN_SIGMAS` standard deviations of the 4-bit error (were the
+  residual's direction random) of the k-th class. Not a bound: a class can be missed where a row's 4-bit
+  error exceeds its margin (recall measured in benchmarks/lookup.py; docs/design-notes.md#lowbit-bound).
+  Keeps a reference to the float32 vectors like "int8_rerank"; a batch's queries are split over threads,
+  a single query runs on one.
+
 ``DEFAULT_STORAGE`` is the fastest storage that answers like the exact float32 search
 (docs/design-notes.md#lookup-storage).
 """
@@ -23,7 +30,13 @@ import numpy as np
 from rar_edge import _native
 from rar_edge.errors import InvalidInputError
 
-STORAGES = ("float32", "float16", "int8", "int8_rerank")
+STORAGES = ("float32", "float16", "int8", "int8_rerank", "int4_margin")
+#: Storages whose answer is the exact float32 search's, or within their stated rounding of it.
+GUARANTEED_STORAGES = ("float32", "float16", "int8", "int8_rerank")
+#: "int4_margin" rescores rows within this many standard deviations of the 4-bit error.
+INT4_MARGIN_SIGMAS = 4.0
+#: Clip ratios tried per row by `quantize_int4` (scale = ratio * max|v| / 7), the least residual kept.
+INT4_CLIP_RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
 DEFAULT_STORAGE = "int8_rerank"
 #: Below this many rows "int8_rerank" scans the float32 rows directly (its result is the float32 search's
 #: anyway): the int8 pass and the rescoring cost more than they save (docs/design-notes.md#rerank-min-rows).
@@ -53,6 +66,50 @@ def quantize_int8(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, np.ascontiguousarray(scales)
 
 
+def quantize_int4(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-row 4-bit codes in the layout ``_native.topk_classes_int4`` reads.
+
+    Row i ~= scales[i] * c with c in [-8, 7], the scale chosen per row among `INT4_CLIP_RATIOS` to minimise
+    the residual. Codes are stored as c + 8; per 32-dimension block, byte j holds dimension j (low nibble)
+    and j + 16 (high nibble); dimensions past d are padded with code 8 (zero).
+
+    Args:
+        vectors: (N, d) float32, finite.
+
+    Returns:
+        (codes uint8 (N, ceil(d / 32) * 16), scales float32 (N,), resid float32 (N,)) with
+        resid[i] >= ||vectors[i] - scales[i] * c_i||_2; all-zero rows get scale 1, code 8 and resid 0.
+    """
+    v = np.asarray(vectors, dtype=np.float32)
+    n, d = v.shape
+    blocks = (d + 31) // 32
+    codes = np.empty((n, blocks * 16), np.uint8)
+    scales = np.empty(n, np.float32)
+    resid = np.empty(n, np.float32)
+    for b in range(0, n, 16384):  # row chunks: the float64 temporaries stay small
+        x = v[b:b + 16384].astype(np.float64)
+        peak = np.abs(x).max(axis=1) if d else np.zeros(len(x))
+        best_r = np.full(len(x), np.inf)
+        best_s = np.ones(len(x))
+        best_c = np.zeros(x.shape)
+        for ratio in INT4_CLIP_RATIOS:
+            s = np.where(peak > 0, (peak * ratio / 7.0).astype(np.float32), np.float32(1.0)).astype(np.float64)
+            c = np.rint(x / s[:, None]).clip(-8, 7)
+            r = np.sqrt(((x - s[:, None] * c) ** 2).sum(axis=1))
+            better = r < best_r
+            best_r = np.where(better, r, best_r)
+            best_s = np.where(better, s, best_s)
+            best_c[better] = c[better]
+        u = np.full((len(x), blocks * 32), 8, np.uint8)
+        u[:, :d] = (best_c + 8).astype(np.uint8)
+        u = u.reshape(len(x), blocks, 2, 16)
+        codes[b:b + 16384] = (u[:, :, 0, :] | (u[:, :, 1, :] << 4)).reshape(len(x), blocks * 16)
+        scales[b:b + 16384] = best_s
+        # rounded up to float32, so the stored residual norm is never below the true one
+        resid[b:b + 16384] = np.nextafter(best_r.astype(np.float32), np.float32(np.inf))
+    return codes, scales, resid
+
+
 class VectorStore:
     """The memory's vectors in the layout the native search reads.
 
@@ -73,17 +130,20 @@ class VectorStore:
         self._shape = v.shape
         self._scales: np.ndarray | None = None
         self._rerank: np.ndarray | None = None
+        self._resid: np.ndarray | None = None
         if storage == "float32":
             self._v = v
         elif storage == "float16":
             self._v = np.ascontiguousarray(v.astype(np.float16))
+        elif storage in ("int8_rerank", "int4_margin") and v.shape[0] < RERANK_MIN_ROWS:
+            self._v = v
+        elif storage == "int4_margin":
+            self._v, self._scales, self._resid = quantize_int4(v)
+            self._rerank = v
         else:
-            if storage == "int8_rerank" and v.shape[0] < RERANK_MIN_ROWS:
-                self._v = v
-            else:
-                self._v, self._scales = quantize_int8(v)
-                if storage == "int8_rerank":
-                    self._rerank = v
+            self._v, self._scales = quantize_int8(v)
+            if storage == "int8_rerank":
+                self._rerank = v
 
     @classmethod
     def from_parts(cls, vectors: np.ndarray, *, storage: str, q8: np.ndarray | None = None,
@@ -107,10 +167,14 @@ class VectorStore:
         self._shape = v.shape
         self._scales = None
         self._rerank = None
-        if storage == "float32" or (storage == "int8_rerank" and v.shape[0] < RERANK_MIN_ROWS):
+        self._resid = None
+        if storage == "float32" or (storage in ("int8_rerank", "int4_margin") and v.shape[0] < RERANK_MIN_ROWS):
             self._v = v
         elif storage == "float16":
             self._v = np.ascontiguousarray(v.astype(np.float16))
+        elif storage == "int4_margin":
+            self._v, self._scales, self._resid = quantize_int4(v)
+            self._rerank = v
         else:
             if q8 is None or scales is None:
                 q8, scales = quantize_int8(v)
@@ -133,8 +197,8 @@ class VectorStore:
 
     @property
     def nbytes(self) -> int:
-        """Bytes the search streams per query (vectors plus int8 scales; not the float32 rescoring rows)."""
-        return int(self._v.nbytes + (self._scales.nbytes if self._scales is not None else 0))
+        """Bytes the search streams per query (vectors plus scales and residuals; not the float32 rescoring rows)."""
+        return int(self._v.nbytes + sum(a.nbytes for a in (self._scales, self._resid) if a is not None))
 
     def topk_classes(
         self,
@@ -173,6 +237,11 @@ class VectorStore:
             lab = lab.astype(np.int32)
         lab = np.require(lab, requirements="CA")
         try:
+            if self._resid is not None:
+                return _native.topk_classes_int4(
+                    self._v, self._scales, self._resid, self._rerank, lab, int(n_classes), q, int(k),
+                    margin_sigmas=INT4_MARGIN_SIGMAS, threads=int(threads),
+                )
             return _native.topk_classes(
                 self._v,
                 lab,
