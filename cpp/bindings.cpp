@@ -335,7 +335,7 @@ PYBIND11_MODULE(_native, m) {
         "scores float32 (Q, k)); class score = best inner product among its rows; -1 / -inf pad.");
   m.def("topk_classes_int4", &topk_classes_int4, py::arg("codes"), py::arg("scales"), py::arg("resid"),
         py::arg("rerank"), py::arg("labels"), py::arg("n_classes"), py::arg("queries"), py::arg("k"), py::kw_only(),
-        py::arg("margin_sigmas") = 4.0, py::arg("threads") = 1,
+        py::arg("margin_sigmas") = 6.0, py::arg("threads") = 1,
         "Top-k distinct classes from a 4-bit first pass and float32 rescoring (no recall guarantee).\n\n"
         "codes: (N, ceil(d / 32) * 16) uint8 as rar_edge.index.lookup.quantize_int4 packs them; scales, resid:\n"
         "(N,) float32; rerank: (N, d) float32 rows; labels (N,) int32 in [0, n_classes); queries (Q, d) float32.\n"

@@ -34,7 +34,7 @@ def topk_classes(vectors: numpy.ndarray, labels: numpy.ndarray, n_classes: typin
     labels: (N,) int32 in [0, n_classes); queries: (Q, d) float32. Returns (classes int32 (Q, k),
     scores float32 (Q, k)); class score = best inner product among its rows; -1 / -inf pad.
     """
-def topk_classes_int4(codes: numpy.ndarray, scales: numpy.ndarray, resid: numpy.ndarray, rerank: numpy.ndarray, labels: numpy.ndarray, n_classes: typing.SupportsInt | typing.SupportsIndex, queries: numpy.ndarray, k: typing.SupportsInt | typing.SupportsIndex, *, margin_sigmas: typing.SupportsFloat | typing.SupportsIndex = 4.0, threads: typing.SupportsInt | typing.SupportsIndex = 1) -> tuple[numpy.typing.NDArray[numpy.int32], numpy.typing.NDArray[numpy.float32]]:
+def topk_classes_int4(codes: numpy.ndarray, scales: numpy.ndarray, resid: numpy.ndarray, rerank: numpy.ndarray, labels: numpy.ndarray, n_classes: typing.SupportsInt | typing.SupportsIndex, queries: numpy.ndarray, k: typing.SupportsInt | typing.SupportsIndex, *, margin_sigmas: typing.SupportsFloat | typing.SupportsIndex = 6.0, threads: typing.SupportsInt | typing.SupportsIndex = 1) -> tuple[numpy.typing.NDArray[numpy.int32], numpy.typing.NDArray[numpy.float32]]:
     """
     Top-k distinct classes from a 4-bit first pass and float32 rescoring (no recall guarantee).
     

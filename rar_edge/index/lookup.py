@@ -34,7 +34,7 @@ STORAGES = ("float32", "float16", "int8", "int8_rerank", "int4_margin")
 #: Storages whose answer is the exact float32 search's, or within their stated rounding of it.
 GUARANTEED_STORAGES = ("float32", "float16", "int8", "int8_rerank")
 #: "int4_margin" rescores rows within this many standard deviations of the 4-bit error.
-INT4_MARGIN_SIGMAS = 4.0
+INT4_MARGIN_SIGMAS = 6.0
 #: Clip ratios tried per row by `quantize_int4` (scale = ratio * max|v| / 7), the least residual kept.
 INT4_CLIP_RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
 DEFAULT_STORAGE = "int8_rerank"
