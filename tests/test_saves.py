@@ -14,6 +14,7 @@ import os
 import re
 import stat
 import struct
+import time
 import zipfile
 import zlib
 from pathlib import Path
@@ -22,7 +23,7 @@ import numpy as np
 import pytest
 
 from rar_edge import Memory
-from rar_edge._fs import atomic_write, umask, write_bytes, write_text
+from rar_edge._fs import atomic_write, remove_stale_temps, umask, write_bytes, write_text
 from rar_edge.errors import CorruptFileError
 from rar_edge.tools.finetune_data import write_jsonl
 
@@ -127,6 +128,21 @@ def test_permissions_are_kept_and_new_files_follow_the_umask(tmp_path, kind):
     new = tmp_path / "new" / NAMES[kind]
     WRITERS[kind](new)
     assert stat.S_IMODE(new.stat().st_mode) == 0o666 & ~umask()  # not mkstemp's 0600
+
+
+def test_stale_temporary_files_are_removed_by_age(tmp_path):
+    """What a killed writer left beside the target (``.NAME.*.tmp``) goes; a younger one (a writer at work) and
+    other files stay."""
+    path = tmp_path / "m.rarmem"
+    old, young = tmp_path / ".m.rarmem.k1.tmp", tmp_path / ".m.rarmem.k2.tmp"
+    others = [tmp_path / ".other.rarmem.k3.tmp", tmp_path / "m.rarmem.tmp", path]
+    for f in (old, young, *others):
+        f.write_bytes(b"x")
+    hour_ago = time.time() - 3600
+    os.utime(old, (hour_ago, hour_ago))
+    assert remove_stale_temps(path, older_than_s=60) == [old]
+    assert remove_stale_temps(path) == [young]
+    assert sorted(tmp_path.iterdir()) == sorted(others)
 
 
 # --- loads: every member's sha256, on its own ---------------------------------------------------------------
