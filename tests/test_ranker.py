@@ -74,6 +74,7 @@ def test_single_candidate_needs_no_model(ranker):
     before = ranker.stats
     r = ranker.rank(None, ["tulip"])
     assert r.labels == ("tulip",) and r.scores == (1.0,)
+    assert r.fallback is False and r.raw == ""  # nothing to fall back from: the one name is the answer
     assert ranker.stats == before
 
 
@@ -306,6 +307,7 @@ def test_generate_falls_back_to_retrieval_order(tiny_gguf, monkeypatch):
         monkeypatch.setattr(Ranker, "_line_tokens", lambda self, names, number: {c: [5, 6] for c in names})
         out = r.rank(None, cands, mode="generate")
         assert out.fallback and out.labels == tuple(cands)
+        assert out.scores == pytest.approx((6 / 11, 3 / 11, 2 / 11)) and isinstance(out.raw, str)  # 1/rank, normalised
         monkeypatch.undo()
         assert not r.rank(None, cands, mode="generate").fallback
 
