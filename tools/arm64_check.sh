@@ -28,7 +28,9 @@ shared="$(cd "${RAR_EDGE_SHARED:-$repo/../shared}" 2>/dev/null && pwd || true)"
 host_py="${PYTHON:-$repo/.venv/bin/python}"
 jobs="${JOBS:-2}"
 nice_n="${NICE:-10}"
-tests="${ARM64_TESTS:-tests/test_native_search.py tests/test_native_logits.py tests/test_preprocess.py tests/test_boxes.py tests/test_manifest.py tests/test_memory.py tests/test_pipeline.py tests/test_detect.py tests/test_runtime_imports.py}"
+# Not tests/test_detect.py: its case of 2000 boxes in one call alone ran for over 35 minutes emulated; the probe
+# below detects on COCO128 photos instead.
+tests="${ARM64_TESTS:-tests/test_native_search.py tests/test_native_logits.py tests/test_preprocess.py tests/test_boxes.py tests/test_manifest.py tests/test_memory.py tests/test_pipeline.py tests/test_runtime_imports.py}"
 
 skip() { echo "arm64_check: SKIP: $*" >&2; exit 77; }
 [ "$(id -u)" = 0 ] || skip "needs root (debootstrap, chroot and bind mounts)"
@@ -40,8 +42,9 @@ command -v qemu-aarch64-static >/dev/null || skip "qemu-aarch64-static is missin
 [ -x "$host_py" ] || skip "no Python for the x86 probe at $host_py (set PYTHON)"
 
 # binfmt_misc lets the kernel hand every aarch64 program in the root (pip's compilers included) to qemu.
-# A container without it could still run single programs with `qemu-aarch64-static -L ROOT`, but pip's
-# builds start further programs, which then fail: so no fallback, a skip with the reason.
+# A container without it could still run one program with `qemu-aarch64-static -L ROOT`, but the programs
+# that one starts (pip's compilers) go to the kernel, which cannot run them; proot -q qemu-aarch64-static
+# re-wraps every exec and would be the way there (not done here). So: a skip with the reason.
 bf=/proc/sys/fs/binfmt_misc
 [ -e "$bf/status" ] || mount -t binfmt_misc binfmt_misc "$bf" 2>/dev/null \
   || skip "binfmt_misc is not mounted and cannot be mounted here (no CAP_SYS_ADMIN?)"
@@ -75,6 +78,8 @@ bind() {  # bind SRC DEST [ro]
 mkdir -p "$root/proc"
 mountpoint -q "$root/proc" || { mount -t proc proc "$root/proc"; mounted=("$root/proc" "${mounted[@]}"); }
 bind /dev /dev
+# No /sys: ONNX Runtime's cpuinfo then warns that it cannot read the CPU lists and carries on, while with this
+# machine's /sys (x86 CPUs) bound in, importing onnxruntime crashed with SIGSEGV under qemu (seen 2026-12-04).
 bind "$shared" /shared ro
 bind "$out" /out
 cp -L /etc/resolv.conf "$root/etc/resolv.conf"
@@ -89,7 +94,7 @@ cp -r .cache/models/mobilenet "$root/src/.cache/models/"
 cat >"$root/run-check.sh" <<'EOF'
 set -uo pipefail
 export HOME=/root LC_ALL=C.UTF-8 HNSWLIB_NO_NATIVE=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
-cd /src
+cd /  # never the checkout: Python would import /src/rar_edge (no compiled module) instead of the installed one
 echo "machine: $(uname -m); $(python3 --version)"
 [ -x /opt/venv/bin/python ] || python3 -m venv /opt/venv
 py=/opt/venv/bin/python
@@ -111,14 +116,17 @@ $py -m pip install --dry-run --ignore-installed --report /out/dryrun-jetson-benc
 dot_base=$(echo | gcc -march=armv8-a -dM -E - | grep -c __ARM_FEATURE_DOTPROD || true)
 dot_flag=$(echo | gcc -march=armv8.2-a+dotprod -dM -E - | grep -c __ARM_FEATURE_DOTPROD || true)
 t2=$(date +%s.%N)
-RAR_EDGE_SHARED=/shared /opt/venv/bin/pytest -q -p no:cacheprovider $ARM64_TESTS --junitxml=/out/junit.xml >/out/pytest.log 2>&1
+# The CLI tests start `python -m rar_edge` in the working directory: / keeps it on the installed package.
+paths=(); for t in $ARM64_TESTS; do paths+=("/src/$t"); done
+(RAR_EDGE_SHARED=/shared /opt/venv/bin/pytest -q -p no:cacheprovider --rootdir=/src -c /src/pyproject.toml \
+  "${paths[@]}" --junitxml=/out/junit.xml >/out/pytest.log 2>&1)
 rc_tests=$?
 t3=$(date +%s.%N)
 $py /src/tools/arm64_probe.py --encoder /src/.cache/models/mobilenet --shared /shared >/out/probe_arm64.json 2>/out/probe_arm64.log
 rc_probe=$?
 t4=$(date +%s.%N)
 $py - "$t0" "$t1" "$t2" "$t3" "$t4" "$rc_tests" "$rc_probe" "$dot_base" "$dot_flag" <<'PY'
-import json, platform, sys, xml.etree.ElementTree as ET
+import json, platform, re, sys, xml.etree.ElementTree as ET
 import numpy, onnxruntime, rar_edge
 from rar_edge import _native
 t0, t1, t2, t3, t4 = map(float, sys.argv[1:6])
@@ -127,6 +135,10 @@ suite = ET.parse("/out/junit.xml").getroot()
 suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
 n = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
 n["passed"] = n["tests"] - n["failures"] - n["errors"] - n["skipped"]
+cases = list(suite.iter("testcase"))
+bad = [f"{c.get('classname')}::{c.get('name')}" for c in cases if c.find("failure") is not None or c.find("error") is not None]
+neon = [c for c in cases if re.search(r"[\[-]neon[\]-]", c.get("name", ""))
+        and not any(c.find(t) is not None for t in ("failure", "error", "skipped"))]
 def dry(name):
     try:
         rep = json.load(open(f"/out/dryrun-{name}.json"))
@@ -136,7 +148,7 @@ def dry(name):
 json.dump({
     "install_ok": True, "machine": platform.machine(), "python": platform.python_version(),
     "install_s": round(t1 - t0, 1), "tests_s": round(t3 - t2, 1), "probe_s": round(t4 - t3, 1),
-    "tests": n, "pytest_rc": rc_tests, "probe_rc": rc_probe,
+    "tests": n, "tests_failed": bad, "tests_neon_passed": len(neon), "pytest_rc": rc_tests, "probe_rc": rc_probe,
     "numpy": numpy.__version__, "onnxruntime": onnxruntime.__version__, "rar_edge_file": rar_edge.__file__,
     "native": _native.build_info(),
     "gcc_dotprod_define": {"-march=armv8-a": dot_base, "-march=armv8.2-a+dotprod": dot_flag},
