@@ -79,6 +79,48 @@ def test_f4_a_forked_child_gets_a_clear_error_instead_of_hanging(tmp_path):
     assert p.stdout.split() == ["0", "parent", "ok"], p.stdout
 
 
+def test_f4_a_fork_while_another_thread_ranks_does_not_block_the_child(tmp_path):
+    """The thread inside rank() when the process forks does not exist in the child; its lock must not stay held."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork on this platform")
+    sys.path.insert(0, str(REPO / "export"))
+    from rar_edge_export.tiny_models import write_tiny_text_gguf
+
+    gguf = write_tiny_text_gguf(tmp_path / "tiny.gguf", seed=0)
+    code = textwrap.dedent(f"""
+        import os, signal, threading, time, warnings
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads: what this test is about
+        from rar_edge.errors import RankerError
+        from rar_edge.rank.ranker import Ranker
+        r = Ranker.load({str(gguf)!r}, n_threads=1, n_ctx=1024)
+        stop = threading.Event()
+        def busy():
+            while not stop.is_set():
+                r.rank(None, ["daisy", "tulip", "rose", "iris", "lily", "aster"])
+        t = threading.Thread(target=busy)
+        t.start()
+        codes = []
+        for _ in range(6):
+            time.sleep(0.05)
+            pid = os.fork()
+            if pid == 0:
+                signal.alarm(10)  # a child that blocks on the inherited lock is killed: exit code -14
+                try:
+                    r.rank(None, ["daisy", "tulip"])
+                    os._exit(3)
+                except RankerError:
+                    os._exit(0)
+            codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+        stop.set()
+        t.join()
+        print(*codes)
+    """)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.split() == ["0"] * 6, p.stdout
+
+
 # -- F5: SIGKILL during save ---------------------------------------------------------------------------
 _SAVER = """
 import sys, numpy as np

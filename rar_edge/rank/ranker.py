@@ -55,6 +55,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -187,6 +188,21 @@ def _rank_weights(n: int) -> tuple[float, ...]:
     return tuple(float(v) for v in w / w.sum())
 
 
+# A process forked while another thread was inside `Ranker.rank` inherits that call's lock held, by a thread
+# that does not exist in the child: the child gets fresh locks, so that a use there reaches the clear
+# RankerError of a model loaded before the fork (rank/_llama.py) instead of blocking for ever.
+_RANKERS: "weakref.WeakSet[Ranker]" = weakref.WeakSet()
+
+
+def _fresh_locks_in_child() -> None:
+    for ranker in list(_RANKERS):
+        ranker._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_locks_in_child)
+
+
 class Ranker:
     """Ranks the k retrieved candidate names for an image with a (multimodal) LLM through llama.cpp.
 
@@ -225,6 +241,7 @@ class Ranker:
         # One llama.cpp context serves one call at a time; the module-level classify() cache hands the same
         # ranker to every thread, so calls queue here instead of corrupting the KV cache.
         self._lock = threading.Lock()
+        _RANKERS.add(self)
         self.name = name
         self._warned_no_vision = False
         self._stats: dict[str, int] = dict.fromkeys(RankerStats.__dataclass_fields__, 0)
