@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from conftest import REPO_ROOT, flower_photos
 
 torch = pytest.importorskip("torch")

@@ -170,8 +170,8 @@ FAMILY_PARAMS = [
 def test_tiny_vlm_exports_and_ranks_an_image(tmp_path, lcpp, family, quant, handler, projector):
     pytest.importorskip("llama_cpp")
     from rar_edge.rank.ranker import Ranker
-    from rar_edge_export.tiny_models import build_tiny_vlm
     from rar_edge_export.mllm import export_mllm
+    from rar_edge_export.tiny_models import build_tiny_vlm
 
     hf = build_tiny_vlm(family, tmp_path / "hf", vocab_gguf=lcpp / "models" / "ggml-vocab-gpt-2.gguf")
     m = export_mllm(hf, tmp_path / "model", quant=quant, llama_cpp_src=lcpp)

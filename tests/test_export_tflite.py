@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from conftest import flower_photos
 
 tf = pytest.importorskip("tensorflow")

@@ -23,8 +23,8 @@ def _tool():
 @pytest.fixture(scope="module")
 def q4km(tmp_path_factory) -> Path:
     pytest.importorskip("llama_cpp")
-    from rar_edge_export.tiny_models import write_tiny_text_gguf
     from rar_edge_export.mllm import _quantize
+    from rar_edge_export.tiny_models import write_tiny_text_gguf
 
     d = tmp_path_factory.mktemp("random_gguf")
     out = d / "tiny-Q4_K_M.gguf"
