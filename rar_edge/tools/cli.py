@@ -523,18 +523,8 @@ def _fail(msg: str) -> int:
     return 2
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from rar_edge import __version__
-
-    parser = _Parser(prog="rar-edge", description="RAR retrieval + ranking on the edge")
-    parser.add_argument("--version", action="version", version=f"rar-edge {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
-    parser.add_argument("-q", "--quiet", action="store_true",
-                        help="no progress bars (they are shown only when stderr is a terminal)")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-
-    _export_parser(sub)
-
+def _memory_parsers(sub: "argparse._SubParsersAction") -> None:
+    """memory build / info / add / remove / merge / export."""
     pm = sub.add_parser("memory", help="build or inspect a memory")
     msub = pm.add_subparsers(dest="memory_cmd", required=True)
     b = msub.add_parser("build", help="few-shot from FOLDER (one sub-folder per class), zero-shot from --classes, "
@@ -582,6 +572,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_edit_output_args(me, required=True)
     me.set_defaults(func=cmd_memory_export)
 
+
+def _pack_parser(sub: "argparse._SubParsersAction") -> None:
+    """pack: a memory, its encoder and a ranker in one folder."""
     pk = sub.add_parser("pack", help="one folder with a memory, its encoder and a ranker, to copy anywhere")
     pk.add_argument("--memory", required=True, help="the memory")
     pk.add_argument("--encoder", default=None, help="its encoder folder (default: the one the memory records)")
@@ -591,6 +584,9 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--overwrite", action="store_true", help="replace an existing pack at --output")
     pk.set_defaults(func=cmd_pack)
 
+
+def _classify_parsers(sub: "argparse._SubParsersAction") -> None:
+    """classify, classify-batch and detect."""
     c = sub.add_parser("classify", help="classify images with a memory (and a ranker)")
     c.add_argument("images", nargs="+", help="image files")
     c.add_argument("--memory", default=None, help="a memory file (rar-edge memory build)")
@@ -631,6 +627,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_max_pixels_arg(d)
     d.set_defaults(func=cmd_detect)
 
+
+def _eval_parsers(sub: "argparse._SubParsersAction") -> None:
+    """eval, eval-detect and finetune-data."""
     e = sub.add_parser("eval", help="few-shot accuracy on an image folder")
     e.add_argument("folder", help="image folder, one sub-folder per class")
     _add_few_shot_eval_args(e, queries_help="query every image of this folder instead of the rest of FOLDER")
@@ -661,10 +660,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--json", action="store_true", help="print what was written as JSON")
     f.set_defaults(func=cmd_finetune_data)
 
-    from rar_edge.tools.bench import add_bench_subcommand
 
-    add_bench_subcommand(sub)
-
+def _demo_parser(sub: "argparse._SubParsersAction") -> None:
+    """demo: the end-to-end run of `make demo`."""
     dm = sub.add_parser("demo", help="end-to-end demo: export, build a memory, classify (says which models it used)")
     dm.add_argument("--workdir", default="artifacts/demo", help="where the demo writes its models and memories")
     dm.add_argument("--shared", default=None, help="the shared data folder (default: $RAR_EDGE_SHARED or ../shared)")
@@ -672,6 +670,25 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--clip", default=None, help="a CLIP model (local folder or hub id) for zero-shot")
     dm.add_argument("--ranker", default=None, help="a ranker model folder or GGUF")
     dm.set_defaults(func=cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from rar_edge import __version__
+    from rar_edge.tools.bench import add_bench_subcommand
+
+    parser = _Parser(prog="rar-edge", description="RAR retrieval + ranking on the edge")
+    parser.add_argument("--version", action="version", version=f"rar-edge {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress bars (they are shown only when stderr is a terminal)")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    _export_parser(sub)
+    _memory_parsers(sub)
+    _pack_parser(sub)
+    _classify_parsers(sub)
+    _eval_parsers(sub)
+    add_bench_subcommand(sub)
+    _demo_parser(sub)
     return parser
 
 
