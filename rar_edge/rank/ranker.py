@@ -203,6 +203,47 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_fresh_locks_in_child)
 
 
+@dataclass(frozen=True)
+class _ModelFiles:
+    """What a ranker model folder (its manifest) or a bare GGUF gives the loader."""
+
+    language_model: Path
+    mmproj: Path | None
+    name: str
+    chat_template: str | None = None
+    n_ctx: int | None = None
+    prompt_version: str | None = None
+    vision_px: int | None = None
+
+
+def _model_files(path: Path, mmproj: str | os.PathLike | None, *, verify: bool) -> _ModelFiles:
+    """Resolves a model folder (``mllm`` manifest) or a bare GGUF (+ ``mmproj``), checking the files exist."""
+    if path.is_dir():
+        if mmproj is not None:
+            raise InvalidInputError("mmproj= is for a bare GGUF; a model folder names its own mmproj")
+        m = load_manifest(path, verify=verify)
+        if m.kind != "mllm":
+            raise ManifestError(f"{path} holds a {m.kind!r} model, the ranker needs kind 'mllm'")
+        px = (m.data.get("vision") or {}).get("image_size_px")
+        return _ModelFiles(
+            language_model=m.path("language_model"),
+            mmproj=m.path("mmproj") if m.has_file("mmproj") else None,
+            name=m.name,
+            chat_template=m.data.get("chat_template"),
+            n_ctx=m.data.get("n_ctx"),
+            prompt_version=m.data.get("prompt_version"),
+            vision_px=int(px) if isinstance(px, (int, float)) and px > 0 else None,
+        )
+    if path.is_file():
+        mm_path = Path(mmproj) if mmproj is not None else None
+        if mm_path is not None and not mm_path.is_file():
+            raise InvalidInputError(f"mmproj file not found: {mm_path}")
+        for p in (path, mm_path):
+            _check_gguf(p)
+        return _ModelFiles(language_model=path, mmproj=mm_path, name=path.stem)
+    raise InvalidInputError(f"no model folder or GGUF file at {path}")
+
+
 class Ranker:
     """Ranks the k retrieved candidate names for an image with a (multimodal) LLM through llama.cpp.
 
@@ -295,59 +336,30 @@ class Ranker:
         elif keywords != {f: getattr(RankerConfig(), f) for f in keywords} or prompt_version is not None:
             raise InvalidInputError("pass the ranker's settings either in config= or as keywords, not both")
         mode, n_ctx, max_candidates = config.mode, config.n_ctx, config.max_candidates
-        path = Path(model)
-        chat_template: str | None = None
-        manifest_n_ctx = None
-        manifest_prompt = None
-        vision_px = None
-        if path.is_dir():
-            if mmproj is not None:
-                raise InvalidInputError("mmproj= is for a bare GGUF; a model folder names its own mmproj")
-            m = load_manifest(path, verify=config.verify)
-            if m.kind != "mllm":
-                raise ManifestError(f"{path} holds a {m.kind!r} model, the ranker needs kind 'mllm'")
-            lm_path = m.path("language_model")
-            mm_path = m.path("mmproj") if m.has_file("mmproj") else None
-            chat_template = m.data.get("chat_template")
-            manifest_n_ctx = m.data.get("n_ctx")
-            manifest_prompt = m.data.get("prompt_version")
-            px = (m.data.get("vision") or {}).get("image_size_px")
-            vision_px = int(px) if isinstance(px, (int, float)) and px > 0 else None
-            name = m.name
-        elif path.is_file():
-            lm_path = path
-            mm_path = Path(mmproj) if mmproj is not None else None
-            if mm_path is not None and not mm_path.is_file():
-                raise InvalidInputError(f"mmproj file not found: {mm_path}")
-            for p in (lm_path, mm_path):
-                _check_gguf(p)
-            name = path.stem
-        else:
-            raise InvalidInputError(f"no model folder or GGUF file at {path}")
-        prompt = get_prompt(custom_prompt or config.prompt_version or manifest_prompt or defaults.PROMPT_VERSION)
+        files = _model_files(Path(model), mmproj, verify=config.verify)
+        prompt = get_prompt(custom_prompt or config.prompt_version or files.prompt_version or defaults.PROMPT_VERSION)
         n_threads = config.n_threads
         if n_threads is None:
             n_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         native = _Native(
-            lm_path,
-            mmproj_path=mm_path,
-            n_ctx=int(n_ctx or manifest_n_ctx or DEFAULT_N_CTX),
+            files.language_model,
+            mmproj_path=files.mmproj,
+            n_ctx=int(n_ctx or files.n_ctx or DEFAULT_N_CTX),
             n_batch=512,
             n_seq_max=max_candidates + 1,
             n_threads=int(n_threads),
             n_gpu_layers=int(config.n_gpu_layers),
         )
         try:
-            if chat_template is None:
-                chat_template = native.meta("tokenizer.chat_template")
             return cls(
                 native,
                 mode=mode,
                 prompt=prompt,
-                chat_template=chat_template,
+                chat_template=(files.chat_template if files.chat_template is not None
+                               else native.meta("tokenizer.chat_template")),
                 in_context_examples=in_context_examples or (),
-                name=name,
-                vision_image_size_px=vision_px,
+                name=files.name,
+                vision_image_size_px=files.vision_px,
                 config=config,
             )
         except BaseException:
