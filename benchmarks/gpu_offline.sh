@@ -118,15 +118,15 @@ run() {
       "$bundle/lib/libggml-cuda.so.xz" "$bundle/lib/libggml-cuda.so"
   fi
   local tegra_pid=""
-  if command -v nvidia-smi >/dev/null; then
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$res/gpu.txt"
-  elif [ -f /etc/nv_tegra_release ]; then  # a Jetson: no nvidia-smi on JetPack 5; tegrastats samples the iGPU
+  if [ -f /etc/nv_tegra_release ]; then  # a Jetson: no nvidia-smi on JetPack 5; tegrastats samples the iGPU
     { head -n 1 /etc/nv_tegra_release; tr -d '\0' </proc/device-tree/model; echo; nvpmodel -q 2>/dev/null | head -n 2; } \
       | tee "$res/gpu.txt"
     if command -v tegrastats >/dev/null; then
       tegrastats --interval 1000 >"$res/tegrastats.log" 2>&1 &
       tegra_pid=$!
     fi
+  elif command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$res/gpu.txt"
   else
     echo "gpu_offline.sh run: neither nvidia-smi nor a Jetson (/etc/nv_tegra_release) here" >&2; return 2
   fi
