@@ -53,6 +53,24 @@ std::string shape_str(const py::array& a) {
   return s + (a.ndim() == 1 ? ",)" : ")");
 }
 
+using TopK = std::tuple<py::array_t<int32_t>, py::array_t<float>>;
+
+// Allocates the (Q, k) outputs first, then runs `search` on them with the GIL released.
+template <class Search>
+TopK run_topk(const py::array& queries, int k, Search&& search) {
+  const auto nq = static_cast<std::size_t>(queries.shape(0));
+  py::array_t<int32_t> out_c({nq, static_cast<std::size_t>(k)});
+  py::array_t<float> out_s({nq, static_cast<std::size_t>(k)});
+  const auto* q = static_cast<const float*>(queries.data());
+  int32_t* oc = out_c.mutable_data();
+  float* os = out_s.mutable_data();
+  {
+    py::gil_scoped_release release;
+    search(q, nq, oc, os);
+  }
+  return {out_c, out_s};
+}
+
 std::tuple<py::array_t<int32_t>, py::array_t<float>> topk_classes(py::array vectors, py::array labels, int n_classes,
                                                                   py::array queries, int k,
                                                                   std::optional<py::array> scales,
@@ -134,17 +152,9 @@ std::tuple<py::array_t<int32_t>, py::array_t<float>> topk_classes(py::array vect
   // present, not by n_classes (which a caller may pass huge).
   int32_t present = 0;
   for (std::size_t i = 0; i < v.n; ++i) present = lab[i] >= present ? lab[i] + 1 : present;
-  const auto nq = static_cast<std::size_t>(queries.shape(0));
-  py::array_t<int32_t> out_c({nq, static_cast<std::size_t>(k)});
-  py::array_t<float> out_s({nq, static_cast<std::size_t>(k)});
-  const auto* q = static_cast<const float*>(queries.data());
-  int32_t* oc = out_c.mutable_data();
-  float* os = out_s.mutable_data();
-  {
-    py::gil_scoped_release release;
+  return run_topk(queries, k, [&](const float* q, std::size_t nq, int32_t* oc, float* os) {
     rar::topk_classes(v, lab, present, q, nq, k, threads, oc, os);
-  }
-  return {out_c, out_s};
+  });
 }
 
 void require_float_array(const py::array& a, const char* name, py::ssize_t rows, py::ssize_t cols) {
@@ -200,17 +210,9 @@ std::tuple<py::array_t<int32_t>, py::array_t<float>> topk_classes_int4(py::array
   v.rerank = static_cast<const float*>(rerank.data());
   v.n = static_cast<std::size_t>(n);
   v.dim = static_cast<std::size_t>(dim);
-  const auto nq = static_cast<std::size_t>(queries.shape(0));
-  py::array_t<int32_t> out_c({nq, static_cast<std::size_t>(k)});
-  py::array_t<float> out_s({nq, static_cast<std::size_t>(k)});
-  const auto* q = static_cast<const float*>(queries.data());
-  int32_t* oc = out_c.mutable_data();
-  float* os = out_s.mutable_data();
-  {
-    py::gil_scoped_release release;
+  return run_topk(queries, k, [&](const float* q, std::size_t nq, int32_t* oc, float* os) {
     rar::topk_classes_int4(v, lab, present, q, nq, k, static_cast<float>(margin_sigmas), threads, oc, os);
-  }
-  return {out_c, out_s};
+  });
 }
 
 template <class T>

@@ -108,6 +108,30 @@ def flower_photos(*, classes: int = 3, per_class: int = 2) -> list[Path]:
     return photos
 
 
+def linked_flowers(root: Path, classes: list[str] | tuple[str, ...], per_class: int) -> Path:
+    """A class-per-folder tree under ``root`` of the first ``per_class`` photos of each named Oxford-17 class
+    (symlinks into the shared folder; skips the calling test when it is absent)."""
+    src = shared_file("data/flowers17")
+    for cls in classes:
+        (root / cls).mkdir(parents=True)
+        for photo in sorted((src / cls).glob("*.jpg"))[:per_class]:
+            (root / cls / photo.name).symlink_to(photo)
+    return root
+
+
+def linked_coco(root: Path, n_images: int) -> Path:
+    """A YOLO folder under ``root`` of the first ``n_images`` labelled COCO128 photos (symlinks)."""
+    src = shared_file("data/coco128")
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    (root / "classes.txt").symlink_to(src / "classes.txt")
+    for lab in sorted((src / "labels").glob("*.txt"))[:n_images]:
+        (root / "labels" / lab.name).symlink_to(lab)
+        img = src / "images" / (lab.stem + ".jpg")
+        (root / "images" / img.name).symlink_to(img)
+    return root
+
+
 # --- a tiny CLIP ----------------------------------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ from rar_edge.errors import InvalidInputError
 from rar_edge.tools.bench import STAGES, BenchConfig, run_bench
 from rar_edge.types import Ranking
 
+from conftest import linked_flowers
 from stub_ranker import StubRanker
 
 pytest.importorskip("matplotlib")
@@ -26,15 +27,7 @@ PERCENTILE_KEYS = ("p50", "p95", "p99", "mean", "min", "max", "n")
 @pytest.fixture(scope="module")
 def flowers(tmp_path_factory) -> Path:
     """3 classes x 4 photos of Oxford Flowers (symlinks): 2 shots per class leave 6 queries."""
-    from conftest import shared_file
-
-    src = shared_file("data/flowers17")
-    root = tmp_path_factory.mktemp("bench_flowers")
-    for cls in ("daisy", "sunflower", "tulip"):
-        (root / cls).mkdir()
-        for p in sorted((src / cls).glob("*.jpg"))[:4]:
-            (root / cls / p.name).symlink_to(p)
-    return root
+    return linked_flowers(tmp_path_factory.mktemp("bench_flowers"), ("daisy", "sunflower", "tulip"), 4)
 
 
 def _config(**kw) -> BenchConfig:

@@ -11,25 +11,14 @@ from rar_edge.datasets import read_boxes_file, read_yolo_dataset
 from rar_edge.errors import InvalidBoxError, InvalidInputError
 from rar_edge.index.build import memory_from_boxes
 
+from conftest import linked_coco
 from stub_ranker import StubRanker
 
 
 @pytest.fixture(scope="module")
-def coco_subset(tmp_path_factory, shared_path):
+def coco_subset(tmp_path_factory):
     """12 labelled COCO128 photos as a YOLO folder (symlinks)."""
-    src = shared_path / "data" / "coco128"
-    if not src.is_dir():
-        pytest.skip(f"COCO128 not found at {src}")
-    root = tmp_path_factory.mktemp("coco_subset")
-    (root / "images").mkdir()
-    (root / "labels").mkdir()
-    (root / "classes.txt").symlink_to(src / "classes.txt")
-    labels = sorted((src / "labels").glob("*.txt"))[:12]
-    for lab in labels:
-        (root / "labels" / lab.name).symlink_to(lab)
-        img = src / "images" / (lab.stem + ".jpg")
-        (root / "images" / img.name).symlink_to(img)
-    return root
+    return linked_coco(tmp_path_factory.mktemp("coco_subset"), 12)
 
 
 @pytest.fixture(scope="module")

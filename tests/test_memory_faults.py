@@ -48,14 +48,19 @@ def same(a: Memory, b: Memory) -> bool:
 
 
 # -- F4: fork after the ranker was loaded ------------------------------------------------------------------
-def test_f4_a_forked_child_gets_a_clear_error_instead_of_hanging(tmp_path):
+def _tiny_gguf_for_fork(tmp_path) -> Path:
+    """A tiny text GGUF, where llama-cpp-python and os.fork exist (skips otherwise)."""
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
     if not hasattr(os, "fork"):
         pytest.skip("no fork on this platform")
     sys.path.insert(0, str(REPO / "export"))
     from rar_edge_export.tiny_models import write_tiny_text_gguf
 
-    gguf = write_tiny_text_gguf(tmp_path / "tiny.gguf", seed=0)
+    return write_tiny_text_gguf(tmp_path / "tiny.gguf", seed=0)
+
+
+def test_f4_a_forked_child_gets_a_clear_error_instead_of_hanging(tmp_path):
+    gguf = _tiny_gguf_for_fork(tmp_path)
     code = textwrap.dedent(f"""
         import os, sys
         from rar_edge.errors import RankerError
@@ -81,13 +86,7 @@ def test_f4_a_forked_child_gets_a_clear_error_instead_of_hanging(tmp_path):
 
 def test_f4_a_fork_while_another_thread_ranks_does_not_block_the_child(tmp_path):
     """The thread inside rank() when the process forks does not exist in the child; its lock must not stay held."""
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
-    if not hasattr(os, "fork"):
-        pytest.skip("no fork on this platform")
-    sys.path.insert(0, str(REPO / "export"))
-    from rar_edge_export.tiny_models import write_tiny_text_gguf
-
-    gguf = write_tiny_text_gguf(tmp_path / "tiny.gguf", seed=0)
+    gguf = _tiny_gguf_for_fork(tmp_path)
     code = textwrap.dedent(f"""
         import os, signal, threading, time, warnings
         warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads: what this test is about

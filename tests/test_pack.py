@@ -16,18 +16,12 @@ from rar_edge import Encoder, EncoderConfig, Memory, Pipeline
 from rar_edge.errors import CorruptFileError, InvalidInputError
 from rar_edge.pack import open_pack, write_pack
 
+from conftest import linked_flowers
+
 
 @pytest.fixture(scope="module")
-def flowers(tmp_path_factory, shared_path):
-    src = shared_path / "data" / "flowers17"
-    if not src.is_dir():
-        pytest.skip(f"Oxford Flowers not found at {src}")
-    root = tmp_path_factory.mktemp("flowers")
-    for cls in ["daisy", "sunflower", "tulip"]:
-        (root / cls).mkdir()
-        for p in sorted((src / cls).glob("*.jpg"))[:6]:
-            (root / cls / p.name).symlink_to(p)
-    return root
+def flowers(tmp_path_factory):
+    return linked_flowers(tmp_path_factory.mktemp("flowers"), ["daisy", "sunflower", "tulip"], 6)
 
 
 @pytest.fixture(scope="module")

@@ -16,21 +16,14 @@ from rar_edge import Encoder, EncoderConfig, Memory, Pipeline, PipelineConfig
 from rar_edge.errors import EmptyMemoryError, ImageDecodeError, InvalidInputError, MemoryMismatchError
 from rar_edge.types import Ranking
 
+from conftest import linked_flowers
 from stub_ranker import StubRanker
 
 
 @pytest.fixture(scope="module")
-def flowers_subset(tmp_path_factory, shared_path):
+def flowers_subset(tmp_path_factory):
     """4 classes x 10 photos of Oxford Flowers (symlinks), small enough for quick end-to-end tests."""
-    src = shared_path / "data" / "flowers17"
-    if not src.is_dir():
-        pytest.skip(f"Oxford Flowers not found at {src}")
-    root = tmp_path_factory.mktemp("flowers_subset")
-    for cls in ["daisy", "sunflower", "tulip", "snowdrop"]:
-        (root / cls).mkdir()
-        for p in sorted((src / cls).glob("*.jpg"))[:10]:
-            (root / cls / p.name).symlink_to(p)
-    return root
+    return linked_flowers(tmp_path_factory.mktemp("flowers_subset"), ["daisy", "sunflower", "tulip", "snowdrop"], 10)
 
 
 @pytest.fixture(scope="module")
