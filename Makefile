@@ -51,6 +51,7 @@ test: $(VENV)/.installed lint
 # ruff's lint rules and formatter, as configured in pyproject.toml (part of `make test`, so CI runs them).
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # Minutes-long tests and those that need the real 1.1 GB GGUF (fetched from PyPI parts).
 test-slow: $(VENV)/.installed

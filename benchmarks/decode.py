@@ -46,8 +46,9 @@ def main() -> None:
     if not paths:
         raise SystemExit(f"no photos under {root} (set RAR_EDGE_SHARED)")
     cv2.setNumThreads(1)
-    spec = ImageSpec(size_px=(SIZE, SIZE), dtype="uint8", layout="NHWC", resize_mode="squash", crop_mode="none",
-                     resample="bilinear")
+    spec = ImageSpec(
+        size_px=(SIZE, SIZE), dtype="uint8", layout="NHWC", resize_mode="squash", crop_mode="none", resample="bilinear"
+    )
     draft = draft_size(spec)
 
     def rar_edge_one(p: Path) -> np.ndarray:
@@ -69,8 +70,9 @@ def main() -> None:
         "pillow": lambda p: pillow_one(p, False),
         "opencv": opencv_one,
     }
-    t = interleaved_median_ms({name: (lambda fn=fn: [fn(p) for p in paths]) for name, fn in methods.items()},
-                              repeats=args.repeats, warmup=1)
+    t = interleaved_median_ms(
+        {name: (lambda fn=fn: [fn(p) for p in paths]) for name, fn in methods.items()}, repeats=args.repeats, warmup=1
+    )
     per_photo = {name: ms / len(paths) for name, ms in t.items()}
 
     def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -91,8 +93,10 @@ def main() -> None:
             "per_photo_ms": {k: round(v, 4) for k, v in per_photo.items()},
             "speedup_vs": {k: round(per_photo[k] / per_photo["rar_edge"], 2) for k in per_photo if k != "rar_edge"},
             "psnr_vs_full_size_pillow": quality,
-            "psnr_rar_edge_vs_pillow_draft": {"psnr_db_min": round(min(vs_draft), 2),
-                                              "psnr_db_median": round(float(np.median(vs_draft)), 2)},
+            "psnr_rar_edge_vs_pillow_draft": {
+                "psnr_db_min": round(min(vs_draft), 2),
+                "psnr_db_median": round(float(np.median(vs_draft)), 2),
+            },
             "photos": len(paths),
             "mean_file_kb": round(float(np.mean([p.stat().st_size for p in paths])) / 1024, 1),
             "out_size_px": SIZE,

@@ -43,19 +43,43 @@ def main() -> int:
                 continue  # a crop of exactly the box has no context to blur: same as sigma 0
             per_seed = []
             for seed in args.seeds:
-                res = evaluate_detection(args.dataset, encoder=enc, shots=args.shots, seed=seed, k=args.k,
-                                         crop_scale=scale, blur_sigma_px=sigma)
-                row = {"crop_scale": scale, "blur_sigma_px": sigma, "seed": seed, "top1": res["top1"],
-                       f"recall{args.k}": res["recall"][str(args.k)], "n_queries": res["n_queries"],
-                       "query_boxes_with_class_not_in_memory": res["setup"]["query_boxes_with_class_not_in_memory"]}
+                res = evaluate_detection(
+                    args.dataset,
+                    encoder=enc,
+                    shots=args.shots,
+                    seed=seed,
+                    k=args.k,
+                    crop_scale=scale,
+                    blur_sigma_px=sigma,
+                )
+                row = {
+                    "crop_scale": scale,
+                    "blur_sigma_px": sigma,
+                    "seed": seed,
+                    "top1": res["top1"],
+                    f"recall{args.k}": res["recall"][str(args.k)],
+                    "n_queries": res["n_queries"],
+                    "query_boxes_with_class_not_in_memory": res["setup"]["query_boxes_with_class_not_in_memory"],
+                }
                 runs.append(row)
                 per_seed.append(row)
                 print(json.dumps(row), file=sys.stderr)
-            summary.append({"crop_scale": scale, "blur_sigma_px": sigma,
-                            "top1_mean": statistics.mean(r["top1"] for r in per_seed),
-                            f"recall{args.k}_mean": statistics.mean(r[f"recall{args.k}"] for r in per_seed)})
-    out = {"dataset": args.dataset, "encoder": enc.describe()["name"], "shots": args.shots, "seeds": args.seeds,
-           "summary": summary, "runs": runs}
+            summary.append(
+                {
+                    "crop_scale": scale,
+                    "blur_sigma_px": sigma,
+                    "top1_mean": statistics.mean(r["top1"] for r in per_seed),
+                    f"recall{args.k}_mean": statistics.mean(r[f"recall{args.k}"] for r in per_seed),
+                }
+            )
+    out = {
+        "dataset": args.dataset,
+        "encoder": enc.describe()["name"],
+        "shots": args.shots,
+        "seeds": args.seeds,
+        "summary": summary,
+        "runs": runs,
+    }
     text = json.dumps(out, indent=2)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

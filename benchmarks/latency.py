@@ -44,21 +44,35 @@ def _random_clip_vit_b32(folder: Path) -> Path:
     assert spec.loader is not None
     spec.loader.exec_module(conftest)
     vocab, merges = conftest.write_clip_tokenizer_files(folder / "bpe")
-    tok = transformers.CLIPTokenizerFast(vocab_file=str(vocab), merges_file=str(merges), pad_token="<|endoftext|>",
-                                         model_max_length=77)
+    tok = transformers.CLIPTokenizerFast(
+        vocab_file=str(vocab), merges_file=str(merges), pad_token="<|endoftext|>", model_max_length=77
+    )
     config = transformers.CLIPConfig(
-        text_config={"vocab_size": len(tok), "hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12,
-                     "num_attention_heads": 8, "max_position_embeddings": 77},
-        vision_config={"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-                       "num_attention_heads": 12, "image_size": 224, "patch_size": 32},
+        text_config={
+            "vocab_size": len(tok),
+            "hidden_size": 512,
+            "intermediate_size": 2048,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 8,
+            "max_position_embeddings": 77,
+        },
+        vision_config={
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "image_size": 224,
+            "patch_size": 32,
+        },
         projection_dim=512,
     )
     torch.manual_seed(0)
     out = folder / "clip-vit-b32-random"
     transformers.CLIPModel(config).eval().save_pretrained(out)
     tok.save_pretrained(out)
-    transformers.CLIPImageProcessor(size={"shortest_edge": 224},
-                                    crop_size={"height": 224, "width": 224}).save_pretrained(out)
+    transformers.CLIPImageProcessor(
+        size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}
+    ).save_pretrained(out)
     return out
 
 
@@ -75,8 +89,10 @@ def export_variants(src: str, models_dir: Path) -> tuple[Path, list[Path], list[
         if not (source / "config.json").is_file():
             _random_clip_vit_b32(base)
         export, stem = export_clip, "clip-vit-b32-random"
-        notes.append("encoder: CLIP with ViT-B/32 shapes and RANDOM weights (torch.manual_seed(0)): latencies are "
-                     "those of ViT-B/32; cosines are those of an untrained network, not of OpenAI's weights")
+        notes.append(
+            "encoder: CLIP with ViT-B/32 shapes and RANDOM weights (torch.manual_seed(0)): latencies are "
+            "those of ViT-B/32; cosines are those of an untrained network, not of OpenAI's weights"
+        )
     elif src.endswith(".tflite"):
         source, export, stem = Path(src), export_tflite, Path(src).stem
     else:
@@ -84,8 +100,10 @@ def export_variants(src: str, models_dir: Path) -> tuple[Path, list[Path], list[
     dirs = {}
     for mode in (None, "int8", "fp16"):
         if mode is not None and None in dirs and _quantization_mode(dirs[None]) is not None:
-            notes.append(f"{mode} variant not made: the source model is already "
-                         f"{_quantization_mode(dirs[None])}-quantized (no float32 twin to compare with)")
+            notes.append(
+                f"{mode} variant not made: the source model is already "
+                f"{_quantization_mode(dirs[None])}-quantized (no float32 twin to compare with)"
+            )
             continue
         d = models_dir / f"{stem}.{mode or 'fp32'}"
         if not (d / "manifest.json").is_file():
@@ -96,8 +114,10 @@ def export_variants(src: str, models_dir: Path) -> tuple[Path, list[Path], list[
                 continue
         dirs[mode] = d
     fn = export.__name__
-    notes.append(f"variants exported with rar_edge_export.{fn}(quantize=None | 'int8' | 'fp16'); "
-                 "the export made without quantize= is the reference (float32 unless the source is quantized)")
+    notes.append(
+        f"variants exported with rar_edge_export.{fn}(quantize=None | 'int8' | 'fp16'); "
+        "the export made without quantize= is the reference (float32 unless the source is quantized)"
+    )
     return dirs[None], [dirs[m] for m in ("int8", "fp16") if m in dirs], notes
 
 
@@ -127,8 +147,19 @@ def main(argv: list[str] | None = None) -> int:
         # Export in a child process, so that torch and the exporters' memory stay out of the measured
         # process (cold start, peak RSS).
         models_dir = Path(known.models_dir or tempfile.mkdtemp(prefix="rar_edge_variants_"))
-        proc = subprocess.run([sys.executable, __file__, "--export-variants", known.export_variants,
-                               "--models-dir", str(models_dir), "--export-only"], stdout=subprocess.PIPE, text=True)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--export-variants",
+                known.export_variants,
+                "--models-dir",
+                str(models_dir),
+                "--export-only",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         if proc.returncode != 0:
             print(f"latency.py: error: exporting {known.export_variants} failed (see above)", file=sys.stderr)
             return 2

@@ -58,9 +58,9 @@ def exact_topk(vectors: np.ndarray, labels: np.ndarray, queries: np.ndarray, k: 
     best = np.full((len(queries), n_classes), -np.inf)
     q64 = queries.astype(np.float64)
     for b in range(0, len(vectors), 65536):
-        scores = vectors[b:b + 65536].astype(np.float64) @ q64.T  # (rows, Q)
+        scores = vectors[b : b + 65536].astype(np.float64) @ q64.T  # (rows, Q)
         for i in range(len(queries)):
-            np.maximum.at(best[i], labels[b:b + 65536], scores[:, i])
+            np.maximum.at(best[i], labels[b : b + 65536], scores[:, i])
     present = np.flatnonzero(np.isfinite(best[0]))
     out = np.empty((len(queries), k), np.int64)
     for i in range(len(queries)):
@@ -96,7 +96,7 @@ def main() -> None:
         vectors, labels, queries = clustered(n, N_CLASSES, DIM, n_queries=args.queries, seed=n)
         ref = exact_topk(vectors, labels, queries, K)
         sizes = np.bincount(labels, minlength=N_CLASSES)
-        k_prime = int(np.sort(sizes)[-(K - 1):].sum()) + 1
+        k_prime = int(np.sort(sizes)[-(K - 1) :].sum()) + 1
 
         batch = args.batch
         methods: dict[str, object] = {}
@@ -159,8 +159,11 @@ def main() -> None:
 
             methods["hnswlib"] = hnsw_query
 
-        units = [queries[i] for i in range(len(queries))] if batch == 1 else [
-            queries[i:i + batch] for i in range(0, len(queries) - batch + 1, batch)]
+        units = (
+            [queries[i] for i in range(len(queries))]
+            if batch == 1
+            else [queries[i : i + batch] for i in range(0, len(queries) - batch + 1, batch)]
+        )
         for fn in methods.values():  # warm-up
             fn(units[0])
         times: dict[str, list[float]] = {m: [] for m in [*methods, *floors]}
@@ -189,13 +192,22 @@ def main() -> None:
             p50 = float(np.median(times[name]))
             nbytes = bytes_per_query["native/" + name.split("/", 1)[1]]
             lo = float(np.min(times[name]))
-            per_n[name] = {"p50_ms": round(p50, 4), "min_ms": round(lo, 4), "GB_per_s": round(nbytes / p50 / 1e6, 2),
-                           "GB_per_s_best": round(nbytes / lo / 1e6, 2)}
+            per_n[name] = {
+                "p50_ms": round(p50, 4),
+                "min_ms": round(lo, 4),
+                "GB_per_s": round(nbytes / p50 / 1e6, 2),
+                "GB_per_s_best": round(nbytes / lo / 1e6, 2),
+            }
         if build_s is not None:
             per_n["hnswlib"]["build_s"] = round(build_s, 1)
         results[str(n)] = per_n
-        print(f"N={n}: " + ", ".join(f"{m} {per_n[m]['p50_ms']:.3f} ms r={per_n[m]['class_recall5']}" for m in methods)
-              + ", " + ", ".join(f"{f} {per_n[f]['p50_ms']:.3f} ms" for f in floors), file=sys.stderr)
+        print(
+            f"N={n}: "
+            + ", ".join(f"{m} {per_n[m]['p50_ms']:.3f} ms r={per_n[m]['class_recall5']}" for m in methods)
+            + ", "
+            + ", ".join(f"{f} {per_n[f]['p50_ms']:.3f} ms" for f in floors),
+            file=sys.stderr,
+        )
 
     default = f"native/{DEFAULT_STORAGE}"
     timed = [n for n in results if n != "1000" and default in results[n]]

@@ -34,7 +34,9 @@ N_CLASSES = 1000
 DIM = 512
 
 
-def quantize(v: np.ndarray, bits: int, ratios: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def quantize(
+    v: np.ndarray, bits: int, ratios: tuple[float, ...]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per-row scalar codes: (codes float64, scales, ||r||_2, max|r|), the ratio with the least ||r|| per row."""
     hi = 2 ** (bits - 1) - 1
     peak = np.abs(v).max(axis=1)
@@ -49,8 +51,12 @@ def quantize(v: np.ndarray, bits: int, ratios: tuple[float, ...]) -> tuple[np.nd
             best = (s, c, rn, rmax)
         else:
             m = rn < best[2]
-            best = (np.where(m, s, best[0]), np.where(m[:, None], c, best[1]), np.where(m, rn, best[2]),
-                    np.where(m, rmax, best[3]))
+            best = (
+                np.where(m, s, best[0]),
+                np.where(m[:, None], c, best[1]),
+                np.where(m, rn, best[2]),
+                np.where(m, rmax, best[3]),
+            )
     return best
 
 
@@ -101,13 +107,18 @@ def main() -> None:
                 "mean_bound_cauchy_schwarz": round(float(rn.mean()), 4),
                 "max_abs_error_seen": round(max_err, 4),
                 "statistical_margin": {
-                    str(m): {"rows_passed": round(float(np.mean(frac_m[m])), 5),
-                             "class_recall5": round(float(np.mean(recall_m[m])), 4)} for m in MARGINS
+                    str(m): {
+                        "rows_passed": round(float(np.mean(frac_m[m])), 5),
+                        "class_recall5": round(float(np.mean(recall_m[m])), 4),
+                    }
+                    for m in MARGINS
                 },
             }
         results[str(n)] = per_n
-        print(f"N={n}: " + ", ".join(f"{m} passes {r['rows_passed_cauchy_schwarz']:.2%}" for m, r in per_n.items()),
-              file=sys.stderr)
+        print(
+            f"N={n}: " + ", ".join(f"{m} passes {r['rows_passed_cauchy_schwarz']:.2%}" for m, r in per_n.items()),
+            file=sys.stderr,
+        )
     write_json(args.json, {"k": K, "classes": N_CLASSES, "dim": DIM, "queries": args.queries, "results": results})
 
 

@@ -88,19 +88,27 @@ def rss_child(path: str, mmap: bool, seed: int) -> dict:
     end = _rss_mb()
     # RssFile: pages of mapped files, which the kernel can drop and read again under memory pressure;
     # RssAnon: memory only swap can free
-    return {"mmap": mmap, "entries": m.size, "open_s": round(open_s, 2),
-            "rss_mb_before_open": round(base), "rss_mb_after_open": round(after_open["VmRSS"]),
-            "rss_anon_mb_after_open": round(after_open["RssAnon"]),
-            "rss_mb_after_1000_searches": round(end["VmRSS"]), "rss_anon_mb_after_1000_searches": round(end["RssAnon"]),
-            "rss_file_mb_after_1000_searches": round(end["RssFile"]), "peak_rss_mb": round(end["VmHWM"]),
-            "search_ms_p50": round(float(np.percentile(times, 50)), 3),
-            "search_ms_p95": round(float(np.percentile(times, 95)), 3)}
+    return {
+        "mmap": mmap,
+        "entries": m.size,
+        "open_s": round(open_s, 2),
+        "rss_mb_before_open": round(base),
+        "rss_mb_after_open": round(after_open["VmRSS"]),
+        "rss_anon_mb_after_open": round(after_open["RssAnon"]),
+        "rss_mb_after_1000_searches": round(end["VmRSS"]),
+        "rss_anon_mb_after_1000_searches": round(end["RssAnon"]),
+        "rss_file_mb_after_1000_searches": round(end["RssFile"]),
+        "peak_rss_mb": round(end["VmHWM"]),
+        "search_ms_p50": round(float(np.percentile(times, 50)), 3),
+        "search_ms_p95": round(float(np.percentile(times, 95)), 3),
+    }
 
 
 def old_build_child(tree: str, n: int) -> dict:
     """An old checkout's Memory.add from batches of 16 (runs in a fresh process)."""
-    sys.meta_path[:] = [f for f in sys.meta_path if "Editable" not in type(f).__name__
-                        and "editable" not in type(f).__module__.lower()]
+    sys.meta_path[:] = [
+        f for f in sys.meta_path if "Editable" not in type(f).__name__ and "editable" not in type(f).__module__.lower()
+    ]
     sys.path.insert(0, tree)
     vec, names, _ = _pool(0)
     from rar_edge import Memory
@@ -129,13 +137,24 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     vec, names, _ = _pool(0)
-    res: dict = {"dim": DIM, "batch": BATCH, "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-                 "build": [], "old_build": []}
+    res: dict = {
+        "dim": DIM,
+        "batch": BATCH,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "build": [],
+        "old_build": [],
+    }
     big = None
     for n in a.sizes:
         m, s = build(n, vec, names)
-        res["build"].append({"entries": n, "seconds": round(s, 2), "us_per_row": round(s / n * 1e6, 2),
-                             "segments": m.info()["segments"]})
+        res["build"].append(
+            {
+                "entries": n,
+                "seconds": round(s, 2),
+                "us_per_row": round(s / n * 1e6, 2),
+                "segments": m.info()["segments"],
+            }
+        )
         print(json.dumps(res["build"][-1]), flush=True)
         if n == max(a.sizes):
             big = m
@@ -156,10 +175,15 @@ def main() -> None:
     t0 = time.perf_counter()
     big.save(single)
     full = time.perf_counter() - t0
-    res["save"] = {"entries": big.size, "first_directory_save_s": round(first_dir, 2),
-                   "incremental_save_after_100_s": round(inc, 3), "incremental_bytes_written": written,
-                   "full_rarmem_rewrite_s": round(full, 2), "rarmem_bytes": single.stat().st_size,
-                   "ratio_full_over_incremental": round(full / inc, 1)}
+    res["save"] = {
+        "entries": big.size,
+        "first_directory_save_s": round(first_dir, 2),
+        "incremental_save_after_100_s": round(inc, 3),
+        "incremental_bytes_written": written,
+        "full_rarmem_rewrite_s": round(full, 2),
+        "rarmem_bytes": single.stat().st_size,
+        "ratio_full_over_incremental": round(full / inc, 1),
+    }
     print(json.dumps(res["save"]), flush=True)
     del big
     # the same rows with plain int8 storage: no float32 rescoring, so a mapped search reads only the int8 copy
@@ -173,21 +197,30 @@ def main() -> None:
     res["rss"] = []
     for path, storage in ((single, "int8_rerank"), (single_int8, "int8")):
         for mm in (False, True):
-            p = subprocess.run([sys.executable, __file__, "--child", f"rss,{path},{int(mm)}"], capture_output=True,
-                               text=True, check=True)
+            p = subprocess.run(
+                [sys.executable, __file__, "--child", f"rss,{path},{int(mm)}"],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             res["rss"].append({"storage": storage, **json.loads(p.stdout.strip().splitlines()[-1])})
             print(json.dumps(res["rss"][-1]), flush=True)
     if a.old_tree:
         for n in a.old_sizes:
-            p = subprocess.run([sys.executable, __file__, "--child", f"old,{a.old_tree},{n}"], capture_output=True,
-                               text=True, check=True)
+            p = subprocess.run(
+                [sys.executable, __file__, "--child", f"old,{a.old_tree},{n}"],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             res["old_build"].append(json.loads(p.stdout.strip().splitlines()[-1]))
             print(json.dumps({"old": res["old_build"][-1]}), flush=True)
         for n in a.old_sizes:  # the same sizes with this tree, for the ratio
             vec, names, _ = _pool(0)
             _, s = build(n, vec, names)
-            res.setdefault("new_build_small", []).append({"entries": n, "seconds": round(s, 2),
-                                                           "us_per_row": round(s / n * 1e6, 2)})
+            res.setdefault("new_build_small", []).append(
+                {"entries": n, "seconds": round(s, 2), "us_per_row": round(s / n * 1e6, 2)}
+            )
     shutil.rmtree(work, ignore_errors=True)
     text = json.dumps(res, indent=1)
     if a.json:

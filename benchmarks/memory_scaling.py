@@ -40,8 +40,17 @@ import numpy as np
 SIZES = (1_000, 3_000, 10_000, 30_000, 100_000, 300_000, 1_000_000)
 
 
-def clustered_data(n: int, *, n_classes: int, dim: int, n_queries: int, seed: int,
-                   entry_noise: float = 0.6, query_noise: float = 0.8, chunk: int = 65_536):
+def clustered_data(
+    n: int,
+    *,
+    n_classes: int,
+    dim: int,
+    n_queries: int,
+    seed: int,
+    entry_noise: float = 0.6,
+    query_noise: float = 0.8,
+    chunk: int = 65_536,
+):
     """Clustered unit vectors made in float32 chunks (1M x 512 stays at 2 GB, no float64 copies).
 
     Centroids share a common direction (cosine ~0.5 between classes, as CLIP embeddings do);
@@ -60,22 +69,23 @@ def clustered_data(n: int, *, n_classes: int, dim: int, n_queries: int, seed: in
     vec = np.empty((n, dim), np.float32)
     scale = np.float32(entry_noise / math.sqrt(dim))
     for i in range(0, n, chunk):
-        part = cent[labels[i:i + chunk]] + scale * rng.standard_normal((min(chunk, n - i), dim), dtype=np.float32)
+        part = cent[labels[i : i + chunk]] + scale * rng.standard_normal((min(chunk, n - i), dim), dtype=np.float32)
         part /= np.linalg.norm(part, axis=1, keepdims=True)
-        vec[i:i + chunk] = part
+        vec[i : i + chunk] = part
     qlab = rng.integers(0, n_classes, n_queries)
     qs = cent[qlab] + np.float32(query_noise / math.sqrt(dim)) * rng.standard_normal((n_queries, dim), dtype=np.float32)
     qs /= np.linalg.norm(qs, axis=1, keepdims=True)
     return vec, labels, qs.astype(np.float32), qlab
 
 
-def reference_topk_classes(vectors: np.ndarray, labels: np.ndarray, n_classes: int, queries: np.ndarray, k: int,
-                           *, block: int = 131_072) -> np.ndarray:
+def reference_topk_classes(
+    vectors: np.ndarray, labels: np.ndarray, n_classes: int, queries: np.ndarray, k: int, *, block: int = 131_072
+) -> np.ndarray:
     """Float32 brute force: per query, the k classes with the best max-cosine (the ground truth)."""
     best = np.full((len(queries), n_classes), -np.inf, np.float32)
     for i in range(0, len(vectors), block):
-        s = queries @ vectors[i:i + block].T  # (Q, b)
-        lab = labels[i:i + block]
+        s = queries @ vectors[i : i + block].T  # (Q, b)
+        lab = labels[i : i + block]
         order = np.argsort(lab, kind="stable")
         lab_sorted = lab[order]
         starts = np.flatnonzero(np.r_[True, lab_sorted[1:] != lab_sorted[:-1]])
@@ -117,7 +127,7 @@ def measure_backend(backend: str, vectors, names, queries, truth, *, k: int, war
     t_index = time.perf_counter() - t1
     build_s = time.perf_counter() - t0
     rss1 = _rss_bytes()
-    for q in queries[1:1 + warmup]:
+    for q in queries[1 : 1 + warmup]:
         mem.search(q, k=k)
     lat, got = [], []
     for q in queries:
@@ -141,8 +151,12 @@ def measure_backend(backend: str, vectors, names, queries, truth, *, k: int, war
         out["storage"] = mem.storage
     else:
         out["index_bytes"] = int(sum(seg.hnsw.index_file_size() for seg in segments if seg.hnsw is not None))
-        out["hnsw"] = {"M": mem.hnsw_params.M, "ef_construction": mem.hnsw_params.ef_construction,
-                       "ef": mem.hnsw_params.ef, "threads": os.cpu_count()}
+        out["hnsw"] = {
+            "M": mem.hnsw_params.M,
+            "ef_construction": mem.hnsw_params.ef_construction,
+            "ef": mem.hnsw_params.ef,
+            "threads": os.cpu_count(),
+        }
     out["vectors_bytes"] = int(mem.vectors.nbytes)
     del mem
     gc.collect()
@@ -170,7 +184,9 @@ def run(args) -> dict:
     hnsw_bytes_per_entry = None
     for n in sizes:
         t_n = time.perf_counter()
-        vec, lab, qs, _ = clustered_data(n, n_classes=args.classes, dim=args.dim, n_queries=args.queries, seed=args.seed)
+        vec, lab, qs, _ = clustered_data(
+            n, n_classes=args.classes, dim=args.dim, n_queries=args.queries, seed=args.seed
+        )
         names = [names_of(i) for i in lab]
         truth = reference_topk_classes(vec, lab, args.classes, qs, args.k)
         row = {"n": n, "exact": measure_backend("exact", vec, names, qs, truth, k=args.k, warmup=args.warmup)}
@@ -184,7 +200,8 @@ def run(args) -> dict:
         else:
             row["hnsw"] = {
                 "extrapolated": True,
-                "reason": f"over --max-hnsw-n={args.max_hnsw_n}" if n > args.max_hnsw_n
+                "reason": f"over --max-hnsw-n={args.max_hnsw_n}"
+                if n > args.max_hnsw_n
                 else f"predicted build {predicted:.0f} s would overrun the {args.budget_s:.0f} s budget",
                 "build_s": predicted,
                 "index_bytes": None if hnsw_bytes_per_entry is None else int(hnsw_bytes_per_entry * n),
@@ -207,13 +224,25 @@ def run(args) -> dict:
 
     return {
         "benchmark": "memory_scaling",
-        "setup": {"dim": args.dim, "classes": args.classes, "queries": args.queries, "k": args.k, "seed": args.seed,
-                  "data": "clustered: centroids with a shared direction + noise 0.6 (entries) / 0.8 (queries)",
-                  "query_mode": "one query per Memory.search call (as one image per classify call)",
-                  "reference": "float32 brute force (numpy), per-class max cosine",
-                  "budget_s": args.budget_s, "max_n": args.max_n},
-        "environment": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                        "python": platform.python_version(), "rar_edge": __version__, "numpy": np.__version__},
+        "setup": {
+            "dim": args.dim,
+            "classes": args.classes,
+            "queries": args.queries,
+            "k": args.k,
+            "seed": args.seed,
+            "data": "clustered: centroids with a shared direction + noise 0.6 (entries) / 0.8 (queries)",
+            "query_mode": "one query per Memory.search call (as one image per classify call)",
+            "reference": "float32 brute force (numpy), per-class max cosine",
+            "budget_s": args.budget_s,
+            "max_n": args.max_n,
+        },
+        "environment": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "rar_edge": __version__,
+            "numpy": np.__version__,
+        },
         "rows": rows,
         "sizes_where_hnsw_faster": faster,
         "crossover_n": crossover,
@@ -233,37 +262,74 @@ def plot(res: dict, path: str) -> None:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.2))
     n_ex = [r["n"] for r in rows]
     a1.plot(n_ex, [r["exact"]["search_ms"]["p50"] for r in rows], "o-", label="exact (native scan), p50")
-    a1.fill_between(n_ex, [r["exact"]["search_ms"]["p50"] for r in rows], [r["exact"]["search_ms"]["p95"] for r in rows],
-                    alpha=0.2)
+    a1.fill_between(
+        n_ex, [r["exact"]["search_ms"]["p50"] for r in rows], [r["exact"]["search_ms"]["p95"] for r in rows], alpha=0.2
+    )
     hm = [r for r in rows if not r["hnsw"].get("extrapolated")]
     a1.plot([r["n"] for r in hm], [r["hnsw"]["search_ms"]["p50"] for r in hm], "s-", label="HNSW (hnswlib), p50")
-    a1.fill_between([r["n"] for r in hm], [r["hnsw"]["search_ms"]["p50"] for r in hm],
-                    [r["hnsw"]["search_ms"]["p95"] for r in hm], alpha=0.2)
+    a1.fill_between(
+        [r["n"] for r in hm],
+        [r["hnsw"]["search_ms"]["p50"] for r in hm],
+        [r["hnsw"]["search_ms"]["p95"] for r in hm],
+        alpha=0.2,
+    )
     for r in rows:
-        a1.annotate(f"R {r['exact']['recall_at_k_classes']:.2f}", (r["n"], r["exact"]["search_ms"]["p50"]),
-                    textcoords="offset points", xytext=(0, 6), fontsize=7, ha="center", color="C0")
+        a1.annotate(
+            f"R {r['exact']['recall_at_k_classes']:.2f}",
+            (r["n"], r["exact"]["search_ms"]["p50"]),
+            textcoords="offset points",
+            xytext=(0, 6),
+            fontsize=7,
+            ha="center",
+            color="C0",
+        )
     for r in hm:
-        a1.annotate(f"R {r['hnsw']['recall_at_k_classes']:.2f}", (r["n"], r["hnsw"]["search_ms"]["p50"]),
-                    textcoords="offset points", xytext=(0, -12), fontsize=7, ha="center", color="C1")
+        a1.annotate(
+            f"R {r['hnsw']['recall_at_k_classes']:.2f}",
+            (r["n"], r["hnsw"]["search_ms"]["p50"]),
+            textcoords="offset points",
+            xytext=(0, -12),
+            fontsize=7,
+            ha="center",
+            color="C1",
+        )
     if res.get("crossover_n"):
         a1.axvline(res["crossover_n"], color="grey", ls=":", label=f"HNSW faster from {res['crossover_n']:,}")
-    a1.set(xscale="log", yscale="log", xlabel="memory entries (d=%d)" % res["setup"]["dim"],
-           ylabel="Memory.search, one query (ms)",
-           title="lookup latency (band = p50..p95; R = recall of top-%d classes)" % res["setup"]["k"])
+    a1.set(
+        xscale="log",
+        yscale="log",
+        xlabel="memory entries (d=%d)" % res["setup"]["dim"],
+        ylabel="Memory.search, one query (ms)",
+        title="lookup latency (band = p50..p95; R = recall of top-%d classes)" % res["setup"]["k"],
+    )
     a1.legend(fontsize=8)
     a1.grid(which="both", alpha=0.3)
     a2.plot(n_ex, [r["exact"]["build_s"] for r in rows], "o-", label="exact: add + pack store")
     a2.plot([r["n"] for r in hm], [r["hnsw"]["build_s"] for r in hm], "s-", label="HNSW: add + build graph")
     ext = [r for r in rows if r["hnsw"].get("extrapolated") and r["hnsw"].get("build_s")]
     if ext and hm:
-        a2.plot([hm[-1]["n"]] + [r["n"] for r in ext], [hm[-1]["hnsw"]["build_s"]] + [r["hnsw"]["build_s"] for r in ext],
-                "s--", color="C1", alpha=0.5, label="HNSW build, EXTRAPOLATED (n log n)")
-    a2.set(xscale="log", yscale="log", xlabel="memory entries", ylabel="build time (s)",
-           title=f"build time on {res['environment']['cores']} cores")
+        a2.plot(
+            [hm[-1]["n"]] + [r["n"] for r in ext],
+            [hm[-1]["hnsw"]["build_s"]] + [r["hnsw"]["build_s"] for r in ext],
+            "s--",
+            color="C1",
+            alpha=0.5,
+            label="HNSW build, EXTRAPOLATED (n log n)",
+        )
+    a2.set(
+        xscale="log",
+        yscale="log",
+        xlabel="memory entries",
+        ylabel="build time (s)",
+        title=f"build time on {res['environment']['cores']} cores",
+    )
     a2.legend(fontsize=8)
     a2.grid(which="both", alpha=0.3)
-    fig.suptitle(f"rar_edge.Memory scaling: clustered data, {res['setup']['classes']} classes, "
-                 f"{res['setup']['queries']} queries", fontsize=10)
+    fig.suptitle(
+        f"rar_edge.Memory scaling: clustered data, {res['setup']['classes']} classes, "
+        f"{res['setup']['queries']} queries",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -274,8 +340,12 @@ def main(argv=None) -> int:
     p.add_argument("--json", required=True, help="write the results here")
     p.add_argument("--max-n", type=int, default=1_000_000, help="largest memory size (entries)")
     p.add_argument("--max-hnsw-n", type=int, default=1_000_000, help="largest size for which HNSW is built")
-    p.add_argument("--budget-s", type=float, default=600.0,
-                   help="skip (and extrapolate) HNSW builds predicted to end after this many seconds")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=600.0,
+        help="skip (and extrapolate) HNSW builds predicted to end after this many seconds",
+    )
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--queries", type=int, default=200)

@@ -124,8 +124,11 @@ def _stats(values: list[float]) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--encoder", required=True, help="an image encoder folder (rar-edge export tflite|clip)")
-    ap.add_argument("--images", default=str(shared_dir() / "data" / "flowers17"),
-                    help="a folder with one sub-folder per class (default: ../shared/data/flowers17)")
+    ap.add_argument(
+        "--images",
+        default=str(shared_dir() / "data" / "flowers17"),
+        help="a folder with one sub-folder per class (default: ../shared/data/flowers17)",
+    )
     ap.add_argument("--shots", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("-k", type=int, default=5)
@@ -181,9 +184,9 @@ def main() -> None:
     agree = 0
     tops: dict[str, str] = {}
     for i, p in enumerate(queries):
-        for regime in REGIMES[i % 3:] + REGIMES[: i % 3]:  # the order turns photo by photo
+        for regime in REGIMES[i % 3 :] + REGIMES[: i % 3]:  # the order turns photo by photo
             stand_in.regime = regime
-            for who in (("rar_edge", "peer") if i % 2 == 0 else ("peer", "rar_edge")):
+            for who in ("rar_edge", "peer") if i % 2 == 0 else ("peer", "rar_edge"):
                 # the call before, untimed, on the previous photo: the timed call follows one of its own
                 prev = photos[(i - 1) % len(photos)]
                 pipe.classify(prev) if who == "rar_edge" else peer(prev)
@@ -227,15 +230,25 @@ def main() -> None:
         if out is not None:
             floor.append(min(best) * 1e3)
 
-    write_json(args.json, {
-        "setup": {"encoder": encoder.name, "images": args.images, "shots": args.shots, "k": args.k,
-                  "runs": args.runs, "threads": args.threads, "busy_wait_ms": stand_in.wait_s * 1e3,
-                  "support_entries": len(sup_paths)},
-        "model_ms": _stats(model_ms),
-        "regimes": regimes,
-        "decode_floor_ms": _stats(floor) if floor else None,
-        "peer_top1_agrees_with_rar_edge": agree / len(queries),
-    })
+    write_json(
+        args.json,
+        {
+            "setup": {
+                "encoder": encoder.name,
+                "images": args.images,
+                "shots": args.shots,
+                "k": args.k,
+                "runs": args.runs,
+                "threads": args.threads,
+                "busy_wait_ms": stand_in.wait_s * 1e3,
+                "support_entries": len(sup_paths),
+            },
+            "model_ms": _stats(model_ms),
+            "regimes": regimes,
+            "decode_floor_ms": _stats(floor) if floor else None,
+            "peer_top1_agrees_with_rar_edge": agree / len(queries),
+        },
+    )
 
 
 if __name__ == "__main__":

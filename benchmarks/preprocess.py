@@ -40,7 +40,9 @@ def load_coco128(limit: int | None) -> list[tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def geometry(box: np.ndarray, h: int, w: int, scale: float) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
+def geometry(
+    box: np.ndarray, h: int, w: int, scale: float
+) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
     """The crop rectangle and the sharp rectangle (in crop pixels), as rar_edge.image.boxes documents them."""
     x1, y1, x2, y2 = max(box[0], 0.0), max(box[1], 0.0), min(box[2], w), min(box[3], h)
     ix0, iy0 = math.floor(x1), math.floor(y1)

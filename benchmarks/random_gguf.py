@@ -32,9 +32,15 @@ TENSORS_KEY = "rar_edge.random_gguf.tensors"
 # fields with the value each gets. The values keep dequantized weights at a trained model's scale (a few
 # hundredths), so activations stay in fp16 range on the GPU: e.g. Q4_K = d * scale(0..63) * q(0..15) - dmin * m.
 _FP16_FIELDS = {
-    "Q4_0": (18, {0: 5e-3}), "Q4_1": (20, {0: 3e-3, 2: -0.02}), "Q5_0": (22, {0: 2e-3}),
-    "Q5_1": (24, {0: 1.5e-3, 2: -0.02}), "Q8_0": (34, {0: 3e-4}), "Q2_K": (84, {80: 2e-3, 82: 1e-3}),
-    "Q3_K": (110, {108: 1e-3}), "Q4_K": (144, {0: 1e-4, 2: 1e-4}), "Q5_K": (176, {0: 5e-5, 2: 5e-5}),
+    "Q4_0": (18, {0: 5e-3}),
+    "Q4_1": (20, {0: 3e-3, 2: -0.02}),
+    "Q5_0": (22, {0: 2e-3}),
+    "Q5_1": (24, {0: 1.5e-3, 2: -0.02}),
+    "Q8_0": (34, {0: 3e-4}),
+    "Q2_K": (84, {80: 2e-3, 82: 1e-3}),
+    "Q3_K": (110, {108: 1e-3}),
+    "Q4_K": (144, {0: 1e-4, 2: 1e-4}),
+    "Q5_K": (176, {0: 5e-5, 2: 5e-5}),
     "Q6_K": (210, {208: 1.5e-5}),
 }
 
@@ -82,7 +88,9 @@ def layout(src: Path, out: Path) -> None:
     print(json.dumps({"layout": str(out), "bytes": out.stat().st_size, "tensors": len(tensors)}))
 
 
-def _random_tensor(gguf, rng: np.random.Generator, name: str, ne: list[int], type_name: str) -> tuple[np.ndarray, object]:
+def _random_tensor(
+    gguf, rng: np.random.Generator, name: str, ne: list[int], type_name: str
+) -> tuple[np.ndarray, object]:
     qtype = gguf.GGMLQuantizationType[type_name]
     shape = list(reversed(ne))  # numpy order: the row (ne0) last
     if type_name == "F32":
@@ -102,7 +110,7 @@ def _random_tensor(gguf, rng: np.random.Generator, name: str, ne: list[int], typ
     n_blocks = int(np.prod(ne, dtype=np.int64)) // block_elems
     data = rng.integers(0, 256, size=(n_blocks, block_bytes), dtype=np.uint8)
     for off, value in fields.items():  # finite scales instead of random bits (which include inf and NaN)
-        data[:, off:off + 2] = np.frombuffer(np.float16(value).tobytes(), np.uint8)
+        data[:, off : off + 2] = np.frombuffer(np.float16(value).tobytes(), np.uint8)
     row_bytes = ne[0] // block_elems * block_bytes
     return data.reshape(shape[:-1] + [row_bytes]), qtype
 
@@ -116,15 +124,26 @@ def make(src: Path, out: Path, seed: int) -> None:
     writer = gguf.GGUFWriter(out, arch)
     _copy_metadata(gguf, reader, writer, skip={TENSORS_KEY, "general.name"})
     name = reader.fields.get("general.name")
-    writer.add_key_value("general.name", f"random weights in the layout of {name.contents() if name else src.name}",
-                         gguf.GGUFValueType.STRING)
+    writer.add_key_value(
+        "general.name",
+        f"random weights in the layout of {name.contents() if name else src.name}",
+        gguf.GGUFValueType.STRING,
+    )
     rng = np.random.default_rng(seed)
     for t in tensors:
         data, qtype = _random_tensor(gguf, rng, t["name"], t["ne"], t["type"])
         writer.add_tensor(t["name"], data, raw_dtype=qtype)
     _write(writer)
-    print(json.dumps({"model": str(out), "bytes": out.stat().st_size, "tensors": len(tensors),
-                      "seconds": round(time.perf_counter() - t0, 1)}))
+    print(
+        json.dumps(
+            {
+                "model": str(out),
+                "bytes": out.stat().st_size,
+                "tensors": len(tensors),
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
+        )
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,16 +35,54 @@ sys.path.insert(0, str(REPO))
 
 def _class_names(shared: Path) -> tuple[list[str], list[str]]:
     flowers_dir = shared / "data" / "flowers17"
-    flowers = sorted(p.name.replace("_", " ") for p in flowers_dir.iterdir() if p.is_dir()) if flowers_dir.is_dir() else []
+    flowers = (
+        sorted(p.name.replace("_", " ") for p in flowers_dir.iterdir() if p.is_dir()) if flowers_dir.is_dir() else []
+    )
     coco_file = shared / "data" / "coco128" / "classes.txt"
     coco = [c.strip() for c in coco_file.read_text().splitlines() if c.strip()] if coco_file.is_file() else []
     if not flowers:
-        flowers = ["bluebell", "buttercup", "colts foot", "cowslip", "crocus", "daffodil", "daisy", "dandelion",
-                   "fritillary", "iris", "lily valley", "pansy", "snowdrop", "sunflower", "tigerlily", "tulip",
-                   "windflower"]
+        flowers = [
+            "bluebell",
+            "buttercup",
+            "colts foot",
+            "cowslip",
+            "crocus",
+            "daffodil",
+            "daisy",
+            "dandelion",
+            "fritillary",
+            "iris",
+            "lily valley",
+            "pansy",
+            "snowdrop",
+            "sunflower",
+            "tigerlily",
+            "tulip",
+            "windflower",
+        ]
     if not coco:
-        coco = ["person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "bird",
-                "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "umbrella"]
+        coco = [
+            "person",
+            "bicycle",
+            "car",
+            "motorcycle",
+            "airplane",
+            "bus",
+            "train",
+            "truck",
+            "boat",
+            "bird",
+            "cat",
+            "dog",
+            "horse",
+            "sheep",
+            "cow",
+            "elephant",
+            "bear",
+            "zebra",
+            "giraffe",
+            "umbrella",
+        ]
     return flowers, coco
 
 
@@ -75,7 +113,12 @@ def _queries(n: int, k: int, seed: int, shared: Path, with_images: bool) -> list
 
 def _summary(ms: list[float]) -> dict:
     a = np.asarray(ms)
-    return {"p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95)), "mean": float(a.mean()), "n": len(ms)}
+    return {
+        "p50": float(np.percentile(a, 50)),
+        "p95": float(np.percentile(a, 95)),
+        "mean": float(a.mean()),
+        "n": len(ms),
+    }
 
 
 class _PeerChat:
@@ -91,8 +134,10 @@ class _PeerChat:
         from rar_edge.rank.prompts import RANKING_PROMPT_V1 as P
         from rar_edge.rank.prompts import parse_ranking
 
-        msgs = [{"role": "system", "content": P.system},
-                {"role": "user", "content": P.user_text(cands, image_marker=None)}]
+        msgs = [
+            {"role": "system", "content": P.system},
+            {"role": "user", "content": P.user_text(cands, image_marker=None)},
+        ]
         out = self.llm.create_chat_completion(msgs, temperature=0.0, max_tokens=12 * len(cands) + 16)
         raw = out["choices"][0]["message"]["content"] or ""
         names, _ = parse_ranking(raw, cands)
@@ -111,8 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--n-ctx", type=int, default=2048)
-    ap.add_argument("--n-gpu-layers", type=int, default=0,
-                    help="layers offloaded by a GPU build of llama.cpp (-1: all), for the ranker and the peer alike")
+    ap.add_argument(
+        "--n-gpu-layers",
+        type=int,
+        default=0,
+        help="layers offloaded by a GPU build of llama.cpp (-1: all), for the ranker and the peer alike",
+    )
     ap.add_argument("--no-peer", action="store_true", help="skip llama-cpp-python's free-form chat baseline")
     ap.add_argument("--shared", default=os.environ.get("RAR_EDGE_SHARED", str(REPO.parent / "shared")))
     ap.add_argument("--json", required=True, help="output JSON file")
@@ -123,16 +172,26 @@ def main(argv: list[str] | None = None) -> int:
     n_threads = args.threads or len(os.sched_getaffinity(0))
     queries = _queries(args.n, args.k, args.seed, Path(args.shared), with_images=args.mmproj is not None)
     t0 = time.perf_counter()
-    ranker = Ranker.load(args.model, mmproj=args.mmproj, n_threads=n_threads, n_ctx=args.n_ctx,
-                         n_gpu_layers=args.n_gpu_layers)
+    ranker = Ranker.load(
+        args.model, mmproj=args.mmproj, n_threads=n_threads, n_ctx=args.n_ctx, n_gpu_layers=args.n_gpu_layers
+    )
     load_ms = (time.perf_counter() - t0) * 1000
     import llama_cpp
 
-    res: dict = {"model": str(args.model), "mmproj": args.mmproj, "n": args.n, "k": args.k, "threads": n_threads,
-                 "n_gpu_layers": args.n_gpu_layers, "gpu_offload_supported": bool(llama_cpp.llama_supports_gpu_offload()),
-                 "llama_cpp_system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
-                 "machine": platform.machine(), "cpus": os.cpu_count(), "load_ms": load_ms,
-                 "loadavg_start": os.getloadavg()}
+    res: dict = {
+        "model": str(args.model),
+        "mmproj": args.mmproj,
+        "n": args.n,
+        "k": args.k,
+        "threads": n_threads,
+        "n_gpu_layers": args.n_gpu_layers,
+        "gpu_offload_supported": bool(llama_cpp.llama_supports_gpu_offload()),
+        "llama_cpp_system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "load_ms": load_ms,
+        "loadavg_start": os.getloadavg(),
+    }
     peer = None
     if not args.no_peer and args.mmproj is None and not Path(args.model).is_dir():
         peer = _PeerChat(args.model, n_threads, args.n_ctx, args.n_gpu_layers)
@@ -164,17 +223,23 @@ def main(argv: list[str] | None = None) -> int:
     res["score_over_generate_p50"] = res["score_ms"]["p50"] / res["generate_ms"]["p50"]
     res["score_over_generate_paired_median"] = float(np.median(sc / ge))
     res["in_list_rate"] = {
-        m: float(np.mean([r.labels[0] in c and sorted(r.labels) == sorted(c) for r, (_, c) in zip(answers[m], queries)]))
+        m: float(
+            np.mean([r.labels[0] in c and sorted(r.labels) == sorted(c) for r, (_, c) in zip(answers[m], queries)])
+        )
         for m in ("score", "generate")
     }
     res["fallback_rate"] = {"generate": float(np.mean([r.fallback for r in answers["generate"]]))}
     res["top1_agreement_score_generate"] = float(
         np.mean([a.labels[0] == b.labels[0] for a, b in zip(answers["score"], answers["generate"])])
     )
-    res["top1_is_first_listed"] = {m: float(np.mean([r.labels[0] == c[0] for r, (_, c) in zip(answers[m], queries)]))
-                                   for m in ("score", "generate")}
-    res["examples"] = [{"candidates": c, "score": list(s.labels), "generate_raw": g.raw}
-                       for (_, c), s, g in list(zip(queries, answers["score"], answers["generate"]))[:3]]
+    res["top1_is_first_listed"] = {
+        m: float(np.mean([r.labels[0] == c[0] for r, (_, c) in zip(answers[m], queries)]))
+        for m in ("score", "generate")
+    }
+    res["examples"] = [
+        {"candidates": c, "score": list(s.labels), "generate_raw": g.raw}
+        for (_, c), s, g in list(zip(queries, answers["score"], answers["generate"]))[:3]
+    ]
     if peer is not None:
         res["in_list_rate"]["peer_chat"] = float(np.mean([ok for _, ok in answers["peer_chat"]]))
         res["score_over_peer_chat_paired_median"] = float(np.median(sc / np.array(times["peer_chat"])))

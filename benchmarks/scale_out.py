@@ -92,7 +92,7 @@ def _descendants(pid: int) -> list[int]:
             try:
                 with open(f"/proc/{d}/stat") as f:
                     s = f.read()
-                parent[int(d)] = int(s[s.rindex(")") + 2:].split()[1])
+                parent[int(d)] = int(s[s.rindex(")") + 2 :].split()[1])
             except (OSError, ValueError, IndexError):
                 continue
     out, frontier = [], {pid}
@@ -133,9 +133,13 @@ def run_build(cmd: list[str], *, period_s: float = 0.5) -> dict:
     for q in np.linspace(0.1, 1.0, 10):
         before = [r for t, r in samples if t <= q * wall]
         timeline.append(round(before[-1] / 1024, 1) if before else None)
-    return {"wall_s": round(wall, 2), "driver_peak_rss_mb": round(peak["driver_hwm_kb"] / 1024, 1),
-            "driver_rss_mb_each_tenth": timeline, "all_processes_peak_rss_mb": round(peak["all_kb"] / 1024, 1),
-            "stdout": out.strip().splitlines()[-1:]}
+    return {
+        "wall_s": round(wall, 2),
+        "driver_peak_rss_mb": round(peak["driver_hwm_kb"] / 1024, 1),
+        "driver_rss_mb_each_tenth": timeline,
+        "all_processes_peak_rss_mb": round(peak["all_kb"] / 1024, 1),
+        "stdout": out.strip().splitlines()[-1:],
+    }
 
 
 def compare(a_path: Path, b_path: Path) -> dict:
@@ -143,8 +147,12 @@ def compare(a_path: Path, b_path: Path) -> dict:
 
     a, b = Memory.load(a_path), Memory.load(b_path)
     same = a.size == b.size
-    return {"entries": [a.size, b.size], "labels_equal": a.labels == b.labels, "sources_equal": a.sources == b.sources,
-            "max_abs_dv": float(np.abs(np.asarray(a.vectors) - np.asarray(b.vectors)).max()) if same else None}
+    return {
+        "entries": [a.size, b.size],
+        "labels_equal": a.labels == b.labels,
+        "sources_equal": a.sources == b.sources,
+        "max_abs_dv": float(np.abs(np.asarray(a.vectors) - np.asarray(b.vectors)).max()) if same else None,
+    }
 
 
 def main() -> None:
@@ -164,8 +172,18 @@ def main() -> None:
     n = (args.n // args.classes) * args.classes
     out_dir = Path(args.dir) / "out"
     out_dir.mkdir(parents=True, exist_ok=True)
-    base = [sys.executable, "-m", "rar_edge", "-q", "memory", "build", str(folder), "--encoder", args.encoder,
-            "--overwrite"]
+    base = [
+        sys.executable,
+        "-m",
+        "rar_edge",
+        "-q",
+        "memory",
+        "build",
+        str(folder),
+        "--encoder",
+        args.encoder,
+        "--overwrite",
+    ]
     from rar_edge.encoders import Encoder
 
     dim = Encoder(args.encoder).dim
@@ -173,22 +191,38 @@ def main() -> None:
     if not args.no_local:
         runs["local"] = run_build([*base, "-o", str(out_dir / "local.rarmem")])
     for a in args.actors:
-        runs[f"ray_{a}_actors"] = run_build([*base, "-o", str(out_dir / f"ray{a}.rarmem"), "--engine", "ray",
-                                             "--ray-concurrency", str(a), "--ray-batch-size",
-                                             str(args.ray_batch_size)])
+        runs[f"ray_{a}_actors"] = run_build(
+            [
+                *base,
+                "-o",
+                str(out_dir / f"ray{a}.rarmem"),
+                "--engine",
+                "ray",
+                "--ray-concurrency",
+                str(a),
+                "--ray-batch-size",
+                str(args.ray_batch_size),
+            ]
+        )
         if not args.no_local:
             runs[f"ray_{a}_actors"]["equals_local"] = compare(out_dir / "local.rarmem", out_dir / f"ray{a}.rarmem")
     for r in runs.values():
         r["images_per_s"] = round(n / r["wall_s"], 1)
     summary = {
-        "images": n, "classes": args.classes, "image_px": SIZE_PX, "folder": str(folder),
-        "generate_s": round(gen_s, 1), "cpus": os.cpu_count(), "load_avg_after": os.getloadavg(),
+        "images": n,
+        "classes": args.classes,
+        "image_px": SIZE_PX,
+        "folder": str(folder),
+        "generate_s": round(gen_s, 1),
+        "cpus": os.cpu_count(),
+        "load_avg_after": os.getloadavg(),
         "vectors_mb": round(n * dim * 4 / 2**20, 1),
         "runs": runs,
     }
     if "local" in runs:
-        summary["speedup_vs_local"] = {k: round(runs["local"]["wall_s"] / v["wall_s"], 3)
-                                       for k, v in runs.items() if k != "local"}
+        summary["speedup_vs_local"] = {
+            k: round(runs["local"]["wall_s"] / v["wall_s"], 3) for k, v in runs.items() if k != "local"
+        }
     write_json(args.json, summary)
 
 

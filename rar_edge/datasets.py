@@ -79,8 +79,13 @@ def few_shot_split(folder: str | os.PathLike, *, shots: int | None, seed: int = 
     short = {c: len(ps) for c, ps in data.items() if shots is not None and len(ps) < shots}
     if short:
         names = ", ".join(f"{c} ({n})" for c, n in list(short.items())[:10]) + (", ..." if len(short) > 10 else "")
-        log.warning("%d of %d classes have fewer than %d images (shots), so the memory is unbalanced: %s",
-                    len(short), len(data), shots, names)
+        log.warning(
+            "%d of %d classes have fewer than %d images (shots), so the memory is unbalanced: %s",
+            len(short),
+            len(data),
+            shots,
+            names,
+        )
     rng = np.random.default_rng(seed)
     support: dict[str, list[Path]] = {}
     queries: list[tuple[Path, str]] = []
@@ -124,8 +129,13 @@ def warn_invalid_boxes(images: list["BoxImage"], name: str) -> int:
     total = sum(n for _, n in bad)
     if total:
         first = ", ".join(f"{p.name} ({n})" for p, n in bad[:5]) + (", ..." if len(bad) > 5 else "")
-        log.warning("%s: %d labelled boxes in %d images have a NaN coordinate or a zero or negative size and are "
-                    "left out: %s", name, total, len(bad), first)
+        log.warning(
+            "%s: %d labelled boxes in %d images have a NaN coordinate or a zero or negative size and are left out: %s",
+            name,
+            total,
+            len(bad),
+            first,
+        )
     return total
 
 
@@ -140,8 +150,9 @@ class BoxImage:
     labels: tuple[str, ...]
 
 
-def _yolo_rows(text: str, path: Path, width: float, height: float, *,
-               need_class: bool) -> list[tuple[int, int | None, tuple[float, float, float, float]]]:
+def _yolo_rows(
+    text: str, path: Path, width: float, height: float, *, need_class: bool
+) -> list[tuple[int, int | None, tuple[float, float, float, float]]]:
     """The lines of a YOLO label file as (line number, class or None, x1 y1 x2 y2 in pixels).
 
     ``need_class``: a dataset's label line is ``class cx cy w h``; a box file may leave the class out.
@@ -160,7 +171,9 @@ def _yolo_rows(text: str, path: Path, width: float, height: float, *,
             cx, cy, bw, bh = (float(v) for v in parts[-4:])
         except ValueError as e:
             raise DatasetError(f"{path}:{n}: not numbers: {line!r}") from e
-        rows.append((n, c, ((cx - bw / 2) * width, (cy - bh / 2) * height, (cx + bw / 2) * width, (cy + bh / 2) * height)))
+        rows.append(
+            (n, c, ((cx - bw / 2) * width, (cy - bh / 2) * height, (cx + bw / 2) * width, (cy + bh / 2) * height))
+        )
     return rows
 
 
@@ -198,7 +211,9 @@ def read_yolo_dataset(folder: str | os.PathLike) -> tuple[list[str], list[BoxIma
     return names, out
 
 
-def read_coco_json(path: str | os.PathLike, *, images_dir: str | os.PathLike | None = None) -> tuple[list[str], list[BoxImage]]:
+def read_coco_json(
+    path: str | os.PathLike, *, images_dir: str | os.PathLike | None = None
+) -> tuple[list[str], list[BoxImage]]:
     """Reads COCO instances json (``bbox`` = x, y, w, h in pixels).
 
     Args:
@@ -295,11 +310,16 @@ def _annotations_of(coco: dict, image: Any, p: Path) -> list:
     if len(ids) <= 1:
         return anns
     name = Path(image).name if isinstance(image, (str, os.PathLike)) else None
-    matches = [im.get("id") for im in coco.get("images", []) if isinstance(im, dict)
-               and name is not None and Path(str(im.get("file_name", ""))).name == name]
+    matches = [
+        im.get("id")
+        for im in coco.get("images", [])
+        if isinstance(im, dict) and name is not None and Path(str(im.get("file_name", ""))).name == name
+    ]
     if len(matches) != 1:
-        raise InvalidInputError(f"{p} holds boxes of {len(ids)} images and none is named "
-                                f"{name or '(no image path given)'!r}: pass that image, or a file of its boxes only")
+        raise InvalidInputError(
+            f"{p} holds boxes of {len(ids)} images and none is named "
+            f"{name or '(no image path given)'!r}: pass that image, or a file of its boxes only"
+        )
     return [a for a in anns if isinstance(a, dict) and a.get("image_id") == matches[0]]
 
 

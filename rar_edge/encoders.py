@@ -45,9 +45,11 @@ _NO_KERNEL_IMAGE = "no kernel image is available"
 
 def _no_kernel_image_message(config: "EncoderConfig", path: Path, err: BaseException) -> str:
     first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-    return (f"requested provider {config.provider!r} fell back to the CPU for {path.name}: this onnxruntime build "
-            f"has no CUDA kernels for this GPU ({first}). Install an onnxruntime-gpu built for the GPU's compute "
-            "capability; on a Jetson, the wheel for your JetPack (docs/jetson.md).")
+    return (
+        f"requested provider {config.provider!r} fell back to the CPU for {path.name}: this onnxruntime build "
+        f"has no CUDA kernels for this GPU ({first}). Install an onnxruntime-gpu built for the GPU's compute "
+        "capability; on a Jetson, the wheel for your JetPack (docs/jetson.md)."
+    )
 
 
 def _ort():
@@ -106,8 +108,11 @@ class EncoderConfig:
         cache = self.trt_engine_cache_dir
         if cache is None:
             cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rar_edge" / "tensorrt"
-        return {"trt_engine_cache_enable": self.trt_engine_cache, "trt_engine_cache_path": str(cache),
-                "trt_fp16_enable": self.trt_fp16}
+        return {
+            "trt_engine_cache_enable": self.trt_engine_cache,
+            "trt_engine_cache_path": str(cache),
+            "trt_fp16_enable": self.trt_fp16,
+        }
 
 
 def _providers(config: EncoderConfig, available: Sequence[str]) -> list:
@@ -141,16 +146,20 @@ def _session(path: Path, config: EncoderConfig):
             warnings.warn(_no_kernel_image_message(config, path, e), ProviderFallbackWarning, stacklevel=3)
             return _session(path, dataclasses.replace(config, provider="cpu"))
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CorruptFileError(f"ONNX Runtime cannot load {path}: {first[:300]} (re-export the model folder "
-                               "with 'rar-edge export')") from e
+        raise CorruptFileError(
+            f"ONNX Runtime cannot load {path}: {first[:300]} (re-export the model folder with 'rar-edge export')"
+        ) from e
     in_use = sess.get_providers()
     if wanted[0] not in in_use:
         msg = (
             f"requested provider {config.provider!r} ({wanted[0]}) is not in use for {path.name}; "
             f"running on {in_use} (available: {available}). "
-            + ("On aarch64 the 'gpu' extra installs no onnxruntime-gpu: install the wheel built for your JetPack "
-               "(docs/jetson.md)." if platform.machine() == "aarch64" else
-               "Install the 'gpu' extra and a matching CUDA.")
+            + (
+                "On aarch64 the 'gpu' extra installs no onnxruntime-gpu: install the wheel built for your JetPack "
+                "(docs/jetson.md)."
+                if platform.machine() == "aarch64"
+                else "Install the 'gpu' extra and a matching CUDA."
+            )
         )
         warnings.warn(msg, ProviderFallbackWarning, stacklevel=3)  # once: not also a log line
     return sess
@@ -173,10 +182,13 @@ def _check_image_input(sess, spec, manifest: Manifest) -> None:
         raise ManifestError(
             f"{where}: the image section says layout {spec.layout} at {h}x{w}, so the model input should be "
             f"[N, {', '.join(str(x) for x in want[1:])}], but input {inp.name!r} takes {shape}; fix 'layout' and "
-            "'size_px' in the manifest or re-export the folder")
+            "'size_px' in the manifest or re-export the folder"
+        )
     if _ORT_TYPES.get(spec.dtype, inp.type) != inp.type:
-        raise ManifestError(f"{where}: the image section says dtype {spec.dtype}, but input {inp.name!r} takes "
-                            f"{inp.type}; fix 'dtype' in the manifest or re-export the folder")
+        raise ManifestError(
+            f"{where}: the image section says dtype {spec.dtype}, but input {inp.name!r} takes "
+            f"{inp.type}; fix 'dtype' in the manifest or re-export the folder"
+        )
 
 
 class Encoder:
@@ -188,7 +200,9 @@ class Encoder:
         verify: check the model files' sha256 against the manifest on load.
     """
 
-    def __init__(self, model_dir: str | os.PathLike, *, config: EncoderConfig | None = None, verify: bool = True) -> None:
+    def __init__(
+        self, model_dir: str | os.PathLike, *, config: EncoderConfig | None = None, verify: bool = True
+    ) -> None:
         self.config = config or EncoderConfig()
         self.manifest: Manifest = load_manifest(model_dir, verify=verify)
         if self.manifest.kind not in ("clip", "image_embedder"):
@@ -199,7 +213,11 @@ class Encoder:
         _check_image_input(self._image_sess, self.image_spec, self.manifest)
         self._clock = ModelClock()  # time inside ONNX Runtime's run, image and text towers together
         inp = self._image_sess.get_inputs()[0]
-        self._image_input = inp.name if self.image_spec.input_name not in {i.name for i in self._image_sess.get_inputs()} else self.image_spec.input_name
+        self._image_input = (
+            inp.name
+            if self.image_spec.input_name not in {i.name for i in self._image_sess.get_inputs()}
+            else self.image_spec.input_name
+        )
         batch_dim = inp.shape[0] if inp.shape else None
         self._image_fixed_batch = isinstance(batch_dim, int) and batch_dim > 0
         out_names = [o.name for o in self._image_sess.get_outputs()]

@@ -98,7 +98,8 @@ class ImageSpec:
                 input_name=str(d.get("input_name", "pixel_values")),
                 output_name=str(d.get("output_name", "image_embeds")),
                 output_dequantize=None if deq is None else (float(deq["scale"]), float(deq["zero_point"])),
-                resize_shortest_edge_px=None if d.get("resize_shortest_edge_px") is None
+                resize_shortest_edge_px=None
+                if d.get("resize_shortest_edge_px") is None
                 else int(d["resize_shortest_edge_px"]),
             )
         except KeyError as e:
@@ -118,8 +119,9 @@ class ImageSpec:
         if len(spec.mean) != 3 or len(spec.std) != 3 or min(spec.std) <= 0:
             raise ManifestError("image.mean and image.std need 3 values, std > 0")
         if min(spec.size_px) < 1 or max(spec.size_px) > MAX_SIZE_PX:
-            raise ManifestError(f"image.size_px must be [height, width] within 1..{MAX_SIZE_PX}, "
-                                f"not {list(spec.size_px)}")
+            raise ManifestError(
+                f"image.size_px must be [height, width] within 1..{MAX_SIZE_PX}, not {list(spec.size_px)}"
+            )
         if spec.resize_shortest_edge_px is not None and spec.resize_shortest_edge_px < min(spec.size_px):
             raise ManifestError("image.resize_shortest_edge_px must be at least the crop size")
         return spec
@@ -272,9 +274,7 @@ def load_manifest(folder: str | os.PathLike, *, verify: bool = True) -> Manifest
     root = Path(folder)
     mpath = root / MANIFEST_NAME
     if not mpath.is_file():
-        raise ManifestError(
-            f"{root} is not a model folder: no {MANIFEST_NAME} (make one with 'rar-edge export')"
-        )
+        raise ManifestError(f"{root} is not a model folder: no {MANIFEST_NAME} (make one with 'rar-edge export')")
     try:
         data = json.loads(mpath.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -285,9 +285,10 @@ def load_manifest(folder: str | os.PathLike, *, verify: bool = True) -> Manifest
     if not isinstance(version, int) or isinstance(version, bool):
         raise ManifestError(f"{mpath}: format_version must be an integer, got {version!r}")
     files = data.get("files", {})
-    if not isinstance(files, dict) or not all(isinstance(f, dict) and isinstance(f.get("path"), str)
-                                              for f in files.values()):
-        raise ManifestError(f"{mpath}: 'files' must map each role to {{\"path\": ..., \"sha256\": ...}}")
+    if not isinstance(files, dict) or not all(
+        isinstance(f, dict) and isinstance(f.get("path"), str) for f in files.values()
+    ):
+        raise ManifestError(f'{mpath}: \'files\' must map each role to {{"path": ..., "sha256": ...}}')
     dim = data.get("embedding_dim")
     if dim is not None and (not isinstance(dim, int) or isinstance(dim, bool) or dim < 1):
         raise ManifestError(f"{mpath}: embedding_dim must be a positive integer, got {dim!r}")

@@ -51,9 +51,15 @@ def _files_under(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file())
 
 
-def write_pack(out: str | os.PathLike, *, memory: str | os.PathLike, encoder: str | os.PathLike | None = None,
-               ranker: str | os.PathLike | None = None, mmproj: str | os.PathLike | None = None,
-               overwrite: bool = False) -> Path:
+def write_pack(
+    out: str | os.PathLike,
+    *,
+    memory: str | os.PathLike,
+    encoder: str | os.PathLike | None = None,
+    ranker: str | os.PathLike | None = None,
+    mmproj: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Writes a pack folder.
 
     Args:
@@ -101,9 +107,15 @@ def write_pack(out: str | os.PathLike, *, memory: str | os.PathLike, encoder: st
         for p in _files_under(tmp):
             rel = p.relative_to(tmp).as_posix()
             files[rel] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-        desc = {"format": PACK_FORMAT, "format_version": PACK_FORMAT_VERSION, "memory": "memory.rarmem",
-                "encoder": "encoder", "ranker": ranker_rel,
-                "mmproj": None if mmproj is None else f"ranker/{Path(mmproj).name}", "files": files}
+        desc = {
+            "format": PACK_FORMAT,
+            "format_version": PACK_FORMAT_VERSION,
+            "memory": "memory.rarmem",
+            "encoder": "encoder",
+            "ranker": ranker_rel,
+            "mmproj": None if mmproj is None else f"ranker/{Path(mmproj).name}",
+            "files": files,
+        }
         write_text(tmp / PACK_FILE, json.dumps(desc, indent=1) + "\n")
         for d in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
             fsync_dir(d)

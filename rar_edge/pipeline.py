@@ -86,8 +86,10 @@ def as_rgb(image: ImageLike, color: str) -> ImageLike:
         return image
     _check_choice("color", color, COLORS)
     if not isinstance(image, np.ndarray):
-        raise InvalidInputError(f"color='bgr' is for arrays (OpenCV frames); a {type(image).__name__} carries its "
-                                "own colour order: pass it with color='rgb'")
+        raise InvalidInputError(
+            f"color='bgr' is for arrays (OpenCV frames); a {type(image).__name__} carries its "
+            "own colour order: pass it with color='rgb'"
+        )
     if image.ndim == 3 and image.shape[2] == 3:
         return image[..., ::-1]
     if image.ndim == 3 and image.shape[2] == 4:
@@ -140,8 +142,10 @@ class Pipeline:
             if ranker is None and opened.ranker is not None:
                 ranker, mmproj = opened.ranker, opened.mmproj
         if not isinstance(memory, (Memory, str, os.PathLike)):
-            raise InvalidInputError(f"memory must be a Memory or the path of a saved memory file (rar-edge memory "
-                                    f"build), got {type(memory).__name__} {memory!r:.60}")
+            raise InvalidInputError(
+                f"memory must be a Memory or the path of a saved memory file (rar-edge memory "
+                f"build), got {type(memory).__name__} {memory!r:.60}"
+            )
         self.memory = memory if isinstance(memory, Memory) else Memory.load(memory)
         if encoder is None:
             encoder = self.memory.encoder_folder()  # says which encoder to pass when it moved
@@ -175,8 +179,9 @@ class Pipeline:
         self.close()
 
     # -- shared tail: search + rank ------------------------------------------------------------------
-    def _rank(self, view: Callable[[], np.ndarray], retrieved: list[Candidate], timings: dict[str, float]) -> tuple[
-            tuple[Candidate, ...], bool, bool]:
+    def _rank(
+        self, view: Callable[[], np.ndarray], retrieved: list[Candidate], timings: dict[str, float]
+    ) -> tuple[tuple[Candidate, ...], bool, bool]:
         """Ranks ``retrieved`` unless the gate or a single candidate makes it moot; ``view()`` makes the
         image the ranker sees (only when it runs: it may decode or crop again)."""
         if self.ranker is None or len(retrieved) < 2:
@@ -220,8 +225,9 @@ class Pipeline:
             return image  # no wish, or an array / PIL input: already decoded at full size
         if want is not None and min(image.shape[:2]) >= want:
             return image
-        return decode_rgb(source, draft_size_px=None if want is None else (int(want), int(want)),
-                          max_pixels=self.config.max_pixels)
+        return decode_rgb(
+            source, draft_size_px=None if want is None else (int(want), int(want)), max_pixels=self.config.max_pixels
+        )
 
     # -- classification ------------------------------------------------------------------------------
     def classify(self, image: ImageLike, *, k: int | None = None, color: str = "rgb") -> Classification:
@@ -250,8 +256,9 @@ class Pipeline:
         timings["preprocess"] = _ms(t0)
         return img, pixels, timings
 
-    def _finish(self, img: Any, pixels: np.ndarray, k: int, timings: dict[str, float], t_all: float,
-                source: Any = None) -> Classification:
+    def _finish(
+        self, img: Any, pixels: np.ndarray, k: int, timings: dict[str, float], t_all: float, source: Any = None
+    ) -> Classification:
         """Encode, search and rank prepared pixels."""
         t0 = time.perf_counter()
         vec = self.encoder.embed_pixels(pixels)
@@ -271,8 +278,15 @@ class Pipeline:
             timings_ms=timings,
         )
 
-    def iter_classify(self, images: Iterable[ImageLike], *, k: int | None = None, prefetch: int = 1,
-                      color: str = "rgb", on_error: str = "stop") -> Iterator[Classification | ImageError]:
+    def iter_classify(
+        self,
+        images: Iterable[ImageLike],
+        *,
+        k: int | None = None,
+        prefetch: int = 1,
+        color: str = "rgb",
+        on_error: str = "stop",
+    ) -> Iterator[Classification | ImageError]:
         """Classifies a stream of images in order, decoding the next ones while the current one runs.
 
         A worker thread decodes and resizes up to ``prefetch`` images ahead while this thread encodes,
@@ -302,9 +316,12 @@ class Pipeline:
         _check_choice("color", color, COLORS)
         k = self.config.k if k is None else k
         if isinstance(images, (str, bytes, bytearray, memoryview, os.PathLike, Image.Image)) or (
-                isinstance(images, np.ndarray) and images.ndim < 4):
-            raise InvalidInputError("iter_classify / classify_many take a sequence of images (a list of paths, "
-                                    "arrays...); for one image use classify")
+            isinstance(images, np.ndarray) and images.ndim < 4
+        ):
+            raise InvalidInputError(
+                "iter_classify / classify_many take a sequence of images (a list of paths, "
+                "arrays...); for one image use classify"
+            )
 
         def prepare(image: ImageLike) -> tuple[Any, np.ndarray, dict[str, float]]:
             return self._prepare(as_rgb(image, color))
@@ -355,8 +372,15 @@ class Pipeline:
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def classify_many(self, images: Iterable[ImageLike], *, k: int | None = None, prefetch: int = 1,
-                      color: str = "rgb", on_error: str = "stop") -> list[Classification | ImageError]:
+    def classify_many(
+        self,
+        images: Iterable[ImageLike],
+        *,
+        k: int | None = None,
+        prefetch: int = 1,
+        color: str = "rgb",
+        on_error: str = "stop",
+    ) -> list[Classification | ImageError]:
         """`classify` for each image, in order, decoding ahead on a worker thread (see `iter_classify`).
 
         With ``on_error="skip"`` an unreadable image leaves an `ImageError` in its place and the rest are
@@ -408,8 +432,11 @@ class Pipeline:
         crop_cfg = self.config.crop or CropConfig(out_size_px=h)
         if crop_cfg.out_size_px != h:
             raise InvalidInputError(f"crop out_size_px={crop_cfg.out_size_px} differs from the encoder input size {h}")
-        crops = crop_valid_boxes(arr, valid, config=crop_cfg, threads=self.config.crop_threads) if len(valid) else \
-            np.zeros((0, h, w, 3), np.uint8)
+        crops = (
+            crop_valid_boxes(arr, valid, config=crop_cfg, threads=self.config.crop_threads)
+            if len(valid)
+            else np.zeros((0, h, w, 3), np.uint8)
+        )
         timings["preprocess"] = _ms(t0)
         t0 = time.perf_counter()
         vecs = self.encoder.embed_pixels(crops) if len(crops) else np.zeros((0, self.encoder.dim), np.float32)
@@ -423,11 +450,22 @@ class Pipeline:
         for i, retrieved in enumerate(retrieved_all):
             t = dict(shared)
             ranked, ran, fallback = self._rank(
-                lambda i=i: self._ranker_crop(arr, valid[i], crop_cfg, crops[i]), retrieved, t)
+                lambda i=i: self._ranker_crop(arr, valid[i], crop_cfg, crops[i]), retrieved, t
+            )
             t["total"] = sum(v for s, v in t.items() if s != "total")
-            out.append(Detection(box=tuple(given[kept[i]]), label=ranked[0].label, score=ranked[0].score,
-                                 candidates=ranked, retrieved=tuple(retrieved), ranker_ran=ran,
-                                 ranker_fallback=fallback, timings_ms=t, index=int(kept[i])))
+            out.append(
+                Detection(
+                    box=tuple(given[kept[i]]),
+                    label=ranked[0].label,
+                    score=ranked[0].score,
+                    candidates=ranked,
+                    retrieved=tuple(retrieved),
+                    ranker_ran=ran,
+                    ranker_fallback=fallback,
+                    timings_ms=t,
+                    index=int(kept[i]),
+                )
+            )
         log.debug("detect: %d boxes in %.1f ms", len(out), _ms(t_all))
         return out
 
@@ -530,5 +568,6 @@ def detect(
         on_invalid: "raise" or "skip" boxes with zero/negative area or NaN coordinates.
         color: the channel order of an array: ``"rgb"`` or ``"bgr"`` (OpenCV frames).
     """
-    return get_pipeline(memory=memory, encoder=encoder, ranker=ranker).detect(image, boxes, k=k, on_invalid=on_invalid,
-                                                                             color=color)
+    return get_pipeline(memory=memory, encoder=encoder, ranker=ranker).detect(
+        image, boxes, k=k, on_invalid=on_invalid, color=color
+    )

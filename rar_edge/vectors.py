@@ -18,8 +18,9 @@ def l2_normalize(x: np.ndarray, zero_point: float = 0.0) -> np.ndarray:
     if x.dtype not in (np.float32, np.uint8, np.int8):
         x = x.astype(np.float32)
     shape = x.shape
-    rows, _ = _native.unit_rows(np.require(x.reshape(-1, shape[-1]) if x.ndim != 2 else x, requirements="CA"),
-                                float(zero_point))
+    rows, _ = _native.unit_rows(
+        np.require(x.reshape(-1, shape[-1]) if x.ndim != 2 else x, requirements="CA"), float(zero_point)
+    )
     return rows.reshape(shape)
 
 

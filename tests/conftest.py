@@ -55,8 +55,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
     if str(_shared_root()) in reason:
         report.outcome = "failed"
-        report.longrepr = (f"{reason}\nCI=true: the shared data folder ({_shared_root()}, or $RAR_EDGE_SHARED) must be "
-                           "present, so this test fails instead of skipping.")
+        report.longrepr = (
+            f"{reason}\nCI=true: the shared data folder ({_shared_root()}, or $RAR_EDGE_SHARED) must be "
+            "present, so this test fails instead of skipping."
+        )
 
 
 def shared_dir() -> Path:
@@ -83,8 +85,9 @@ def run_cli():
     """Runs ``python -m rar_edge -q ARGS...``; asserts exit 0 and returns stdout."""
 
     def run(*args: object) -> str:
-        out = subprocess.run([sys.executable, "-m", "rar_edge", "-q", *map(str, args)], capture_output=True,
-                             text=True, timeout=300)
+        out = subprocess.run(
+            [sys.executable, "-m", "rar_edge", "-q", *map(str, args)], capture_output=True, text=True, timeout=300
+        )
         assert out.returncode == 0, out.stderr
         return out.stdout
 

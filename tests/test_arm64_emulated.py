@@ -31,8 +31,12 @@ def test_runtime_on_emulated_arm64_matches_x86(tmp_path):
     for tool in ("debootstrap", "qemu-aarch64-static", "chroot"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} is missing (apt install debootstrap qemu-user-static binfmt-support)")
-    run = subprocess.run(["bash", str(ROOT / "tools" / "arm64_check.sh"), str(tmp_path)], capture_output=True,
-                         text=True, timeout=4 * 3600)
+    run = subprocess.run(
+        ["bash", str(ROOT / "tools" / "arm64_check.sh"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=4 * 3600,
+    )
     if run.returncode == SKIP:
         pytest.skip(run.stderr.strip().splitlines()[-1])
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

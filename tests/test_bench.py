@@ -54,13 +54,38 @@ def test_retrieval_only_bench_writes_every_field(mobilenet_onnx, flowers, tmp_pa
     on_disk = json.loads((out / "bench.json").read_text())
     assert on_disk == json.loads(json.dumps(res))  # what is returned is what was written
 
-    for key in ("schema", "created_at", "setup", "environment", "cold_start_ms", "setup_ms", "classify", "detect",
-                "overhead_share", "overhead_target", "model_time_method", "memory_rss", "encoder_variants", "notes",
-                "files"):
+    for key in (
+        "schema",
+        "created_at",
+        "setup",
+        "environment",
+        "cold_start_ms",
+        "setup_ms",
+        "classify",
+        "detect",
+        "overhead_share",
+        "overhead_target",
+        "model_time_method",
+        "memory_rss",
+        "encoder_variants",
+        "notes",
+        "files",
+    ):
         assert key in on_disk, key
     env = on_disk["environment"]
-    for key in ("cpu_model", "logical_cpus", "cpus_usable", "encoder_threads", "providers_in_use",
-                "providers_available", "versions", "git", "python", "load_average_before", "load_average_after"):
+    for key in (
+        "cpu_model",
+        "logical_cpus",
+        "cpus_usable",
+        "encoder_threads",
+        "providers_in_use",
+        "providers_available",
+        "versions",
+        "git",
+        "python",
+        "load_average_before",
+        "load_average_after",
+    ):
         assert key in env, key
     assert env["providers_in_use"]["image"] == ["CPUExecutionProvider"]
     assert env["encoder_threads"] == 1 and env["encoder_allow_spinning"] == "onnxruntime default (spinning)"
@@ -133,8 +158,15 @@ class _TimedRanker(StubRanker):
 
 def test_ranker_time_is_its_model_counter_and_variants_compare(mobilenet_onnx, flowers, tmp_path):
     ranker = _TimedRanker()
-    res = run_bench(encoder=mobilenet_onnx, images=flowers, out_dir=tmp_path, ranker=ranker,
-                    variants=[mobilenet_onnx], notes=["a note"], config=_config(runs=5, plots=True))
+    res = run_bench(
+        encoder=mobilenet_onnx,
+        images=flowers,
+        out_dir=tmp_path,
+        ranker=ranker,
+        variants=[mobilenet_onnx],
+        notes=["a note"],
+        config=_config(runs=5, plots=True),
+    )
     c = res["classify"]
     _check_percentiles(c["latency_ms"]["rank"])
     rk = c["model_time_ms"]["ranker"]
@@ -163,8 +195,26 @@ def test_cli_bench_prints_summary(mobilenet_onnx, flowers, tmp_path, capsys):
     from rar_edge.tools.cli import main
 
     out = tmp_path / "cli"
-    rc = main(["bench", "--encoder", str(mobilenet_onnx), "--images", str(flowers), "--shots", "2",
-               "--runs", "3", "--warmup", "0", "--threads", "1", "--no-plots", "--out", str(out)])
+    rc = main(
+        [
+            "bench",
+            "--encoder",
+            str(mobilenet_onnx),
+            "--images",
+            str(flowers),
+            "--shots",
+            "2",
+            "--runs",
+            "3",
+            "--warmup",
+            "0",
+            "--threads",
+            "1",
+            "--no-plots",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "overhead_share" in text and "classify p50 ms" in text
@@ -209,8 +259,9 @@ def test_detect_is_timed_when_boxes_are_given(mobilenet_onnx, flowers, tmp_path)
         (ds / "labels" / lbl.name).write_text(lbl.read_text())
         img = coco / "images" / (lbl.stem + ".jpg")
         (ds / "images" / img.name).symlink_to(img)
-    res = run_bench(encoder=mobilenet_onnx, images=flowers, boxes=ds, out_dir=tmp_path / "b",
-                    config=_config(runs=3, plots=True))
+    res = run_bench(
+        encoder=mobilenet_onnx, images=flowers, boxes=ds, out_dir=tmp_path / "b", config=_config(runs=3, plots=True)
+    )
     d = res["detect"]
     _check_percentiles(d["latency_ms"]["total"])
     assert d["boxes_per_s"] > 0 and 0.0 <= d["overhead"]["overhead_share"] <= 1.0
@@ -230,8 +281,12 @@ def test_decode_benchmark_compares_with_pillow_and_opencv(tmp_path):
     shared = shared_file("data/flowers17").parents[1]
     out = tmp_path / "decode.json"
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "decode.py"
-    subprocess.run([sys.executable, str(script), "--limit", "6", "--repeats", "1", "--json", str(out)],
-                   check=True, capture_output=True, env={**os.environ, "RAR_EDGE_SHARED": str(shared)})
+    subprocess.run(
+        [sys.executable, str(script), "--limit", "6", "--repeats", "1", "--json", str(out)],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "RAR_EDGE_SHARED": str(shared)},
+    )
     res = json.loads(out.read_text())
     assert set(res["per_photo_ms"]) == {"rar_edge", "pillow_draft", "pillow", "opencv"}
     assert all(v > 0 for v in res["per_photo_ms"].values()) and res["photos"] == 6
@@ -249,8 +304,23 @@ def test_overhead_floor_benchmark_runs_every_regime_for_both(mobilenet_onnx, tmp
     flowers = shared_file("data/flowers17")
     out = tmp_path / "floor.json"
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "overhead_floor.py"
-    subprocess.run([sys.executable, str(script), "--encoder", str(mobilenet_onnx), "--images", str(flowers),
-                    "--runs", "4", "--json", str(out)], check=True, capture_output=True, env=dict(os.environ))
+    subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--encoder",
+            str(mobilenet_onnx),
+            "--images",
+            str(flowers),
+            "--runs",
+            "4",
+            "--json",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+        env=dict(os.environ),
+    )
     res = json.loads(out.read_text())
     assert set(res["regimes"]) == {"model", "busy", "back_to_back"}
     for block in res["regimes"].values():

@@ -163,7 +163,9 @@ def test_partly_outside_is_clipped_fully_outside_is_invalid():
     )
     with pytest.raises(InvalidBoxError, match="box 1 lies outside"):
         crop_boxes(img, [[0, 0, 10, 10], [80, 0, 90, 10]], config=cfg)
-    valid, kept, reasons = validate_boxes([[0, 0, 10, 10], [80, 0, 90, 10], [-9, -9, -1, -1]], (50, 80), on_invalid="skip")
+    valid, kept, reasons = validate_boxes(
+        [[0, 0, 10, 10], [80, 0, 90, 10], [-9, -9, -1, -1]], (50, 80), on_invalid="skip"
+    )
     assert kept.tolist() == [0] and len(reasons) == 2 and reasons[0].startswith("box 1")
 
 
@@ -297,8 +299,9 @@ def test_worker_pool_under_concurrent_callers_and_after_fork():
         outs = list(ex.map(lambda t: crop_boxes(img, boxes, config=cfg, threads=t), [2, 3, 4, 9] * 10))
     for o in outs:
         np.testing.assert_array_equal(o, want)
-    np.testing.assert_array_equal(crop_boxes(img, np.repeat(boxes, 10, axis=0), config=cfg, threads=90),
-                                  np.repeat(want, 10, axis=0))
+    np.testing.assert_array_equal(
+        crop_boxes(img, np.repeat(boxes, 10, axis=0), config=cfg, threads=90), np.repeat(want, 10, axis=0)
+    )
     if "fork" in multiprocessing.get_all_start_methods():
         with multiprocessing.get_context("fork").Pool(1) as pool:  # the parent's pool threads exist now
             got = pool.apply_async(_crop_in_child, (img, boxes)).get(timeout=60)

@@ -16,8 +16,14 @@ def _pytest(tmp_path: Path, *, ci: str | None) -> subprocess.CompletedProcess:
     env["RAR_EDGE_SHARED"] = str(tmp_path / "no-shared-here")
     if ci is not None:
         env["CI"] = ci
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", NEEDS_SHARED],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", NEEDS_SHARED],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_missing_shared_data_skips_off_ci(tmp_path):

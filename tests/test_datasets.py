@@ -86,8 +86,10 @@ def test_coco_annotations_are_validated(tmp_path):
     from rar_edge.datasets import read_coco_json
 
     base = {"categories": [{"id": 1, "name": "cat"}], "images": [{"id": 1, "file_name": "a.jpg"}]}
-    for ann, what in (({"image_id": 1, "category_id": 7, "bbox": [0, 0, 5, 5]}, "7"),
-                      ({"image_id": 1, "category_id": 1}, "bbox")):
+    for ann, what in (
+        ({"image_id": 1, "category_id": 7, "bbox": [0, 0, 5, 5]}, "7"),
+        ({"image_id": 1, "category_id": 1}, "bbox"),
+    ):
         (tmp_path / "c.json").write_text(json.dumps({**base, "annotations": [ann]}))
         with pytest.raises(DatasetError, match=f"annotation 0 .*{what}"):
             read_coco_json(tmp_path / "c.json")
@@ -98,16 +100,34 @@ def test_cli_names_a_corrupt_image_and_exits_2(tmp_path, mobilenet_onnx):
         (tmp_path / "data" / c).mkdir(parents=True)
         _img(tmp_path / "data" / c / "ok.png")
     (tmp_path / "data" / "b" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
-    out = subprocess.run([sys.executable, "-m", "rar_edge", "-q", "memory", "build", str(tmp_path / "data"),
-                          "--encoder", str(mobilenet_onnx), "-o", str(tmp_path / "m.rarmem"), "--on-error", "stop"],
-                         capture_output=True, text=True, timeout=120)  # the default skips it (tests/test_inputs.py)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rar_edge",
+            "-q",
+            "memory",
+            "build",
+            str(tmp_path / "data"),
+            "--encoder",
+            str(mobilenet_onnx),
+            "-o",
+            str(tmp_path / "m.rarmem"),
+            "--on-error",
+            "stop",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # the default skips it (tests/test_inputs.py)
     assert out.returncode == 2 and "broken.jpg" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "m.rarmem").exists()  # nothing half-written
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "rar_edge", "-q", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "rar_edge", "-q", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_cli_refusals_are_one_line_errors(tmp_path, mobilenet_onnx):
@@ -129,10 +149,15 @@ def test_cli_refusals_are_one_line_errors(tmp_path, mobilenet_onnx):
     cases = [
         (["eval", tmp_path / "data", *enc, "--shots", "4"], "no query images left"),
         (["memory", "build", tmp_path / "data", *enc, "-o", tmp_path], "exists and is not a memory"),
-        (["memory", "build", "--boxes", tmp_path / "yolo", *enc, "--shots", "0", "-o", tmp_path / "b"], "--shots: must be >= 1"),
+        (
+            ["memory", "build", "--boxes", tmp_path / "yolo", *enc, "--shots", "0", "-o", tmp_path / "b"],
+            "--shots: must be >= 1",
+        ),
         (["eval-detect", tmp_path / "yolo", *enc, "--crop-scale", "foo"], "'adaptive'"),
-        (["detect", tmp_path / "missing.jpg", "--boxes", tmp_path / "b.txt", "--memory", tmp_path / "m"],
-         "no such image file"),
+        (
+            ["detect", tmp_path / "missing.jpg", "--boxes", tmp_path / "b.txt", "--memory", tmp_path / "m"],
+            "no such image file",
+        ),
     ]
     for args, message in cases:
         out = _cli(*args)

@@ -8,8 +8,23 @@ import pytest
 
 def test_demo_runs_and_names_its_models(tmp_path, shared_path):
     pytest.importorskip("tensorflow")
-    out = subprocess.run([sys.executable, "-m", "rar_edge", "demo", "--workdir", str(tmp_path / "demo"), "-n", "3",
-                          "--shared", str(shared_path)], capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rar_edge",
+            "demo",
+            "--workdir",
+            str(tmp_path / "demo"),
+            "-n",
+            "3",
+            "--shared",
+            str(shared_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout
     assert "models used:" in text

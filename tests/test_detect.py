@@ -74,8 +74,11 @@ def test_gray_rgba_and_16bit_images_are_converted(encoder, coco_subset):
     mem = memory_from_boxes(coco_subset, encoder=encoder, shots=1, seed=0)
     pipe = Pipeline(memory=mem, encoder=encoder)
     rng = np.random.default_rng(0)
-    for arr in (rng.integers(0, 256, (120, 90), dtype=np.uint8), rng.integers(0, 256, (120, 90, 4), dtype=np.uint8),
-                rng.integers(0, 65536, (120, 90), dtype=np.uint16)):
+    for arr in (
+        rng.integers(0, 256, (120, 90), dtype=np.uint8),
+        rng.integers(0, 256, (120, 90, 4), dtype=np.uint8),
+        rng.integers(0, 65536, (120, 90), dtype=np.uint16),
+    ):
         dets = pipe.detect(arr, [[5, 5, 60, 80]])
         assert len(dets) == 1 and dets[0].label in mem.classes
 
@@ -117,8 +120,24 @@ def test_cli_memory_from_boxes_detect_and_eval_detect(mobilenet_onnx, coco_subse
     assert len(dets) == len([ln for ln in lab.read_text().splitlines() if ln.strip()])
     assert all(len(d["candidates"]) == 3 and len(d["box"]) == 4 for d in dets)
     out = tmp_path / "det.json"
-    run("eval-detect", coco_subset, "--encoder", mobilenet_onnx, "--shots", 2, "--seed", 0, "-k", 3,
-        "--crop-scale", "adaptive", "--blur-sigma", "2", "--json", out)
+    run(
+        "eval-detect",
+        coco_subset,
+        "--encoder",
+        mobilenet_onnx,
+        "--shots",
+        2,
+        "--seed",
+        0,
+        "-k",
+        3,
+        "--crop-scale",
+        "adaptive",
+        "--blur-sigma",
+        "2",
+        "--json",
+        out,
+    )
     d = json.loads(out.read_text())
     assert d["n_queries"] > 0 and set(d["recall"]) == {"1", "2", "3"} and d["per_class_top1"]
     assert d["setup"]["crop"]["crop_scale"] == "adaptive" and d["setup"]["crop"]["blur_sigma_px"] == 2.0
@@ -161,12 +180,18 @@ def test_eval_detect_honours_the_gate_margin(encoder, coco_subset):
 
 
 def test_a_coco_instances_file_gives_the_boxes_of_the_image_named(tmp_path):
-    coco = {"images": [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "sub/b.jpg"}],
-            "annotations": [{"image_id": 1, "bbox": [10, 10, 50, 50]}, {"image_id": 2, "bbox": [300, 200, 100, 100]},
-                            {"image_id": 2, "bbox": [0, 0, 5, 5]}]}
+    coco = {
+        "images": [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "sub/b.jpg"}],
+        "annotations": [
+            {"image_id": 1, "bbox": [10, 10, 50, 50]},
+            {"image_id": 2, "bbox": [300, 200, 100, 100]},
+            {"image_id": 2, "bbox": [0, 0, 5, 5]},
+        ],
+    }
     (tmp_path / "inst.json").write_text(json.dumps(coco))
-    np.testing.assert_allclose(read_boxes_file(tmp_path / "inst.json", image=tmp_path / "b.jpg"),
-                               [[300, 200, 400, 300], [0, 0, 5, 5]])
+    np.testing.assert_allclose(
+        read_boxes_file(tmp_path / "inst.json", image=tmp_path / "b.jpg"), [[300, 200, 400, 300], [0, 0, 5, 5]]
+    )
     with pytest.raises(InvalidInputError, match="boxes of 2 images"):
         read_boxes_file(tmp_path / "inst.json", image=tmp_path / "c.jpg")
     coco["annotations"] = coco["annotations"][:1]  # one image's boxes: taken as they are

@@ -39,7 +39,7 @@ def _parents() -> dict[int, int]:
                     stat = f.read()
             except OSError:
                 continue
-            fields = stat[stat.rindex(")") + 2:].split()
+            fields = stat[stat.rindex(")") + 2 :].split()
             if fields[0] != "Z":  # a zombie has exited; only its parent's wait is missing
                 out[int(d)] = int(fields[1])
     return out
@@ -174,24 +174,62 @@ def test_cli_joins_the_cluster_builds_and_labels(ray_cluster, encoder, flowers, 
     address = ray_cluster.get_runtime_context().gcs_address
     local, remote = tmp_path / "local.rarmem", tmp_path / "ray.rarmem"
     Memory.from_folder(flowers, encoder=encoder, shots=2, seed=0).save(local)
-    run_cli("memory", "build", flowers, "--encoder", encoder.path, "--shots", 2, "--seed", 0, "-o", remote,
-            "--engine", "ray", "--ray-address", address, "--ray-concurrency", 2, "--ray-batch-size", 2)
+    run_cli(
+        "memory",
+        "build",
+        flowers,
+        "--encoder",
+        encoder.path,
+        "--shots",
+        2,
+        "--seed",
+        0,
+        "-o",
+        remote,
+        "--engine",
+        "ray",
+        "--ray-address",
+        address,
+        "--ray-concurrency",
+        2,
+        "--ray-batch-size",
+        2,
+    )
     _same_memory(Memory.load(local), Memory.load(remote))
 
     src, good = _batch_src(flowers, tmp_path)
     out_local, out_ray = tmp_path / "local.parquet", tmp_path / "ray.parquet"
     res = classify_batch(src, memory=local, output=out_local, config=BatchConfig(k=3))
     assert (res.rows, res.errors) == (len(good) + 1, 1)
-    printed = run_cli("classify-batch", src, "--memory", local, "-k", 3, "-o", out_ray, "--engine", "ray",
-                      "--ray-address", address, "--ray-concurrency", 2, "--ray-batch-size", 3)
+    printed = run_cli(
+        "classify-batch",
+        src,
+        "--memory",
+        local,
+        "-k",
+        3,
+        "-o",
+        out_ray,
+        "--engine",
+        "ray",
+        "--ray-address",
+        address,
+        "--ray-concurrency",
+        2,
+        "--ray-batch-size",
+        3,
+    )
     assert "13 rows, 1 with an error" in printed
     assert out_ray.is_dir()  # Parquet shards
     a, b = pq.read_table(out_local), pq.read_table(out_ray)
     assert a.num_rows == b.num_rows == len(good) + 1
     assert a.schema == b.schema
     assert a.drop(["scores", "score"]).to_pylist() == b.drop(["scores", "score"]).to_pylist()
-    np.testing.assert_allclose(b.column("score").to_numpy(zero_copy_only=False).astype(float),
-                               a.column("score").to_numpy(zero_copy_only=False).astype(float), atol=1e-6)
+    np.testing.assert_allclose(
+        b.column("score").to_numpy(zero_copy_only=False).astype(float),
+        a.column("score").to_numpy(zero_copy_only=False).astype(float),
+        atol=1e-6,
+    )
     rows = {r["path"]: r for r in b.to_pylist()}
     broken = rows.pop(str(src / "bluebell_broken.jpg"))
     assert broken["label"] is None and "ImageDecodeError" in broken["error"]
@@ -214,7 +252,8 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_ray_rows_with_a_ranker_equal_local_and_the_output_is_not_overwritten_unasked(
-        ray_cluster, encoder, flowers, tiny_gguf, tmp_path):
+    ray_cluster, encoder, flowers, tiny_gguf, tmp_path
+):
     from rar_edge.errors import InvalidInputError
     from rar_edge.tools.batch import BatchConfig, classify_batch
 
@@ -267,20 +306,27 @@ def test_local_batch_reads_a_list_of_paths_and_uris(encoder, flowers, tmp_path, 
     photos = sorted(flowers.rglob("*.jpg"))[:3]
     monkeypatch.chdir(flowers)
     listing = tmp_path / "list.txt"
-    listing.write_text(f"# three photos\n{photos[0].relative_to(flowers)}\n\nfile://{photos[1]}\n{photos[2]}\n"
-                       f"{tmp_path / 'missing.jpg'}\n")
+    listing.write_text(
+        f"# three photos\n{photos[0].relative_to(flowers)}\n\nfile://{photos[1]}\n{photos[2]}\n"
+        f"{tmp_path / 'missing.jpg'}\n"
+    )
     res = classify_batch(listing, memory=tmp_path / "m.rarmem", output=tmp_path / "o.parquet")
     rows = pq.read_table(tmp_path / "o.parquet").to_pylist()
     assert (res.rows, res.errors) == (4, 1)
-    assert [r["path"] for r in rows] == [str(photos[0].relative_to(flowers)), f"file://{photos[1]}",
-                                         str(photos[2]), str(tmp_path / "missing.jpg")]
+    assert [r["path"] for r in rows] == [
+        str(photos[0].relative_to(flowers)),
+        f"file://{photos[1]}",
+        str(photos[2]),
+        str(tmp_path / "missing.jpg"),
+    ]
     pipe = Pipeline(memory=mem, encoder=encoder)
     assert [r["label"] for r in rows[:3]] == [pipe.classify(p).label for p in photos]
     assert "missing.jpg" in rows[3]["error"]
     with pytest.raises(InvalidInputError, match="--overwrite"):
         classify_batch(listing, memory=tmp_path / "m.rarmem", output=tmp_path / "o.parquet")
-    assert classify_batch(photos[0], memory=tmp_path / "m.rarmem", output=tmp_path / "o.parquet",
-                          overwrite=True).rows == 1
+    assert (
+        classify_batch(photos[0], memory=tmp_path / "m.rarmem", output=tmp_path / "o.parquet", overwrite=True).rows == 1
+    )
 
 
 def test_rows_carry_the_rankers_answer(encoder, flowers):
@@ -314,9 +360,27 @@ def test_the_cli_names_the_extra_without_ray(tmp_path, mobilenet_onnx, flowers):
     shim.mkdir()
     (shim / "ray.py").write_text("raise ImportError('no ray here')\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(shim), os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, "-m", "rar_edge", "-q", "memory", "build", str(flowers), "--encoder",
-                          str(mobilenet_onnx), "-o", str(tmp_path / "m.rarmem"), "--engine", "ray"],
-                         capture_output=True, text=True, env=env, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rar_edge",
+            "-q",
+            "memory",
+            "build",
+            str(flowers),
+            "--encoder",
+            str(mobilenet_onnx),
+            "-o",
+            str(tmp_path / "m.rarmem"),
+            "--engine",
+            "ray",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert out.returncode == 2
     assert "rar-edge[ray]" in out.stderr
     assert not (tmp_path / "m.rarmem").exists()

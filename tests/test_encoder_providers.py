@@ -18,9 +18,11 @@ from rar_edge import encoders as enc_mod
 from rar_edge.tools.bench import environment
 
 # ONNX Runtime's text for cudaErrorNoKernelImageForDevice (microsoft/onnxruntime#22441, #27725).
-NO_KERNEL = ("[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running Conv node. Name:'conv1' "
-             "Status Message: CUDA error cudaErrorNoKernelImageForDevice:no kernel image is available for execution "
-             "on the device")
+NO_KERNEL = (
+    "[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running Conv node. Name:'conv1' "
+    "Status Message: CUDA error cudaErrorNoKernelImageForDevice:no kernel image is available for execution "
+    "on the device"
+)
 ALL_GPU = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
@@ -32,21 +34,32 @@ def test_tensorrt_options_default_to_a_user_cache_folder(monkeypatch, tmp_path):
         "trt_fp16_enable": False,
     }
     cfg = EncoderConfig(provider="tensorrt", trt_engine_cache_dir=tmp_path / "e", trt_engine_cache=False, trt_fp16=True)
-    assert cfg.tensorrt_options() == {"trt_engine_cache_enable": False, "trt_engine_cache_path": str(tmp_path / "e"),
-                                      "trt_fp16_enable": True}
+    assert cfg.tensorrt_options() == {
+        "trt_engine_cache_enable": False,
+        "trt_engine_cache_path": str(tmp_path / "e"),
+        "trt_fp16_enable": True,
+    }
 
 
 def test_session_providers_carry_the_tensorrt_options(tmp_path):
     cfg = EncoderConfig(provider="tensorrt", trt_engine_cache_dir=tmp_path / "engines", trt_fp16=True)
     got = enc_mod._providers(cfg, ALL_GPU)
-    assert got == [("TensorrtExecutionProvider", cfg.tensorrt_options()), "CUDAExecutionProvider",
-                   "CPUExecutionProvider"]
+    assert got == [
+        ("TensorrtExecutionProvider", cfg.tensorrt_options()),
+        "CUDAExecutionProvider",
+        "CPUExecutionProvider",
+    ]
     assert (tmp_path / "engines").is_dir()  # ONNX Runtime writes engines there
     # Only what this onnxruntime has, and no options where TensorRT is absent.
     assert enc_mod._providers(cfg, ["CUDAExecutionProvider", "CPUExecutionProvider"]) == [
-        "CUDAExecutionProvider", "CPUExecutionProvider"]
+        "CUDAExecutionProvider",
+        "CPUExecutionProvider",
+    ]
     assert enc_mod._providers(cfg, ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
-    assert enc_mod._providers(EncoderConfig(provider="cuda"), ALL_GPU) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert enc_mod._providers(EncoderConfig(provider="cuda"), ALL_GPU) == [
+        "CUDAExecutionProvider",
+        "CPUExecutionProvider",
+    ]
 
 
 class _GpuWithoutKernels:
@@ -117,6 +130,9 @@ def test_bench_records_the_tensorrt_settings(mobilenet_onnx, tmp_path):
     with pytest.warns(ProviderFallbackWarning):  # no TensorRT in this onnxruntime
         enc = Encoder(mobilenet_onnx, config=cfg)
     env = environment(enc)
-    assert env["tensorrt"] == {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(tmp_path / "engines"),
-                               "trt_fp16_enable": True}
+    assert env["tensorrt"] == {
+        "trt_engine_cache_enable": True,
+        "trt_engine_cache_path": str(tmp_path / "engines"),
+        "trt_fp16_enable": True,
+    }
     assert environment(Encoder(mobilenet_onnx))["tensorrt"] is None

@@ -123,15 +123,25 @@ RETRIEVAL_TOP1 = 2 / 7  # q1, q3
 PER_CLASS_N = {"A": 2, "B": 2, "C": 2, "D": 1}
 EXPECTED = {
     # no gate: final labels B B C D C B(fallback) A -> right for q2 q3 q4
-    None: {"top1": 3 / 7, "ranked_top1": 3 / 6,  # the ranker's own: q1-q5 and q7 (q6 fell back), 3 right
-           "ranker_ran_rate": 7 / 7, "ranker_fallback_rate": 1 / 7,
-           "ranker_changed_rate": 5 / 7,  # the label is not retrieval's first for q1 q2 q4 q5 q7
-           "per_class_top1": {"A": 0 / 2, "B": 1 / 2, "C": 1 / 2, "D": 1 / 1}, "ranked": [10, 20, 30, 40, 50, 60, 70]},
+    None: {
+        "top1": 3 / 7,
+        "ranked_top1": 3 / 6,  # the ranker's own: q1-q5 and q7 (q6 fell back), 3 right
+        "ranker_ran_rate": 7 / 7,
+        "ranker_fallback_rate": 1 / 7,
+        "ranker_changed_rate": 5 / 7,  # the label is not retrieval's first for q1 q2 q4 q5 q7
+        "per_class_top1": {"A": 0 / 2, "B": 1 / 2, "C": 1 / 2, "D": 1 / 1},
+        "ranked": [10, 20, 30, 40, 50, 60, 70],
+    },
     # gate 0.3: q1 and q7 keep retrieval order (A, B): final A B C D C B B -> right for q1 q2 q3 q4
-    GATE: {"top1": 4 / 7, "ranked_top1": 3 / 4,  # the ranker's own: q2-q5, 3 right
-           "ranker_ran_rate": 5 / 7, "ranker_fallback_rate": 1 / 7,
-           "ranker_changed_rate": 3 / 7,  # q2 q4 q5
-           "per_class_top1": {"A": 1 / 2, "B": 1 / 2, "C": 1 / 2, "D": 1 / 1}, "ranked": [20, 30, 40, 50, 60]},
+    GATE: {
+        "top1": 4 / 7,
+        "ranked_top1": 3 / 4,  # the ranker's own: q2-q5, 3 right
+        "ranker_ran_rate": 5 / 7,
+        "ranker_fallback_rate": 1 / 7,
+        "ranker_changed_rate": 3 / 7,  # q2 q4 q5
+        "per_class_top1": {"A": 1 / 2, "B": 1 / 2, "C": 1 / 2, "D": 1 / 1},
+        "ranked": [20, 30, 40, 50, 60],
+    },
 }
 NUMBERS = ("top1", "ranked_top1", "ranker_ran_rate", "ranker_fallback_rate", "ranker_changed_rate")
 
@@ -176,8 +186,15 @@ def folders(tmp_path_factory) -> tuple[Path, Path]:
 def test_eval_reports_the_figures_worked_out_by_hand(folders, gate):
     support, queries = folders
     ranker = TableRanker()
-    res = evaluate_classification(support, encoder=ColourEncoder(), shots=1, k=K, queries_folder=queries,
-                                  ranker=ranker, config=PipelineConfig(k=K, gate_margin=gate))
+    res = evaluate_classification(
+        support,
+        encoder=ColourEncoder(),
+        shots=1,
+        k=K,
+        queries_folder=queries,
+        ranker=ranker,
+        config=PipelineConfig(k=K, gate_margin=gate),
+    )
     _check(res, gate, ranker)
     assert res["setup"]["memory_entries"] == 4 and res["setup"]["queries_with_class_not_in_memory"] == 0
 
@@ -203,7 +220,7 @@ def _yolo(root: Path, images: list[list[tuple[int, str, int]]]) -> Path:
         canvas = np.zeros((SIDE, SIDE, 3), np.uint8)
         rows = []
         for (x, y), (red, cls, side) in zip(SLOTS, boxes):
-            canvas[y:y + 16, x:x + 16] = (red, 0, 0)
+            canvas[y : y + 16, x : x + 16] = (red, 0, 0)
             rows.append(f"{CLASSES.index(cls)} {(x + 8) / SIDE} {(y + 8) / SIDE} {side / SIDE} {side / SIDE}")
         Image.fromarray(canvas).save(root / "images" / f"{n}.png")
         (root / "labels" / f"{n}.txt").write_text("\n".join(rows) + "\n")
@@ -224,8 +241,9 @@ def yolo_folders(tmp_path_factory) -> tuple[Path, Path]:
 def test_eval_detect_reports_the_figures_worked_out_by_hand(yolo_folders, gate):
     support, queries = yolo_folders
     ranker = TableRanker()
-    res = evaluate_detection(support, encoder=ColourEncoder(), shots=1, k=K, queries=queries, ranker=ranker,
-                             gate_margin=gate)
+    res = evaluate_detection(
+        support, encoder=ColourEncoder(), shots=1, k=K, queries=queries, ranker=ranker, gate_margin=gate
+    )
     _check(res, gate, ranker)
     assert res["setup"]["invalid_boxes_skipped"] == 1
     assert res["setup"]["memory_entries"] == 4  # one box per class from the support half
@@ -241,9 +259,14 @@ def test_eval_detect_without_a_ranker_reports_retrieval(yolo_folders):
 
 def _result(label_order, retrieved, *, ran=False, fallback=False) -> Classification:
     cands = tuple(Candidate(lbl, 1.0 / (i + 1)) for i, lbl in enumerate(label_order))
-    return Classification(label=label_order[0], score=cands[0].score, candidates=cands,
-                          retrieved=tuple(Candidate(lbl, 0.9 - 0.1 * i) for i, lbl in enumerate(retrieved)),
-                          ranker_ran=ran, ranker_fallback=fallback)
+    return Classification(
+        label=label_order[0],
+        score=cands[0].score,
+        candidates=cands,
+        retrieved=tuple(Candidate(lbl, 0.9 - 0.1 * i) for i, lbl in enumerate(retrieved)),
+        ranker_ran=ran,
+        ranker_fallback=fallback,
+    )
 
 
 def test_score_results_counts_a_query_the_ranker_never_saw():

@@ -149,7 +149,9 @@ def test_text_embeddings_match_torch(tiny_clip_onnx: Path, torch_clip, prompts: 
     assert np.abs(alone - got[:3]).max() < 1e-5
 
 
-def test_tokenizer_json_tokenizes_like_transformers(tiny_clip_onnx: Path, tiny_clip_dir: Path, prompts: list[str]) -> None:
+def test_tokenizer_json_tokenizes_like_transformers(
+    tiny_clip_onnx: Path, tiny_clip_dir: Path, prompts: list[str]
+) -> None:
     m = load_manifest(tiny_clip_onnx)
     texts = prompts + list(ODD_TEXTS)
     reference = transformers.CLIPTokenizerFast.from_pretrained(tiny_clip_dir)
@@ -171,7 +173,11 @@ def test_cli_writes_the_same_bundle(tiny_clip_dir: Path, tiny_clip_onnx: Path, t
     env = {**os.environ, "PYTHONWARNINGS": "error"}
     proc = subprocess.run(
         [sys.executable, "-m", "rar_edge_export", "clip", str(tiny_clip_dir), "-o", str(out)],
-        capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=600,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO_ROOT,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"wrote {out}" in proc.stdout
@@ -222,7 +228,9 @@ def quantized_clip(tiny_clip_dir: Path, tmp_path_factory: pytest.TempPathFactory
 
     def get(mode: str) -> Path:
         if mode not in done:
-            done[mode] = export_clip(tiny_clip_dir, tmp_path_factory.mktemp(f"clip_{mode}") / "model", quantize=mode).root
+            done[mode] = export_clip(
+                tiny_clip_dir, tmp_path_factory.mktemp(f"clip_{mode}") / "model", quantize=mode
+            ).root
         return done[mode]
 
     return get
@@ -283,9 +291,9 @@ def test_folder_without_config(tmp_path: Path) -> None:
 
 
 def test_non_clip_folder(tmp_path: Path) -> None:
-    transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(
-        tmp_path / "bert"
-    )
+    transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    ).save_pretrained(tmp_path / "bert")
     with pytest.raises(ExportError, match="not a CLIP model.*'bert'"):
         export_clip(tmp_path / "bert", tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -41,8 +41,9 @@ def lcpp(tmp_path_factory) -> Path:
     sdist = SDIST_DIR if SDIST_DIR.is_file() else SDIST_DIR / f"llama_cpp_python-{DEFAULT_LLAMA_CPP_PYTHON}.tar.gz"
     if not sdist.is_file():
         pytest.skip(f"{sdist} is absent: run tools/fetch_llm.sh --sdist")
-    return llama_cpp_source(version=DEFAULT_LLAMA_CPP_PYTHON, sdist=sdist, cache_dir=tmp_path_factory.mktemp("lcpp"),
-                            download=False)
+    return llama_cpp_source(
+        version=DEFAULT_LLAMA_CPP_PYTHON, sdist=sdist, cache_dir=tmp_path_factory.mktemp("lcpp"), download=False
+    )
 
 
 # --- GGUF sources -----------------------------------------------------------------------------------------
@@ -161,7 +162,9 @@ FAMILY_PARAMS = [
     pytest.param("smolvlm", "Q4_K_M", "MTMDChatHandler", "idefics3", id="smolvlm"),
     pytest.param("llava", "Q8_0", "Llava15ChatHandler", "mlp", id="llava15", marks=pytest.mark.slow),
     pytest.param("qwen2_vl", "F16", "Qwen25VLChatHandler", "qwen2vl_merger", id="qwen2vl", marks=pytest.mark.slow),
-    pytest.param("qwen2_5_vl", "Q8_0", "Qwen25VLChatHandler", "qwen2.5vl_merger", id="qwen25vl", marks=pytest.mark.slow),
+    pytest.param(
+        "qwen2_5_vl", "Q8_0", "Qwen25VLChatHandler", "qwen2.5vl_merger", id="qwen25vl", marks=pytest.mark.slow
+    ),
     pytest.param("gemma3", "Q8_0", "MTMDChatHandler", "gemma3", id="gemma3", marks=pytest.mark.slow),
 ]
 
@@ -217,8 +220,9 @@ def test_tiny_vlm_exports_and_ranks_an_image(tmp_path, lcpp, family, quant, hand
         assert r.stats.prefix_evals == 1 and r.stats.image_encodes == 1 + 2
 
 
-def test_tiny_multimodal_ranker_classifies_an_image_through_the_cli(tmp_path, lcpp, mobilenet_onnx, shared_path,
-                                                                      run_cli):
+def test_tiny_multimodal_ranker_classifies_an_image_through_the_cli(
+    tmp_path, lcpp, mobilenet_onnx, shared_path, run_cli
+):
     """RAR end to end, offline, with the commands a user types: export mllm, memory build, classify --ranker."""
     pytest.importorskip("llama_cpp")
     from rar_edge_export.tiny_models import build_tiny_vlm
@@ -235,8 +239,9 @@ def test_tiny_multimodal_ranker_classifies_an_image_through_the_cli(tmp_path, lc
     run_cli("memory", "build", flowers, "--encoder", mobilenet_onnx, "--shots", 1, "--seed", 0, "-o", mem)
     img = sorted((flowers / "tulip").glob("*.jpg"))[-1]
     for mode in ("score", "generate"):
-        (res,) = json.loads(run_cli("classify", img, "--memory", mem, "-k", 5, "--ranker", ranker, "--ranker-mode",
-                                    mode, "--json"))
+        (res,) = json.loads(
+            run_cli("classify", img, "--memory", mem, "-k", 5, "--ranker", ranker, "--ranker-mode", mode, "--json")
+        )
         retrieved = [c["label"] for c in res["retrieved"]]
         ranked = [c["label"] for c in res["candidates"]]
         assert res["ranker_ran"] and not res["ranker_fallback"]

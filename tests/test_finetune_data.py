@@ -35,8 +35,15 @@ def _rows(k=5, n_classes=12, per_class=8, seed=0, **kw):
     paths, labels, emb = _clustered(n_classes, per_class, seed=seed)
     ia, ib = split_disjoint(labels, seed=seed)
     rows = build_ranking_rows(
-        [paths[i] for i in ia], [labels[i] for i in ia], emb[ia],
-        [paths[i] for i in ib], [labels[i] for i in ib], emb[ib], k=k, seed=seed, **kw,
+        [paths[i] for i in ia],
+        [labels[i] for i in ia],
+        emb[ia],
+        [paths[i] for i in ib],
+        [labels[i] for i in ib],
+        emb[ib],
+        k=k,
+        seed=seed,
+        **kw,
     )
     return rows, (paths, labels, emb, ia, ib)
 
@@ -157,8 +164,8 @@ def test_write_jsonl_is_atomic_and_leaves_no_temp_files(tmp_path):
     with pytest.raises(RuntimeError):
         write_jsonl(out, boom())
     assert out.read_text() == "old\n"  # the old file is intact
-    assert write_jsonl(out, [{"name": "bird's-foot \"trefoil\" \u00e9"}]) == 1
-    assert json.loads(out.read_text())["name"] == "bird's-foot \"trefoil\" \u00e9"
+    assert write_jsonl(out, [{"name": 'bird\'s-foot "trefoil" \u00e9'}]) == 1
+    assert json.loads(out.read_text())["name"] == 'bird\'s-foot "trefoil" \u00e9'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl"]
 
 

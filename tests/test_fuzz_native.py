@@ -27,8 +27,15 @@ def arrays(dtype, max_dims=3, max_side=6):
     @st.composite
     def build(draw):
         dt = draw(dtype) if isinstance(dtype, st.SearchStrategy) else dtype
-        a = draw(hnp.arrays(dt, shapes, elements=hnp.from_dtype(np.dtype(dt), allow_nan=True, allow_infinity=True)
-                            if np.dtype(dt).kind == "f" else None))
+        a = draw(
+            hnp.arrays(
+                dt,
+                shapes,
+                elements=hnp.from_dtype(np.dtype(dt), allow_nan=True, allow_infinity=True)
+                if np.dtype(dt).kind == "f"
+                else None,
+            )
+        )
         if a.ndim >= 1 and a.shape[-1] > 1 and draw(st.booleans()):
             a = a[..., ::2]
         return a
@@ -49,7 +56,9 @@ def arrays(dtype, max_dims=3, max_side=6):
 )
 def test_topk_classes_never_crashes(vectors, labels, n_classes, queries, k, scales, rerank, threads):
     try:
-        c, s = _native.topk_classes(vectors, labels, n_classes, queries, k, scales=scales, rerank=rerank, threads=threads)
+        c, s = _native.topk_classes(
+            vectors, labels, n_classes, queries, k, scales=scales, rerank=rerank, threads=threads
+        )
     except (TypeError, ValueError):
         return
     assert c.shape == s.shape == (queries.shape[0], k)
@@ -84,7 +93,11 @@ def test_topk_classes_hostile_values(mem):
         else:
             peak = np.nan_to_num(np.abs(v), posinf=1e30).max(axis=1) if v.size else np.zeros(len(v), np.float32)
             scales = np.where(peak > 0, peak / 127, 1).astype(np.float32)
-            q8 = np.nan_to_num(np.rint(v / scales[:, None])).clip(-127, 127).astype(np.int8) if v.size else v.astype(np.int8)
+            q8 = (
+                np.nan_to_num(np.rint(v / scales[:, None])).clip(-127, 127).astype(np.int8)
+                if v.size
+                else v.astype(np.int8)
+            )
             args = (q8,)
             kw = {"scales": scales, "rerank": v if storage == "int8_rerank" else None}
     c, s = _native.topk_classes(*args, labels, n_classes, q, k, threads=threads, **kw)
@@ -113,8 +126,17 @@ coords = st.floats(allow_nan=True, allow_infinity=True, min_value=None, max_valu
 )
 def test_crop_blur_never_crashes(image, boxes, out_size, crop_scale, adaptive, sigma, letterbox, pad_value, threads):
     try:
-        out = _native.crop_blur(image, boxes, out_size=out_size, crop_scale=crop_scale, adaptive=adaptive, sigma=sigma,
-                                letterbox=letterbox, pad_value=pad_value, threads=threads)
+        out = _native.crop_blur(
+            image,
+            boxes,
+            out_size=out_size,
+            crop_scale=crop_scale,
+            adaptive=adaptive,
+            sigma=sigma,
+            letterbox=letterbox,
+            pad_value=pad_value,
+            threads=threads,
+        )
     except (TypeError, ValueError):
         return
     assert out.shape == (boxes.shape[0], out_size, out_size, 3) and out.dtype == np.uint8
@@ -160,8 +182,17 @@ def test_crop_boxes_valid_inputs(hw, boxes, size, scale, sigma, letterbox, seed)
 def test_crop_blur_hostile_boxes(hw, boxes, out_size, crop_scale, adaptive, sigma, letterbox, threads):
     img = np.full((*hw, 3), 128, np.uint8)
     try:
-        out = _native.crop_blur(img, boxes, out_size=out_size, crop_scale=crop_scale, adaptive=adaptive, sigma=sigma,
-                                letterbox=letterbox, pad_value=7, threads=threads)
+        out = _native.crop_blur(
+            img,
+            boxes,
+            out_size=out_size,
+            crop_scale=crop_scale,
+            adaptive=adaptive,
+            sigma=sigma,
+            letterbox=letterbox,
+            pad_value=7,
+            threads=threads,
+        )
     except ValueError:
         return
     assert out.shape == (len(boxes), out_size, out_size, 3)

@@ -22,8 +22,14 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash
 
 def _prepare(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     bundle = tmp_path / "bundle"
-    return subprocess.run(["bash", str(SCRIPT), "prepare", str(bundle)], capture_output=True, text=True, timeout=60,
-                          env={"PATH": "/usr/bin:/bin", **env}, cwd=ROOT)
+    return subprocess.run(
+        ["bash", str(SCRIPT), "prepare", str(bundle)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", **env},
+        cwd=ROOT,
+    )
 
 
 @pytest.mark.skipif(platform.machine() == "aarch64", reason="on an aarch64 machine a Jetson CUDA_ARCH is this CPU's")

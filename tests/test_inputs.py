@@ -50,8 +50,10 @@ def write_tiny_embedder(folder: Path, *, layout: str = "NCHW", size_px=(SIZE, SI
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((3 * SIZE * SIZE, DIM)).astype(np.float32)
     graph = helper.make_graph(
-        [helper.make_node("Flatten", ["pixel_values"], ["flat"], axis=1),
-         helper.make_node("MatMul", ["flat", "w"], ["image_embeds"])],
+        [
+            helper.make_node("Flatten", ["pixel_values"], ["flat"], axis=1),
+            helper.make_node("MatMul", ["flat", "w"], ["image_embeds"]),
+        ],
         "tiny_embedder",
         [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, ["n", 3, SIZE, SIZE])],
         [helper.make_tensor_value_info("image_embeds", TensorProto.FLOAT, ["n", DIM])],
@@ -61,13 +63,29 @@ def write_tiny_embedder(folder: Path, *, layout: str = "NCHW", size_px=(SIZE, SI
     model.ir_version = 8
     folder.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(folder / "model.onnx"))
-    write_manifest(folder, {
-        "kind": "image_embedder", "name": "tiny", "embedding_dim": DIM,
-        "image": {"size_px": list(size_px), "layout": layout, "dtype": "float32", "rescale": 1 / 255,
-                  "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "resize_mode": "squash", "crop_mode": "none",
-                  "resample": "bilinear", "input_name": "pixel_values", "output_name": "image_embeds"},
-        "text": None,
-    }, files={"image_model": "model.onnx"})
+    write_manifest(
+        folder,
+        {
+            "kind": "image_embedder",
+            "name": "tiny",
+            "embedding_dim": DIM,
+            "image": {
+                "size_px": list(size_px),
+                "layout": layout,
+                "dtype": "float32",
+                "rescale": 1 / 255,
+                "mean": [0.5, 0.5, 0.5],
+                "std": [0.5, 0.5, 0.5],
+                "resize_mode": "squash",
+                "crop_mode": "none",
+                "resample": "bilinear",
+                "input_name": "pixel_values",
+                "output_name": "image_embeds",
+            },
+            "text": None,
+        },
+        files={"image_model": "model.onnx"},
+    )
     return folder
 
 
@@ -100,8 +118,9 @@ def truncated_jpeg(path: Path) -> Path:
 
 
 def cli(*args, timeout=300, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rar_edge", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "rar_edge", *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 @pytest.fixture(scope="module")
@@ -156,13 +175,28 @@ def tiny_vlm(tmp_path_factory) -> Path:
     return export_mllm(hf, tmp / "ranker", quant="Q8_0", llama_cpp_src=lcpp).root
 
 
-@pytest.mark.parametrize("ranker", [None, "tiny_gguf", pytest.param("tiny_vlm", marks=pytest.mark.slow)],
-                         ids=["retrieval", "text-ranker", "vision-ranker"])
+@pytest.mark.parametrize(
+    "ranker",
+    [None, "tiny_gguf", pytest.param("tiny_vlm", marks=pytest.mark.slow)],
+    ids=["retrieval", "text-ranker", "vision-ranker"],
+)
 @pytest.mark.parametrize("signals", [1, 3])
 def test_1_ctrl_c_stops_a_batch_promptly_with_rc_130(ranker, signals, folder, mem_path, enc_dir, request):
     images = [p for p in sorted(folder.rglob("*.jpg"))] * 400  # minutes of work: it must not run to the end
-    args = [sys.executable, "-m", "rar_edge", "-q", "classify", *images, "--memory", mem_path, "--encoder", enc_dir,
-            "-k", "2"]
+    args = [
+        sys.executable,
+        "-m",
+        "rar_edge",
+        "-q",
+        "classify",
+        *images,
+        "--memory",
+        mem_path,
+        "--encoder",
+        enc_dir,
+        "-k",
+        "2",
+    ]
     if ranker:
         args += ["--ranker", request.getfixturevalue(ranker)]
     proc = subprocess.Popen(list(map(str, args)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -258,7 +292,9 @@ def test_2_memory_build_and_eval_survive_a_truncated_photo(enc_dir, tmp_path):
     info = json.loads(r.stdout)
     assert info["n_entries"] == 12 and info["skipped_images"] == [str(bad)]
     assert "red_9.jpg" in r.stderr
-    stop = cli("-q", "memory", "build", root, "--encoder", enc_dir, "-o", tmp_path / "stop.rarmem", "--on-error", "stop")
+    stop = cli(
+        "-q", "memory", "build", root, "--encoder", enc_dir, "-o", tmp_path / "stop.rarmem", "--on-error", "stop"
+    )
     assert stop.returncode == 2 and "red_9.jpg" in stop.stderr
     ev = cli("-q", "eval", root, "--encoder", enc_dir, "--shots", "1", "--seed", "0", "-k", "2", "--json", "-")
     res = json.loads(ev.stdout)
@@ -298,8 +334,11 @@ def test_3_bgr_frames_are_read_as_bgr(encoder, mem_path, folder):
 def _corrupt_onnx(d: Path) -> None:
     (d / "model.onnx").write_bytes(b"\x08\x07garbage that is not a protobuf" * 10)
     m = json.loads((d / "manifest.json").read_text())
-    write_manifest(d, {k: v for k, v in m.items() if k not in ("format", "format_version", "files")},
-                   files={"image_model": "model.onnx"})  # the sha256 now matches the corrupt file
+    write_manifest(
+        d,
+        {k: v for k, v in m.items() if k not in ("format", "format_version", "files")},
+        files={"image_model": "model.onnx"},
+    )  # the sha256 now matches the corrupt file
 
 
 def _edit_manifest(**image):
@@ -307,16 +346,21 @@ def _edit_manifest(**image):
         m = json.loads((d / "manifest.json").read_text())
         m["image"].update(image)
         (d / "manifest.json").write_text(json.dumps(m))
+
     return edit
 
 
-@pytest.mark.parametrize("damage, error, words", [
-    (_corrupt_onnx, CorruptFileError, "ONNX Runtime cannot load"),
-    (_edit_manifest(layout="NHWC"), ManifestError, "layout NHWC"),
-    (_edit_manifest(size_px=[100000, 100000]), ManifestError, "size_px"),
-    (_edit_manifest(size_px=[64, 64]), ManifestError, "input 'pixel_values' takes"),
-    (_edit_manifest(dtype="uint8"), ManifestError, "dtype uint8"),
-], ids=["corrupt-onnx", "layout", "huge-size", "wrong-size", "dtype"])
+@pytest.mark.parametrize(
+    "damage, error, words",
+    [
+        (_corrupt_onnx, CorruptFileError, "ONNX Runtime cannot load"),
+        (_edit_manifest(layout="NHWC"), ManifestError, "layout NHWC"),
+        (_edit_manifest(size_px=[100000, 100000]), ManifestError, "size_px"),
+        (_edit_manifest(size_px=[64, 64]), ManifestError, "input 'pixel_values' takes"),
+        (_edit_manifest(dtype="uint8"), ManifestError, "dtype uint8"),
+    ],
+    ids=["corrupt-onnx", "layout", "huge-size", "wrong-size", "dtype"],
+)
 def test_4_broken_encoder_folders_give_one_clear_error(tmp_path, folder, damage, error, words):
     pytest.importorskip("onnx")
     d = write_tiny_embedder(tmp_path / "enc")
@@ -338,14 +382,18 @@ def test_5_from_folder_takes_a_model_folder_path_like_classify(enc_dir, encoder,
     np.testing.assert_allclose(by_path.vectors, by_obj.vectors, atol=1e-6)
 
 
-@pytest.mark.parametrize("call, words", [
-    (lambda e, f, m, t: Memory.from_folder(f, encoder=None), "encoder must be an Encoder or a model folder"),
-    (lambda e, f, m, t: Memory.from_folder(f, encoder=e, shots="4"), "shots .* must be an integer"),
-    (lambda e, f, m, t: Memory.from_folder(f, encoder=e, shots=0), "shots .* must be an integer"),
-    (lambda e, f, m, t: classify(np.zeros((8, 8, 3), np.uint8), memory=None), "memory"),
-    (lambda e, f, m, t: classify(np.zeros((8, 8, 3), np.uint8), memory=123), "memory must be a Memory or the path"),
-    (lambda e, f, m, t: Memory.load(m).save(t), "is a folder; give the path of a file"),
-], ids=["encoder-None", "shots-str", "shots-0", "memory-None", "memory-int", "save-to-folder"])
+@pytest.mark.parametrize(
+    "call, words",
+    [
+        (lambda e, f, m, t: Memory.from_folder(f, encoder=None), "encoder must be an Encoder or a model folder"),
+        (lambda e, f, m, t: Memory.from_folder(f, encoder=e, shots="4"), "shots .* must be an integer"),
+        (lambda e, f, m, t: Memory.from_folder(f, encoder=e, shots=0), "shots .* must be an integer"),
+        (lambda e, f, m, t: classify(np.zeros((8, 8, 3), np.uint8), memory=None), "memory"),
+        (lambda e, f, m, t: classify(np.zeros((8, 8, 3), np.uint8), memory=123), "memory must be a Memory or the path"),
+        (lambda e, f, m, t: Memory.load(m).save(t), "is a folder; give the path of a file"),
+    ],
+    ids=["encoder-None", "shots-str", "shots-0", "memory-None", "memory-int", "save-to-folder"],
+)
 def test_5_wrong_kinds_of_argument_are_named(encoder, folder, mem_path, tmp_path, call, words):
     with pytest.raises(InvalidInputError, match=words) as e:
         call(encoder, folder, mem_path, tmp_path)
@@ -565,14 +613,46 @@ def test_16_gpu_layers_on_a_cpu_build_warn(tiny_gguf):
 
 def test_17_bench_refuses_a_non_empty_folder_that_is_not_a_bench_output(enc_dir, folder, tmp_path):
     before = sorted(p.name for p in (folder / "red").iterdir())
-    r = cli("-q", "bench", "--encoder", enc_dir, "--images", folder, "--shots", "2", "--out", folder / "red",
-            "--no-plots", "--runs", "2", "--warmup", "0")
+    r = cli(
+        "-q",
+        "bench",
+        "--encoder",
+        enc_dir,
+        "--images",
+        folder,
+        "--shots",
+        "2",
+        "--out",
+        folder / "red",
+        "--no-plots",
+        "--runs",
+        "2",
+        "--warmup",
+        "0",
+    )
     assert r.returncode == 2 and "holds other files and no bench.json" in r.stderr
     assert sorted(p.name for p in (folder / "red").iterdir()) == before
     out = tmp_path / "bench"
     for _ in range(2):  # a new folder, then the same folder again (an earlier bench output)
-        r = cli("-q", "bench", "--encoder", enc_dir, "--images", folder, "--shots", "2", "--out", out, "--no-plots",
-                "--runs", "2", "--warmup", "0", "--prefetch", "0")
+        r = cli(
+            "-q",
+            "bench",
+            "--encoder",
+            enc_dir,
+            "--images",
+            folder,
+            "--shots",
+            "2",
+            "--out",
+            out,
+            "--no-plots",
+            "--runs",
+            "2",
+            "--warmup",
+            "0",
+            "--prefetch",
+            "0",
+        )
         assert r.returncode == 0, r.stderr
     assert (out / "bench.json").is_file()
 
@@ -616,6 +696,16 @@ def test_also_every_option_has_help():
                 missing.append(f"{name} {'/'.join(a.option_strings) or a.dest}")
 
     walk(build_parser(), "rar-edge")
-    mine = ("rar-edge classify ", "rar-edge detect", "rar-edge eval", "rar-edge bench", "rar-edge finetune-data",
-            "rar-edge memory build", "rar-edge memory info", "rar-edge demo", "rar-edge -", "rar-edge export mllm")
+    mine = (
+        "rar-edge classify ",
+        "rar-edge detect",
+        "rar-edge eval",
+        "rar-edge bench",
+        "rar-edge finetune-data",
+        "rar-edge memory build",
+        "rar-edge memory info",
+        "rar-edge demo",
+        "rar-edge -",
+        "rar-edge export mllm",
+    )
     assert not [m for m in missing if m.startswith(mine)], missing

@@ -22,8 +22,18 @@ def decode_int4(codes: np.ndarray, dim: int) -> np.ndarray:
 
 
 def native(store: VectorStore, labels, n_classes, q, k, *, margin=INT4_MARGIN_SIGMAS, threads=1):
-    return _native.topk_classes_int4(store._v, store._scales, store._resid, store._rerank, labels, n_classes,
-                                     np.atleast_2d(q), k, margin_sigmas=margin, threads=threads)
+    return _native.topk_classes_int4(
+        store._v,
+        store._scales,
+        store._resid,
+        store._rerank,
+        labels,
+        n_classes,
+        np.atleast_2d(q),
+        k,
+        margin_sigmas=margin,
+        threads=threads,
+    )
 
 
 @pytest.mark.parametrize("dim", [1, 31, 32, 33, 77, 128])

@@ -14,16 +14,19 @@ def _write(tmp_path, **fields):
     return tmp_path
 
 
-@pytest.mark.parametrize("fields, message", [
-    ({"format_version": "1.0"}, "format_version must be an integer"),
-    ({"format_version": None}, "format_version must be an integer"),
-    ({"format_version": FORMAT_VERSION + 1}, "this rar_edge reads"),
-    ({"files": ["model.onnx"]}, "'files' must map each role"),
-    ({"files": {"image": "model.onnx"}}, "'files' must map each role"),
-    ({"embedding_dim": "abc"}, "embedding_dim must be a positive integer"),
-    ({"embedding_dim": 0}, "embedding_dim must be a positive integer"),
-    ({"kind": "toaster"}, "unknown kind"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"format_version": "1.0"}, "format_version must be an integer"),
+        ({"format_version": None}, "format_version must be an integer"),
+        ({"format_version": FORMAT_VERSION + 1}, "this rar_edge reads"),
+        ({"files": ["model.onnx"]}, "'files' must map each role"),
+        ({"files": {"image": "model.onnx"}}, "'files' must map each role"),
+        ({"embedding_dim": "abc"}, "embedding_dim must be a positive integer"),
+        ({"embedding_dim": 0}, "embedding_dim must be a positive integer"),
+        ({"kind": "toaster"}, "unknown kind"),
+    ],
+)
 def test_malformed_manifests_are_refused_by_name(tmp_path, fields, message):
     folder = _write(tmp_path, **fields)
     with pytest.raises(ManifestError, match=message) as e:

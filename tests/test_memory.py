@@ -387,8 +387,9 @@ def test_segment_graphs_are_searched(small_segments):
     assert any(s.hnsw is not None for s in h._engine.snapshot.segments)
     rng = np.random.default_rng(0)
     qs = x[rng.choice(len(x), 50, replace=False)] + 0.05 * rng.standard_normal((50, 32)).astype(np.float32)
-    agree = np.mean([len({c.label for c in h.search(q, k=5)[0]} & {c.label for c in e.search(q, k=5)[0]}) / 5
-                     for q in qs])
+    agree = np.mean(
+        [len({c.label for c in h.search(q, k=5)[0]} & {c.label for c in e.search(q, k=5)[0]}) / 5 for q in qs]
+    )
     assert agree >= 0.95
 
 
@@ -422,8 +423,14 @@ def test_directory_store_saves_only_what_changed(small_segments, tmp_path):
 
 
 def same_memory(a, b) -> bool:
-    return (a.size == b.size and np.array_equal(a.vectors, b.vectors) and a.labels == b.labels
-            and np.array_equal(a.ids, b.ids) and a.sources == b.sources and a.classes == b.classes)
+    return (
+        a.size == b.size
+        and np.array_equal(a.vectors, b.vectors)
+        and a.labels == b.labels
+        and np.array_equal(a.ids, b.ids)
+        and a.sources == b.sources
+        and a.classes == b.classes
+    )
 
 
 @pytest.mark.parametrize("storage", ["float32", "int8_rerank"])

@@ -32,8 +32,13 @@ def _data(seed: int = 0):
     base_labels = np.repeat(np.arange(30), 40)
     base = cent[base_labels] + 0.35 * rng.standard_normal((len(base_labels), DIM))
     extra = cent[30] + 0.35 * rng.standard_normal((200, DIM))
-    queries = np.vstack([cent[[0, 4, 5, 6, 17, 29, 30]], cent[5] + 0.3 * rng.standard_normal(DIM),
-                         cent[30] + 0.3 * rng.standard_normal(DIM)])
+    queries = np.vstack(
+        [
+            cent[[0, 4, 5, 6, 17, 29, 30]],
+            cent[5] + 0.3 * rng.standard_normal(DIM),
+            cent[30] + 0.3 * rng.standard_normal(DIM),
+        ]
+    )
     names = [f"class_{i:02d}" for i in base_labels]
     return base.astype(np.float32), names, extra.astype(np.float32), queries.astype(np.float32)
 
@@ -64,12 +69,17 @@ def stress(*, backend: str, seconds: float, threads: int, k: int = 5) -> dict:
     rows_base = [(base[i], names[i]) for i in range(len(names))]
     rows_no5 = [r for r in rows_base if r[1] != "class_05"]
     rows_extra = [(e, "extra") for e in extra]
-    states = [_reference(rows, queries, k) for rows in
-              (rows_base, rows_no5, rows_no5 + rows_extra, rows_base + rows_extra)]
+    states = [
+        _reference(rows, queries, k) for rows in (rows_base, rows_no5, rows_no5 + rows_extra, rows_base + rows_extra)
+    ]
     mem = Memory(dim=DIM, backend=backend, hnsw=HnswParams(M=16, ef_construction=100, ef=512))
     mem.add(base, names)
-    ops = [lambda: mem.remove(label="class_05"), lambda: mem.add(extra, ["extra"] * len(extra)),
-           lambda: mem.add(base[c05], ["class_05"] * len(c05)), lambda: mem.remove(label="extra")]
+    ops = [
+        lambda: mem.remove(label="class_05"),
+        lambda: mem.add(extra, ["extra"] * len(extra)),
+        lambda: mem.add(base[c05], ["class_05"] * len(c05)),
+        lambda: mem.remove(label="extra"),
+    ]
     version = [0]
     stop = threading.Event()
     counts = {"searches": 0, "writes": 0, "wrong": 0, "errors": 0}
@@ -104,15 +114,20 @@ def stress(*, backend: str, seconds: float, threads: int, k: int = 5) -> dict:
             ok = False
             for v in range(before, after + 2):  # a write is published just before the counter moves
                 want = [states[v % 4][i] for i in qi]
-                if all([c.label for c in g] == [w[0] for w in wq] and
-                       np.allclose([c.score for c in g], [w[1] for w in wq], atol=1e-4) for g, wq in zip(got, want)):
+                if all(
+                    [c.label for c in g] == [w[0] for w in wq]
+                    and np.allclose([c.score for c in g], [w[1] for w in wq], atol=1e-4)
+                    for g, wq in zip(got, want)
+                ):
                     ok = True
                     break
             if not ok:
                 wrong += 1
                 if len(examples) < 5:
-                    examples.append(f"wrong: queries {qi.tolist()} versions {before}..{after}: "
-                                    f"{[[(c.label, round(c.score, 4)) for c in g] for g in got]}")
+                    examples.append(
+                        f"wrong: queries {qi.tolist()} versions {before}..{after}: "
+                        f"{[[(c.label, round(c.score, 4)) for c in g] for g in got]}"
+                    )
         with lock:
             counts["searches"] += n
             counts["wrong"] += wrong
@@ -198,8 +213,15 @@ def test_searches_beside_a_writer_for_20_s(backend):
 @pytest.mark.slow
 def test_hnsw_searches_right_after_an_add_20_runs():
     results = [_child("--after-add", "--threads", "6", timeout_s=120) for _ in range(20)]
-    print(json.dumps({"runs": 20, "crashes": sum(r["crashed"] for r in results),
-                      "errors": sum(r.get("errors", 0) for r in results)}))
+    print(
+        json.dumps(
+            {
+                "runs": 20,
+                "crashes": sum(r["crashed"] for r in results),
+                "errors": sum(r.get("errors", 0) for r in results),
+            }
+        )
+    )
     assert not any(r["crashed"] or r["errors"] for r in results), results
 
 
@@ -210,6 +232,9 @@ if __name__ == "__main__":
     ap.add_argument("--threads", type=int, default=4)
     ap.add_argument("--after-add", action="store_true")
     a = ap.parse_args()
-    out = searches_after_add(threads=a.threads, per_thread=200) if a.after_add else \
-        stress(backend=a.backend, seconds=a.seconds, threads=a.threads)
+    out = (
+        searches_after_add(threads=a.threads, per_thread=200)
+        if a.after_add
+        else stress(backend=a.backend, seconds=a.seconds, threads=a.threads)
+    )
     print(json.dumps(out))

@@ -43,8 +43,13 @@ def make(n_classes=20, per_class=10, dim=32, **kw) -> Memory:
 
 
 def same(a: Memory, b: Memory) -> bool:
-    return (a.size == b.size and np.array_equal(a.vectors, b.vectors) and a.labels == b.labels
-            and np.array_equal(a.ids, b.ids) and a.sources == b.sources)
+    return (
+        a.size == b.size
+        and np.array_equal(a.vectors, b.vectors)
+        and a.labels == b.labels
+        and np.array_equal(a.ids, b.ids)
+        and a.sources == b.sources
+    )
 
 
 # -- F4: fork after the ranker was loaded ------------------------------------------------------------------
@@ -145,8 +150,9 @@ def _kill_loop(path: Path, *, layout: str, trials: int, n: int, dim: int, max_de
     rng = np.random.default_rng(0)
     out = {"trials": 0, "bad_opens": 0, "old": 0, "new": 0, "stray_after_open": 0, "stray_before_open": 0}
     for _ in range(trials):
-        p = subprocess.Popen([sys.executable, "-c", _SAVER, str(path), str(n), str(dim), layout],
-                             stdout=subprocess.PIPE, text=True)
+        p = subprocess.Popen(
+            [sys.executable, "-c", _SAVER, str(path), str(n), str(dim), layout], stdout=subprocess.PIPE, text=True
+        )
         assert p.stdout.readline().strip() == "ready"
         time.sleep(float(rng.uniform(0.0, max_delay_s)))
         p.send_signal(signal.SIGKILL)
@@ -199,8 +205,9 @@ def test_f5_sigkill_loop_50_trials(tmp_path, layout):
 
 # -- a reader process beside a writer process ---------------------------------------------------------------
 def _reader_beside_writer(path: Path, *, layout: str, seconds: float) -> dict:
-    p = subprocess.Popen([sys.executable, "-c", _SAVER, str(path), "2000", "32", layout], stdout=subprocess.PIPE,
-                         text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-c", _SAVER, str(path), "2000", "32", layout], stdout=subprocess.PIPE, text=True
+    )
     assert p.stdout.readline().strip() == "ready"
     loads = torn = 0
     t_end = time.monotonic() + seconds
@@ -330,6 +337,7 @@ def _fuzz(tmp_path: Path, cases: int, seed: int) -> dict:
 
             def load(v=victim, mm=kind == "mmap"):
                 return Memory.load(v, mmap=mm)
+
         raw = bytearray(victim.read_bytes())
         if rng.random() < 0.8 and raw:
             pos = int(rng.integers(0, len(raw)))
@@ -442,8 +450,15 @@ def _soak(encoder_dir: Path, photos: list[Path], calls: int) -> dict:
         if i == warm:
             start = _proc_status()
     end = _proc_status()
-    return {"calls": calls, "rss_kb_start": start["VmRSS"], "rss_kb_end": end["VmRSS"], "fds_start": start["fds"],
-            "fds_end": end["fds"], "threads_start": start["Threads"], "threads_end": end["Threads"]}
+    return {
+        "calls": calls,
+        "rss_kb_start": start["VmRSS"],
+        "rss_kb_end": end["VmRSS"],
+        "fds_start": start["fds"],
+        "fds_end": end["fds"],
+        "threads_start": start["Threads"],
+        "threads_end": end["Threads"],
+    }
 
 
 def _flower_photos(shared_path: Path) -> list[Path]:

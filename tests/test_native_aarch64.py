@@ -19,13 +19,17 @@ import pytest
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = [ROOT / "tests" / "native" / "cross_check.cpp"] + [ROOT / "cpp" / f for f in
-                                                               ("cpu.cpp", "search.cpp", "crop.cpp", "logits.cpp", "parallel.cpp")]
+SOURCES = [ROOT / "tests" / "native" / "cross_check.cpp"] + [
+    ROOT / "cpp" / f for f in ("cpu.cpp", "search.cpp", "crop.cpp", "logits.cpp", "parallel.cpp")
+]
 
 
 def _build_and_run(compiler: str, out: Path, runner: list[str], extra: list[str]) -> str:
-    subprocess.run([compiler, "-std=c++17", "-O2", f"-I{ROOT / 'cpp'}", *map(str, SOURCES), "-o", str(out),
-                    "-lpthread", *extra], check=True, capture_output=True)
+    subprocess.run(
+        [compiler, "-std=c++17", "-O2", f"-I{ROOT / 'cpp'}", *map(str, SOURCES), "-o", str(out), "-lpthread", *extra],
+        check=True,
+        capture_output=True,
+    )
     return subprocess.run([*runner, str(out)], check=True, capture_output=True, text=True, timeout=600).stdout
 
 

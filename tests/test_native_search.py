@@ -180,7 +180,9 @@ def test_kernel_families_agree():
 def test_one_entry_and_k_larger_than_classes():
     v = np.array([[0.6, 0.8]], np.float32)
     for storage in STORAGES:
-        c, s = VectorStore(v, storage=storage).topk_classes(np.array([3], np.int32), 5, np.array([1.0, 0.0], np.float32), 4)
+        c, s = VectorStore(v, storage=storage).topk_classes(
+            np.array([3], np.int32), 5, np.array([1.0, 0.0], np.float32), 4
+        )
         assert c.tolist() == [[3, -1, -1, -1]]
         assert s[0, 0] == pytest.approx(0.6, abs=5e-3)
         assert np.isneginf(s[0, 1:]).all()
@@ -282,7 +284,9 @@ def test_stub_matches_the_module():
     if not stub.exists():  # editable installs load the module from the build folder
         stub = Path(__file__).resolve().parents[1] / "rar_edge" / "_native.pyi"
     tree = ast.parse(stub.read_text())
-    stub_funcs = {f.name: [a.arg for a in f.args.args + f.args.kwonlyargs] for f in tree.body if isinstance(f, ast.FunctionDef)}
+    stub_funcs = {
+        f.name: [a.arg for a in f.args.args + f.args.kwonlyargs] for f in tree.body if isinstance(f, ast.FunctionDef)
+    }
     stub_consts = {n.target.id for n in tree.body if isinstance(n, ast.AnnAssign)} - {"__all__"}
     runtime_funcs = {}
     for name in dir(_native):

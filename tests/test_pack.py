@@ -38,8 +38,9 @@ def built(tmp_path_factory, mobilenet_onnx, flowers):
 
 
 def _cli(*args, check=True) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, "-m", "rar_edge", "-q", *map(str, args)], capture_output=True, text=True,
-                       timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "rar_edge", "-q", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
     if check:
         assert p.returncode == 0, p.stderr
     return p
@@ -100,16 +101,23 @@ def test_a_memory_whose_encoder_moved_names_it(built, tmp_path):
     moved_enc = tmp_path / "moved-encoder"
     shutil.copytree(enc_dir, moved_enc)
     mem = Memory.load(mem_path)
-    mem.encoder = type(mem.encoder)(mem.encoder.name, str(tmp_path / "gone"), mem.encoder.fingerprint,
-                                    mem.encoder.embedding_dim, mem.encoder.preprocess_fingerprint)
+    mem.encoder = type(mem.encoder)(
+        mem.encoder.name,
+        str(tmp_path / "gone"),
+        mem.encoder.fingerprint,
+        mem.encoder.embedding_dim,
+        mem.encoder.preprocess_fingerprint,
+    )
     p = mem.save(tmp_path / "m.rarmem")
     with pytest.raises(InvalidInputError, match=r"fingerprint [0-9a-f]{12}.*--encoder") as e:
         Pipeline(memory=p)
     assert str(tmp_path / "gone") in str(e.value) and mem.encoder.name in str(e.value)
     r = _cli("classify", queries[0], "--memory", p, check=False)
     assert r.returncode == 2 and "--encoder" in r.stderr
-    assert Pipeline(memory=p, encoder=moved_enc).classify(queries[0]).label == \
-        Pipeline(memory=mem_path, encoder=enc_dir).classify(queries[0]).label
+    assert (
+        Pipeline(memory=p, encoder=moved_enc).classify(queries[0]).label
+        == Pipeline(memory=mem_path, encoder=enc_dir).classify(queries[0]).label
+    )
 
 
 def test_cli_edits_memories_in_place_and_to_new_files(built, flowers, tmp_path):
@@ -139,9 +147,11 @@ def test_cli_never_overwrites_other_files_and_checks_before_embedding(built, flo
     work, enc_dir, mem_path, _ = built
     model = next(enc_dir.glob("*.onnx"))
     before = model.read_bytes()
-    for args in (["memory", "build", flowers, "--encoder", enc_dir, "-o", model, "--overwrite"],
-                 ["memory", "export", mem_path, "-o", model, "--overwrite"],
-                 ["memory", "merge", mem_path, mem_path, "-o", model, "--overwrite"]):
+    for args in (
+        ["memory", "build", flowers, "--encoder", enc_dir, "-o", model, "--overwrite"],
+        ["memory", "export", mem_path, "-o", model, "--overwrite"],
+        ["memory", "merge", mem_path, mem_path, "-o", model, "--overwrite"],
+    ):
         r = _cli(*args, check=False)
         assert r.returncode == 2 and "not a memory" in r.stderr, r.stderr
     assert model.read_bytes() == before

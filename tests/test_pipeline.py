@@ -127,8 +127,10 @@ def test_encoder_beside_a_ranker_does_not_spin_unless_asked(mobilenet_onnx, memo
     assert Pipeline(memory=memory, encoder=mobilenet_onnx).encoder.config.allow_spinning is None  # ORT's default
     assert Pipeline(memory=memory, encoder=mobilenet_onnx, ranker=Ranker()).encoder.config.allow_spinning is False
     asked = PipelineConfig(encoder=EncoderConfig(allow_spinning=True))
-    assert Pipeline(memory=memory, encoder=mobilenet_onnx, ranker=Ranker(),
-                    config=asked).encoder.config.allow_spinning is True
+    assert (
+        Pipeline(memory=memory, encoder=mobilenet_onnx, ranker=Ranker(), config=asked).encoder.config.allow_spinning
+        is True
+    )
     # an Encoder object made without a ranker in mind (as `rar-edge eval --ranker` makes one) is reopened quietly
     lone = Encoder(mobilenet_onnx, config=EncoderConfig(threads=1))
     beside = Pipeline(memory=memory, encoder=lone, ranker=Ranker()).encoder
@@ -153,8 +155,7 @@ def test_memory_from_another_encoder_is_refused(encoder, tiny_clip_onnx):
         Pipeline(memory=mem, encoder=encoder)
 
 
-def test_memory_refuses_the_same_model_with_other_preprocessing(encoder, memory, mobilenet_onnx, tmp_path,
-                                                                monkeypatch):
+def test_memory_refuses_the_same_model_with_other_preprocessing(encoder, memory, mobilenet_onnx, tmp_path, monkeypatch):
     """Same weights, another resize in manifest.json: the vectors would differ, so the memory says no."""
     import shutil
     import zipfile
@@ -247,9 +248,27 @@ def test_requested_gpu_that_falls_back_is_visible(mobilenet_onnx):
         warnings.simplefilter("error")
         Encoder(mobilenet_onnx, config=EncoderConfig(provider="cpu"))
     # the command line says it once, as one line
-    out = subprocess.run([sys.executable, "-m", "rar_edge", "-q", "memory", "build", "--classes", "/nonexistent",
-                          "--encoder", str(mobilenet_onnx), "--provider", "cuda", "-o", "/nonexistent/m"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rar_edge",
+            "-q",
+            "memory",
+            "build",
+            "--classes",
+            "/nonexistent",
+            "--encoder",
+            str(mobilenet_onnx),
+            "--provider",
+            "cuda",
+            "-o",
+            "/nonexistent/m",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     lines = [ln for ln in out.stderr.splitlines() if "CUDAExecutionProvider" in ln]
     assert len(lines) == 1 and lines[0].startswith("rar-edge: warning: requested provider 'cuda'"), out.stderr
 
@@ -262,7 +281,8 @@ def test_zero_shot_memory_classifies_into_one_of_the_names(tiny_clip_onnx, tmp_p
     rng = np.random.default_rng(0)
     for _ in range(3):
         r = Pipeline(memory=mem, encoder=enc, config=PipelineConfig(k=3)).classify(
-            rng.integers(0, 256, (80, 60, 3), dtype=np.uint8))
+            rng.integers(0, 256, (80, 60, 3), dtype=np.uint8)
+        )
         assert r.label in names and len(r.candidates) == 3
 
 
@@ -277,8 +297,28 @@ def test_cli_build_info_classify_and_eval(mobilenet_onnx, flowers_subset, tmp_pa
     (res,) = json.loads(run("classify", img, "--memory", mem, "-k", 3, "--json"))  # a list even for one image
     assert res["label"] in info["entries_per_class"] and len(res["candidates"]) == 3
     ev = tmp_path / "eval.json"
-    run("eval", flowers_subset, "--encoder", mobilenet_onnx, "--shots", 4, "--seed", 0, "-k", 3, "--json", ev,
-        "--backend", "hnsw", "--hnsw-m", 4, "--ef-construction", 9, "--ef", 7)
+    run(
+        "eval",
+        flowers_subset,
+        "--encoder",
+        mobilenet_onnx,
+        "--shots",
+        4,
+        "--seed",
+        0,
+        "-k",
+        3,
+        "--json",
+        ev,
+        "--backend",
+        "hnsw",
+        "--hnsw-m",
+        4,
+        "--ef-construction",
+        9,
+        "--ef",
+        7,
+    )
     d = json.loads(ev.read_text())
     assert d["n_queries"] == 24 and set(d["recall"]) == {"1", "2", "3"}
     assert 0 <= d["top1"] <= d["recall"]["3"] <= 1
@@ -289,8 +329,12 @@ def test_cli_build_info_classify_and_eval(mobilenet_onnx, flowers_subset, tmp_pa
     # a damaged memory file is refused with a clear message and a non-zero exit
     bad = tmp_path / "bad.rarmem"
     bad.write_bytes(mem.read_bytes()[:500])
-    out = subprocess.run([sys.executable, "-m", "rar_edge", "classify", img, "--memory", bad], capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "rar_edge", "classify", img, "--memory", bad],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2 and "rar-edge: error:" in out.stderr and "Traceback" not in out.stderr
 
 
@@ -360,8 +404,15 @@ def test_eval_reports_the_ranker_even_when_the_gate_kept_it_idle(encoder, flower
     from rar_edge.tools.evaluate import evaluate_classification
 
     for gate, ran in ((0.0, 0.0), (None, 1.0)):  # margin >= 0 always: the ranker never runs; no gate: always
-        res = evaluate_classification(flowers_subset, encoder=encoder, shots=8, seed=0, k=3, ranker=_ReverseRanker(),
-                                      config=PipelineConfig(k=3, gate_margin=gate))
+        res = evaluate_classification(
+            flowers_subset,
+            encoder=encoder,
+            shots=8,
+            seed=0,
+            k=3,
+            ranker=_ReverseRanker(),
+            config=PipelineConfig(k=3, gate_margin=gate),
+        )
         assert res["ranker_ran_rate"] == ran and res["setup"]["gate_margin"] == gate
         # the ranker's own top-1 covers the queries it ordered: none behind the gate, all without one
         assert res["ranked_top1"] == (None if ran == 0.0 else res["top1"])
@@ -391,8 +442,9 @@ def test_the_pipeline_cache_shares_loads_and_never_closes_a_pipeline_in_use(enco
     monkeypatch.setattr(pl, "Pipeline", Slow)
     pl._CACHE.clear()
     got = []
-    threads = [threading.Thread(target=lambda: got.append(pl.get_pipeline(memory=memory, encoder=encoder)))
-               for _ in range(4)]
+    threads = [
+        threading.Thread(target=lambda: got.append(pl.get_pipeline(memory=memory, encoder=encoder))) for _ in range(4)
+    ]
     for t in threads:
         t.start()
     for t in threads:

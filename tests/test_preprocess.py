@@ -114,14 +114,16 @@ def test_resize_shortest_edge_then_crop_honours_the_manifest_resize_size():
     a = np.zeros((100, 100, 3), np.uint8)
     a[:6] = 255  # a white band at the top: inside a direct 224 resize, cropped away after a 256 resize
     direct = resize_for_model(Image.fromarray(a), ImageSpec(size_px=(224, 224), resample="nearest"))
-    via256 = resize_for_model(Image.fromarray(a), ImageSpec(size_px=(224, 224), resample="nearest",
-                                                            resize_shortest_edge_px=256))
+    via256 = resize_for_model(
+        Image.fromarray(a), ImageSpec(size_px=(224, 224), resample="nearest", resize_shortest_edge_px=256)
+    )
     assert direct.shape == via256.shape == (224, 224, 3)
     assert direct[0].max() == 255 and via256[0].max() == 0
 
 
-@pytest.mark.parametrize("mode,crop,size", [("squash", "none", 224), ("shortest_edge", "center", 224),
-                                            ("shortest_edge", "center", 64)])
+@pytest.mark.parametrize(
+    "mode,crop,size", [("squash", "none", 224), ("shortest_edge", "center", 224), ("shortest_edge", "center", 64)]
+)
 def test_native_bilinear_resize_matches_pillow(mode, crop, size):
     """The native path for square bilinear targets gives what Pillow's resize (+ crop) gives."""
     import dataclasses
@@ -201,8 +203,10 @@ def test_decode_rgb_refuses_bombs_from_the_header_and_takes_every_input_kind(tmp
 
 def test_resize_for_model_takes_arrays_and_pil_images_alike():
     a = np.random.default_rng(2).integers(0, 256, (250, 318, 3), dtype=np.uint8)
-    for spec in (ImageSpec(size_px=(224, 224), resample="bilinear", resize_mode="squash", crop_mode="none"),
-                 ImageSpec(size_px=(224, 224), resample="bicubic")):
+    for spec in (
+        ImageSpec(size_px=(224, 224), resample="bilinear", resize_mode="squash", crop_mode="none"),
+        ImageSpec(size_px=(224, 224), resample="bicubic"),
+    ):
         np.testing.assert_array_equal(resize_for_model(a, spec), resize_for_model(Image.fromarray(a), spec))
     with pytest.raises(InvalidInputError, match="must be uint8, not float32"):
         resize_for_model(a.astype(np.float32), ImageSpec(size_px=(224, 224)))
@@ -281,18 +285,26 @@ def test_jpeg_header_agrees_with_libjpeg_turbo():
 
     rng = np.random.default_rng(1)
     rgb = rng.integers(0, 256, (33, 51, 3), dtype=np.uint8)
+
     def first_segment_dropped(data):  # the APP0 (JFIF) or APP14 (Adobe) block right after SOI
-        return data[:2] + data[4 + int.from_bytes(data[4:6], "big"):]
+        return data[:2] + data[4 + int.from_bytes(data[4:6], "big") :]
 
     ycc, adobe_rgb = _encode(rgb, "RGB"), _encode(rgb, "RGB", keep_rgb=True)  # keep_rgb: Adobe transform 0
     assert ycc[2:4] == b"\xff\xe0" and adobe_rgb[2:4] == b"\xff\xee"
     adobe_ycc = adobe_rgb[:17] + b"\x01" + adobe_rgb[18:]  # the Adobe transform byte says YCbCr
     cases = {
-        "YCbCr": [ycc, _encode(rgb, "RGB", progressive=True), _encode(rgb, "RGB", subsampling=0),
-                  first_segment_dropped(ycc)],  # no JFIF marker: component ids 1, 2, 3
+        "YCbCr": [
+            ycc,
+            _encode(rgb, "RGB", progressive=True),
+            _encode(rgb, "RGB", subsampling=0),
+            first_segment_dropped(ycc),
+        ],  # no JFIF marker: component ids 1, 2, 3
         "Gray": [_encode(rgb[..., 0].copy(), "L")],
-        "other": [_encode(np.concatenate([rgb, rgb[..., :1]], axis=2), "CMYK"), adobe_rgb,
-                  first_segment_dropped(adobe_rgb)],  # no marker: component ids 'R', 'G', 'B'
+        "other": [
+            _encode(np.concatenate([rgb, rgb[..., :1]], axis=2), "CMYK"),
+            adobe_rgb,
+            first_segment_dropped(adobe_rgb),
+        ],  # no marker: component ids 'R', 'G', 'B'
     }
     h, w, cs, _ = simplejpeg.decode_jpeg_header(adobe_ycc)
     assert jpeg_header(adobe_ycc) == (w, h, "YCbCr", 1) and cs == "YCbCr"
@@ -328,7 +340,9 @@ def test_jpeg_header_never_raises_on_damaged_headers():
     head = base[: base.index(b"\xff\xda") + 2]
 
     @settings(max_examples=400, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
-    @given(st.integers(0, len(head)), st.lists(st.tuples(st.integers(0, len(head) - 1), st.integers(0, 255)), max_size=4))
+    @given(
+        st.integers(0, len(head)), st.lists(st.tuples(st.integers(0, len(head) - 1), st.integers(0, 255)), max_size=4)
+    )
     def check(cut, edits):
         b = bytearray(head[:cut] if cut < len(head) else base)
         for i, v in edits:

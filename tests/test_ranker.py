@@ -183,9 +183,14 @@ def test_prefix_is_evaluated_once_and_each_query_in_one_batch(tiny_gguf):
 
 
 def test_in_context_examples_live_in_the_cached_prefix(tiny_gguf):
-    ex = [RankingExample(candidates=("a", "b", "c"), ranked=("b", "a", "c")),
-          RankingExample(candidates=("x y", "z"), ranked=("z", "x y"))]
-    with Ranker.load(tiny_gguf, n_threads=2) as plain, Ranker.load(tiny_gguf, n_threads=2, in_context_examples=ex) as icl:
+    ex = [
+        RankingExample(candidates=("a", "b", "c"), ranked=("b", "a", "c")),
+        RankingExample(candidates=("x y", "z"), ranked=("z", "x y")),
+    ]
+    with (
+        Ranker.load(tiny_gguf, n_threads=2) as plain,
+        Ranker.load(tiny_gguf, n_threads=2, in_context_examples=ex) as icl,
+    ):
         p0 = plain._prompt_tokens(["rose", "tulip"])[0]
         p1 = icl._prompt_tokens(["rose", "tulip"])[0]
         for _ in range(2):
@@ -212,8 +217,10 @@ def test_plain_prompt_without_chat_template(tmp_path):
         assert sorted(r.rank(None, ["a", "b", "c"]).labels) == ["a", "b", "c"]
 
 
-_ICL = [RankingExample(candidates=("a", "b", "c"), ranked=("b", "c", "a")),
-        RankingExample(candidates=("x y", "z"), ranked=("z", "x y"))]
+_ICL = [
+    RankingExample(candidates=("a", "b", "c"), ranked=("b", "c", "a")),
+    RankingExample(candidates=("x y", "z"), ranked=("z", "x y")),
+]
 
 
 def _icl_user(candidates: str) -> str:
@@ -233,15 +240,19 @@ def test_in_context_examples_are_rendered_with_their_answers(tmp_path, tiny_gguf
         text = r._prefix_text + r._query_text(["rose", "tulip"], False)
     ex1, ex2, query = _icl_user("a\nb\nc"), _icl_user("x y\nz"), _icl_user("rose\ntulip")
     if chat:
-        want = (f"<|im_start|>system\n{p.system}<|im_end|>\n"
-                f"<|im_start|>user\n{ex1}<|im_end|>\n<|im_start|>assistant\n1. b\n2. c\n3. a<|im_end|>\n"
-                f"<|im_start|>user\n{ex2}<|im_end|>\n<|im_start|>assistant\n1. z\n2. x y<|im_end|>\n"
-                f"<|im_start|>user\n{query}<|im_end|>\n<|im_start|>assistant\n1.")
+        want = (
+            f"<|im_start|>system\n{p.system}<|im_end|>\n"
+            f"<|im_start|>user\n{ex1}<|im_end|>\n<|im_start|>assistant\n1. b\n2. c\n3. a<|im_end|>\n"
+            f"<|im_start|>user\n{ex2}<|im_end|>\n<|im_start|>assistant\n1. z\n2. x y<|im_end|>\n"
+            f"<|im_start|>user\n{query}<|im_end|>\n<|im_start|>assistant\n1."
+        )
     else:
-        want = (f"{p.system}\n\n"
-                f"### Question:\n{ex1}\n### Answer:\n1. b\n2. c\n3. a\n\n"
-                f"### Question:\n{ex2}\n### Answer:\n1. z\n2. x y\n\n"
-                f"### Question:\n{query}\n### Answer:\n1.")
+        want = (
+            f"{p.system}\n\n"
+            f"### Question:\n{ex1}\n### Answer:\n1. b\n2. c\n3. a\n\n"
+            f"### Question:\n{ex2}\n### Answer:\n1. z\n2. x y\n\n"
+            f"### Question:\n{query}\n### Answer:\n1."
+        )
     assert text == want
 
 
@@ -272,8 +283,10 @@ def _reference_generate(r: Ranker, cands: list[str]) -> list[str]:
     return order + remaining
 
 
-@pytest.mark.parametrize("cands", [["rose", "rose hip", "primrose", "tulip"], FLOWERS,
-                                   ["common daisy", "common tansy", "common poppy", "daisy"]])
+@pytest.mark.parametrize(
+    "cands",
+    [["rose", "rose hip", "primrose", "tulip"], FLOWERS, ["common daisy", "common tansy", "common poppy", "daisy"]],
+)
 def test_generate_equals_token_by_token_reference_in_fewer_decodes(tiny_gguf, cands):
     with Ranker.load(tiny_gguf, n_threads=1) as r:
         r.rank(None, cands, mode="score")  # evaluates the cached prefix
@@ -401,16 +414,19 @@ def test_real_qwen_ranks_sensibly_in_both_modes():
 
 # --- found in review: limits, threads, names that differ only in spaces or punctuation ----------------------
 
+
 def test_a_small_context_caps_the_batch_instead_of_aborting(tiny_gguf):
     """n_ctx=384: llama.cpp pads the context to 512 cells but caps its batch at 384 tokens, and every decode
     call must stay within that (a 400-token prompt chunk used to abort the whole process on a GGML_ASSERT,
     hence the subprocess)."""
     import subprocess
 
-    code = (f"from rar_edge.rank.ranker import Ranker\n"
-            f"with Ranker.load({str(tiny_gguf)!r}, n_threads=2, n_ctx=384) as r:\n"
-            f"    for mode in ('score', 'generate'):\n"
-            f"        print(sorted(r.rank(None, ['a', 'b', 'c'], mode=mode).labels))\n")
+    code = (
+        f"from rar_edge.rank.ranker import Ranker\n"
+        f"with Ranker.load({str(tiny_gguf)!r}, n_threads=2, n_ctx=384) as r:\n"
+        f"    for mode in ('score', 'generate'):\n"
+        f"        print(sorted(r.rank(None, ['a', 'b', 'c'], mode=mode).labels))\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split("\n")[:2] == ["['a', 'b', 'c']"] * 2

@@ -69,8 +69,9 @@ def test_camera_doc_runs_with_a_fake_capture(workdir, monkeypatch):
     """docs/camera.md against a stand-in for cv2.VideoCapture that gives three BGR frames of a blue photo."""
     from rar_edge import Encoder, Memory
 
-    Memory.from_folder(workdir / "flowers", encoder=Encoder(workdir / "models" / "mobilenet"),
-                       progress=False).save(workdir / "flowers.rarmem")
+    Memory.from_folder(workdir / "flowers", encoder=Encoder(workdir / "models" / "mobilenet"), progress=False).save(
+        workdir / "flowers.rarmem"
+    )
     rgb = np.asarray(Image.open(sorted((workdir / "flowers" / "blue").glob("*.jpg"))[0]))
     released = []
 

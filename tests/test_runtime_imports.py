@@ -15,8 +15,17 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "rar_edge"
-FORBIDDEN = ("rar_edge.tools", "rar_edge_export", "matplotlib", "torch", "transformers", "optimum", "tensorflow",
-             "ray", "tf2onnx")
+FORBIDDEN = (
+    "rar_edge.tools",
+    "rar_edge_export",
+    "matplotlib",
+    "torch",
+    "transformers",
+    "optimum",
+    "tensorflow",
+    "ray",
+    "tf2onnx",
+)
 # The `python -m rar_edge` entry point is the command's, not the runtime's.
 ENTRY_POINTS = {PACKAGE / "__main__.py"}
 
@@ -97,8 +106,10 @@ def test_runtime_modules_import_no_export_stack():
 
 
 def test_the_command_imports_no_export_stack_until_asked():
-    imports = ("import rar_edge.tools.cli, rar_edge.tools.bench, rar_edge.tools.evaluate, rar_edge.tools.finetune_data\n"
-               "rar_edge.tools.cli.build_parser()")
+    imports = (
+        "import rar_edge.tools.cli, rar_edge.tools.bench, rar_edge.tools.evaluate, rar_edge.tools.finetune_data\n"
+        "rar_edge.tools.cli.build_parser()"
+    )
     assert _modules_loaded_after(imports, ("torch", "transformers", "optimum", "tensorflow")) == []
 
 

@@ -91,7 +91,7 @@ def test_file_fsynced_before_the_rename_and_folder_after(tmp_path, monkeypatch, 
     assert src_existed and src.parent == path.parent and src.name.startswith(f".{path.name}.") and not src.exists()
     ino_file, ino_dir = path.stat().st_ino, path.parent.stat().st_ino  # a rename keeps the inode
     assert ("fsync", "file", ino_file) in rec.calls[:r], "the new file's data is not fsynced before the rename"
-    assert ("fsync", "dir", ino_dir) in rec.calls[r + 1:], "the folder is not fsynced after the rename"
+    assert ("fsync", "dir", ino_dir) in rec.calls[r + 1 :], "the folder is not fsynced after the rename"
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
 
 
@@ -156,28 +156,28 @@ def _change_member(path: Path, member: str, change, *, fix_crc: bool) -> None:
         zi, central = z.getinfo(member), z.start_dir
     assert zi.compress_type == zipfile.ZIP_STORED
     off = zi.header_offset
-    assert data[off:off + 4] == b"PK\x03\x04"
+    assert data[off : off + 4] == b"PK\x03\x04"
     flags = struct.unpack_from("<H", data, off + 6)[0]
     n_name, n_extra = struct.unpack_from("<HH", data, off + 26)
     start = off + 30 + n_name + n_extra
-    body = bytearray(data[start:start + zi.file_size])
+    body = bytearray(data[start : start + zi.file_size])
     before = bytes(body)
     change(body)
     assert len(body) == zi.file_size
-    data[start:start + len(body)] = body
+    data[start : start + len(body)] = body
     if fix_crc:
         crc = struct.pack("<I", zlib.crc32(body))
         if flags & 0x08:  # CRC in a data descriptor after the data (optional signature first)
             d = start + len(body)
-            at = d + 4 if data[d:d + 4] == b"PK\x07\x08" else d
-            data[at:at + 4] = crc
+            at = d + 4 if data[d : d + 4] == b"PK\x07\x08" else d
+            data[at : at + 4] = crc
         else:
-            data[off + 14:off + 18] = crc
+            data[off + 14 : off + 18] = crc
         pos = central
-        while data[pos:pos + 4] == b"PK\x01\x02":
+        while data[pos : pos + 4] == b"PK\x01\x02":
             n, e, c = struct.unpack_from("<HHH", data, pos + 28)
-            if data[pos + 46:pos + 46 + n].decode() == member:
-                data[pos + 16:pos + 20] = crc
+            if data[pos + 46 : pos + 46 + n].decode() == member:
+                data[pos + 16 : pos + 20] = crc
             pos += 46 + n + e + c
     path.write_bytes(bytes(data))
     assert (bytes(body) != before) == (change is not _same)
@@ -199,7 +199,7 @@ def _last_label(body: bytearray) -> None:  # another class, still a valid index
 
 def _a_source(body: bytearray) -> None:
     i = bytes(body).index(b"s8")
-    body[i:i + 2] = b"s7"
+    body[i : i + 2] = b"s7"
 
 
 TAMPER = {"vectors.npy": _last_float, "labels.npy": _last_label, "sources.json": _a_source}

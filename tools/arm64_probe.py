@@ -53,8 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     # One photo's model input: the decode + resize path (libjpeg-turbo's SIMD IDCT differs per machine).
     first = sorted(next(p for p in sorted(flowers.iterdir()) if p.is_dir()).glob("*.jpg"))[0]
     pixels = enc.preprocess(enc.decode(first))
-    out["pixels"] = {"photo": first.name, "shape": list(pixels.shape),
-                     "sha256": hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest()}
+    out["pixels"] = {
+        "photo": first.name,
+        "shape": list(pixels.shape),
+        "sha256": hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest(),
+    }
 
     mem = rar_edge.Memory.from_folder(flowers, encoder=enc, shots=4, seed=0, progress=False)
     split = few_shot_split(flowers, shots=4, seed=0)
@@ -64,8 +67,13 @@ def main(argv: list[str] | None = None) -> int:
         queries.append(next(p for p in sorted(cls_dir.glob("*.jpg")) if p not in support))
     with rar_edge.Pipeline(memory=mem, encoder=enc) as pipe:
         out["classify"] = [
-            {"photo": f"{q.parent.name}/{q.name}", "label": r.label, "score": _round(r.score),
-             "candidates": [c.label for c in r.candidates], "scores": [_round(c.score) for c in r.candidates]}
+            {
+                "photo": f"{q.parent.name}/{q.name}",
+                "label": r.label,
+                "score": _round(r.score),
+                "candidates": [c.label for c in r.candidates],
+                "scores": [_round(c.score) for c in r.candidates],
+            }
             for q, r in ((q, pipe.classify(q, k=5)) for q in queries)
         ]
 
@@ -77,8 +85,15 @@ def main(argv: list[str] | None = None) -> int:
             if len(im.boxes) == 0:
                 continue
             for truth, d in zip(im.labels, pipe.detect(im.path, im.boxes, k=5)):
-                dets.append({"image": im.path.name, "truth": truth, "label": d.label, "score": _round(d.score),
-                             "candidates": [c.label for c in d.candidates]})
+                dets.append(
+                    {
+                        "image": im.path.name,
+                        "truth": truth,
+                        "label": d.label,
+                        "score": _round(d.score),
+                        "candidates": [c.label for c in d.candidates],
+                    }
+                )
     out["detect"] = dets
     json.dump(out, sys.stdout, indent=1)
     print()

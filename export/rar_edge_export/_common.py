@@ -68,9 +68,7 @@ def check_output_dir(out_dir: Path, *, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise ExportError(f"output path {out_dir} exists and is not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise ExportError(
-            f"output folder {out_dir} is not empty; pass overwrite=True (--overwrite) to replace it"
-        )
+        raise ExportError(f"output folder {out_dir} is not empty; pass overwrite=True (--overwrite) to replace it")
 
 
 @contextlib.contextmanager

@@ -65,7 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with warnings.catch_warnings():
         # tf.lite.Interpreter warns that it moves to ai_edge_litert; it still works in TF 2.21 and is
         # what tf2onnx itself reads models with.
-        warnings.filterwarnings("ignore", message=r"\s*Warning: tf\.lite\.Interpreter is deprecated", category=UserWarning)
+        warnings.filterwarnings(
+            "ignore", message=r"\s*Warning: tf\.lite\.Interpreter is deprecated", category=UserWarning
+        )
         try:
             interpreter = tf.lite.Interpreter(model_path=str(args.model))
             interpreter.allocate_tensors()
@@ -90,7 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         import tf2onnx.convert
 
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"\s*Warning: tf\.lite\.Interpreter is deprecated", category=UserWarning)
+            warnings.filterwarnings(
+                "ignore", message=r"\s*Warning: tf\.lite\.Interpreter is deprecated", category=UserWarning
+            )
             try:
                 tf2onnx.convert.from_tflite(str(args.model), opset=args.opset, output_path=str(args.onnx))
             except Exception as e:  # tf2onnx raises anything from ValueError to KeyError on unsupported ops

@@ -89,8 +89,9 @@ def _run_clip(args: argparse.Namespace) -> int:
 def _run_tflite(args: argparse.Namespace) -> int:
     from .tflite import export_tflite
 
-    manifest = export_tflite(args.tflite_file, args.out, opset=args.opset, quantize=args.quantize,
-                             overwrite=args.overwrite)
+    manifest = export_tflite(
+        args.tflite_file, args.out, opset=args.opset, quantize=args.quantize, overwrite=args.overwrite
+    )
     _report(manifest)
     return 0
 

@@ -115,7 +115,11 @@ def export_clip(
     out_dir = Path(out_dir)
     check_output_dir(out_dir, overwrite=overwrite)
     source, local = _resolve_source(src)
-    for module, package in (("torch", "torch"), ("transformers", "transformers"), ("optimum.exporters.onnx", "optimum-onnx")):
+    for module, package in (
+        ("torch", "torch"),
+        ("transformers", "transformers"),
+        ("optimum.exporters.onnx", "optimum-onnx"),
+    ):
         require(module, package=package, extra="export", purpose="Exporting CLIP to ONNX")
 
     config = _load_config(source, local)
@@ -153,8 +157,9 @@ def export_clip(
     return load_manifest(out_dir)
 
 
-def _quantize_towers(towers: Sequence[Any], fp32_dir: Path, tmp: Path,
-                     quantize: str | None) -> tuple[dict[str, str], dict[str, Any] | None]:
+def _quantize_towers(
+    towers: Sequence[Any], fp32_dir: Path, tmp: Path, quantize: str | None
+) -> tuple[dict[str, str], dict[str, Any] | None]:
     """The files map (tokenizer and towers) and the quantization record; quantized towers replace the fp32 ones."""
     files = {"tokenizer": TOKENIZER_FILE}
     if quantize is None:
@@ -170,8 +175,9 @@ def _quantize_towers(towers: Sequence[Any], fp32_dir: Path, tmp: Path,
     return files, quantization_record(infos, cosines)
 
 
-def _io_specs(tmp: Path, files: dict[str, str], preprocessing: dict[str, Any], context_length: int,
-              pad_token_id: int) -> tuple[dict[str, Any], TextSpec]:
+def _io_specs(
+    tmp: Path, files: dict[str, str], preprocessing: dict[str, Any], context_length: int, pad_token_id: int
+) -> tuple[dict[str, Any], TextSpec]:
     """The manifest's image section and text spec, with the input and output names the exported graphs have."""
     image_session = onnx_session(tmp / files["image_model"])
     text_session = onnx_session(tmp / files["text_model"])
@@ -235,9 +241,7 @@ def _image_preprocessing(source: str, local: bool, config: Any) -> dict[str, Any
     try:
         proc = CLIPImageProcessor.from_pretrained(source, local_files_only=local)
     except (OSError, ValueError) as e:
-        raise ExportError(
-            f"cannot read the image preprocessing (preprocessor_config.json) of {source}: {e}"
-        ) from e
+        raise ExportError(f"cannot read the image preprocessing (preprocessor_config.json) of {source}: {e}") from e
     if not proc.do_resize:
         raise ExportError(f"{source}: image processors that do not resize are not supported")
     size = dict(proc.size)
@@ -269,8 +273,12 @@ def _resample_name(resample: int, source: str) -> str:
     if resample in _RESAMPLE:
         return _RESAMPLE[resample]
     if resample in _RESAMPLE_APPROX:
-        logger.warning("%s: resample filter %d is recorded as its closest supported filter, %s",
-                       source, resample, _RESAMPLE_APPROX[resample])
+        logger.warning(
+            "%s: resample filter %d is recorded as its closest supported filter, %s",
+            source,
+            resample,
+            _RESAMPLE_APPROX[resample],
+        )
         return _RESAMPLE_APPROX[resample]
     raise ExportError(f"{source}: unknown resample filter {resample} in the image processor config")
 
@@ -338,8 +346,9 @@ def _quiet_tracing() -> Iterator[None]:
         # Tracing reports CLIP's shape checks (sequence vs position table, image vs patch grid) that are
         # constant for every valid input; optimum uses the legacy TorchScript exporter on purpose.
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        warnings.filterwarnings("ignore", message="You are using the legacy TorchScript-based ONNX export",
-                                category=DeprecationWarning)
+        warnings.filterwarnings(
+            "ignore", message="You are using the legacy TorchScript-based ONNX export", category=DeprecationWarning
+        )
         warnings.filterwarnings("ignore", message="The feature will be removed", category=DeprecationWarning)
         warnings.filterwarnings("ignore", message="Exporting aten::index operator", category=UserWarning)
         yield
@@ -413,4 +422,3 @@ def _check_matches_torch(path: Path, tower: _Tower) -> float:
             f"{path.name} disagrees with PyTorch: max abs diff {diff:.3g} > {VALIDATION_ATOL * scale:.3g}"
         )
     return diff
-

@@ -136,31 +136,54 @@ def llama_cpp_source(
             raise ExportError(f"llama-cpp-python source package not found: {tgz}")
     elif download:
         tmp_dl = tempfile.mkdtemp(prefix="rar_edge_sdist_")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               "--timeout", str(SDIST_INDEX_TIMEOUT_S), "--retries", str(SDIST_INDEX_RETRIES),
-               f"llama-cpp-python=={version}", "-d", tmp_dl]
-        logger.warning("downloading the llama-cpp-python==%s sources (about 77 MB) from the package index for "
-                       "llama.cpp's converters (skip with --sdist DIR or $RAR_EDGE_LLAMA_CPP_SDIST)", version)
-        hint = (f"pass --sdist DIR holding llama_cpp_python-{version}.tar.gz (on a machine with network: "
-                f"pip download --no-deps --no-binary :all: llama-cpp-python=={version} -d DIR)")
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "--timeout",
+            str(SDIST_INDEX_TIMEOUT_S),
+            "--retries",
+            str(SDIST_INDEX_RETRIES),
+            f"llama-cpp-python=={version}",
+            "-d",
+            tmp_dl,
+        ]
+        logger.warning(
+            "downloading the llama-cpp-python==%s sources (about 77 MB) from the package index for "
+            "llama.cpp's converters (skip with --sdist DIR or $RAR_EDGE_LLAMA_CPP_SDIST)",
+            version,
+        )
+        hint = (
+            f"pass --sdist DIR holding llama_cpp_python-{version}.tar.gz (on a machine with network: "
+            f"pip download --no-deps --no-binary :all: llama-cpp-python=={version} -d DIR)"
+        )
         try:
             # pip's own progress goes to our stderr (stdout stays for results); its errors are kept for the message
             try:
                 progress_to = sys.stderr.fileno()
             except (AttributeError, OSError, ValueError):  # a stderr without a file (captured): no progress
                 progress_to = subprocess.DEVNULL
-            proc = subprocess.run(cmd, stdout=progress_to, stderr=subprocess.PIPE, text=True,
-                                  timeout=SDIST_DOWNLOAD_TIMEOUT_S)
+            proc = subprocess.run(
+                cmd, stdout=progress_to, stderr=subprocess.PIPE, text=True, timeout=SDIST_DOWNLOAD_TIMEOUT_S
+            )
         except subprocess.TimeoutExpired:
             shutil.rmtree(tmp_dl, ignore_errors=True)
-            raise ExportError(f"downloading llama-cpp-python=={version} sources took over "
-                              f"{SDIST_DOWNLOAD_TIMEOUT_S} s (no network?); {hint}") from None
+            raise ExportError(
+                f"downloading llama-cpp-python=={version} sources took over "
+                f"{SDIST_DOWNLOAD_TIMEOUT_S} s (no network?); {hint}"
+            ) from None
         tgz = Path(tmp_dl) / name
         if proc.returncode != 0 or not tgz.is_file():
             shutil.rmtree(tmp_dl, ignore_errors=True)
             last = " ".join(proc.stderr.strip().splitlines()[-2:])[-500:]
-            raise ExportError(f"could not download llama-cpp-python=={version} sources from the package index "
-                              f"(unreachable?): {last}; {hint}")
+            raise ExportError(
+                f"could not download llama-cpp-python=={version} sources from the package index "
+                f"(unreachable?): {last}; {hint}"
+            )
     else:
         raise ExportError(
             "llama.cpp's converter scripts are needed: pass sdist=, set $RAR_EDGE_LLAMA_CPP_SDIST, or allow download"
@@ -336,7 +359,9 @@ def _resolve_hf(src: str) -> Path:
     except ImportError as e:
         raise MissingDependencyError("huggingface_hub", "export", f"Downloading {src!r} from the hub") from e
     try:
-        return Path(snapshot_download(repo_id=src, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+        return Path(
+            snapshot_download(repo_id=src, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+        )
     except Exception as e:  # noqa: BLE001 - network, auth, missing repo: all end the export
         raise ExportError(f"could not fetch {src!r} from the Hugging Face hub: {e}") from e
 
@@ -347,8 +372,16 @@ def _hf_text_job(src: Path, out: Path, lcpp: Path) -> tuple[list[str], str, None
 
 
 def _hf_mmproj_job(src: Path, out: Path, lcpp: Path) -> tuple[list[str], str, None]:
-    cmd = [sys.executable, str(lcpp / "convert_hf_to_gguf.py"), str(src), "--mmproj", "--outfile", str(out),
-           "--outtype", "f16"]
+    cmd = [
+        sys.executable,
+        str(lcpp / "convert_hf_to_gguf.py"),
+        str(src),
+        "--mmproj",
+        "--outfile",
+        str(out),
+        "--outtype",
+        "f16",
+    ]
     return cmd, "convert_hf_to_gguf.py --mmproj", None
 
 
@@ -386,9 +419,17 @@ def _llava15_mmproj_job(src: Path, config: Mapping[str, Any], lcpp: Path, work: 
         raise ExportError(f"{src}: found no vision_tower.* or multi_modal_projector.* weights")
     save_file(vision, str(tower / "model.safetensors"))
     torch.save(projector, str(work / "llava.projector"))
-    cmd = [sys.executable, str(lcpp / "tools/mtmd/legacy-models/convert_image_encoder_to_gguf.py"),
-           "-m", str(tower), "--llava-projector", str(work / "llava.projector"), "--output-dir", str(work / "mm"),
-           "--clip-model-is-vision"]
+    cmd = [
+        sys.executable,
+        str(lcpp / "tools/mtmd/legacy-models/convert_image_encoder_to_gguf.py"),
+        "-m",
+        str(tower),
+        "--llava-projector",
+        str(work / "llava.projector"),
+        "--output-dir",
+        str(work / "mm"),
+        "--clip-model-is-vision",
+    ]
     pre = src / "preprocessor_config.json"
     if pre.is_file():
         pc = json.loads(pre.read_text(encoding="utf-8"))
@@ -446,8 +487,9 @@ def export_mllm(
     with atomic_output_dir(out, overwrite=overwrite) as work:
         src_str = str(src)
         if src_str.endswith(".gguf") and Path(src_str).is_file():
-            data, files, default_name = _from_gguf(Path(src_str), None if mmproj is None else Path(mmproj), work,
-                                                   copy=copy)
+            data, files, default_name = _from_gguf(
+                Path(src_str), None if mmproj is None else Path(mmproj), work, copy=copy
+            )
             data["source"] = str(Path(src_str).resolve())
         else:
             if mmproj is not None:
@@ -481,12 +523,30 @@ def _manifest_data(lm: Mapping[str, Any], mm: Mapping[str, Any] | None, quant: s
     }
 
 
-_FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
-               11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
-               17: "Q5_K_M", 18: "Q6_K", 32: "BF16"}
+_FILE_TYPES = {
+    0: "F32",
+    1: "F16",
+    2: "Q4_0",
+    3: "Q4_1",
+    7: "Q8_0",
+    8: "Q5_0",
+    9: "Q5_1",
+    10: "Q2_K",
+    11: "Q3_K_S",
+    12: "Q3_K_M",
+    13: "Q3_K_L",
+    14: "Q4_K_S",
+    15: "Q4_K_M",
+    16: "Q5_K_S",
+    17: "Q5_K_M",
+    18: "Q6_K",
+    32: "BF16",
+}
 
 
-def _from_gguf(lm_src: Path, mm_src: Path | None, work: Path, *, copy: bool) -> tuple[dict[str, Any], dict[str, str], str]:
+def _from_gguf(
+    lm_src: Path, mm_src: Path | None, work: Path, *, copy: bool
+) -> tuple[dict[str, Any], dict[str, str], str]:
     lm = gguf_summary(lm_src)
     if lm["architecture"] == "clip":
         raise ExportError(f"{lm_src} is a vision projector (mmproj), not a language model")
@@ -566,14 +626,19 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
     )
     p.add_argument("src", help="Hugging Face folder or id, or a .gguf language model")
     p.add_argument("-o", "--out", required=True, help="output model folder")
-    p.add_argument("--quant", choices=sorted(QUANTS), default=None,
-                   help="language model quantization of a converted model (default Q4_K_M); "
-                        "a .gguf SRC keeps its own")
+    p.add_argument(
+        "--quant",
+        choices=sorted(QUANTS),
+        default=None,
+        help="language model quantization of a converted model (default Q4_K_M); a .gguf SRC keeps its own",
+    )
     p.add_argument("--mmproj", default=None, help="mmproj GGUF, with a .gguf SRC")
     p.add_argument("--copy", action="store_true", help="copy a GGUF SRC instead of hard-linking it")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--llama-cpp-src", default=None, help="llama.cpp folder with convert_hf_to_gguf.py")
-    p.add_argument("--sdist", default=None, help="llama-cpp-python source package (.tar.gz) to take the converters from")
+    p.add_argument(
+        "--sdist", default=None, help="llama-cpp-python source package (.tar.gz) to take the converters from"
+    )
     p.set_defaults(func=_cli)
     return p
 
@@ -582,12 +647,28 @@ def _cli(args: argparse.Namespace) -> int:
     lcpp = args.llama_cpp_src
     # errors (ExportError, MissingDependencyError) go to the command's wrapper, as for clip and tflite
     if args.quant is not None and str(args.src).endswith(".gguf"):
-        raise ExportError("--quant applies to a converted Hugging Face model; a .gguf source keeps its own "
-                          "quantization (quantize it with llama.cpp's llama-quantize first)")
+        raise ExportError(
+            "--quant applies to a converted Hugging Face model; a .gguf source keeps its own "
+            "quantization (quantize it with llama.cpp's llama-quantize first)"
+        )
     if lcpp is None and args.sdist is not None and not str(args.src).endswith(".gguf"):
         lcpp = llama_cpp_source(sdist=args.sdist)
-    m = export_mllm(args.src, args.out, quant=args.quant or "Q4_K_M", mmproj=args.mmproj, overwrite=args.overwrite,
-                    copy=args.copy, llama_cpp_src=lcpp)
-    print(json.dumps({"out": str(m.root), "files": {k: v["path"] for k, v in m.files.items()},
-                      "chat_handler": m.data.get("chat_handler")}))
+    m = export_mllm(
+        args.src,
+        args.out,
+        quant=args.quant or "Q4_K_M",
+        mmproj=args.mmproj,
+        overwrite=args.overwrite,
+        copy=args.copy,
+        llama_cpp_src=lcpp,
+    )
+    print(
+        json.dumps(
+            {
+                "out": str(m.root),
+                "files": {k: v["path"] for k, v in m.files.items()},
+                "chat_handler": m.data.get("chat_handler"),
+            }
+        )
+    )
     return 0

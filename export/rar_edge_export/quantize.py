@@ -80,7 +80,9 @@ def is_quantized(model_path: str | os.PathLike) -> bool:
     return any(node.op_type in _QUANTIZED_OPS for node in model.graph.node)
 
 
-def quantize_onnx(model_path: str | os.PathLike, out_path: str | os.PathLike, *, mode: str = "int8") -> QuantizationInfo:
+def quantize_onnx(
+    model_path: str | os.PathLike, out_path: str | os.PathLike, *, mode: str = "int8"
+) -> QuantizationInfo:
     """Writes a quantized copy of a float32 ONNX model.
 
     ``int8`` stores MatMul/Conv/Gather weights as int8 and quantizes activations at run time

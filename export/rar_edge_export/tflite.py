@@ -112,9 +112,14 @@ def export_tflite(
 
         source_sha256 = sha256_file(path)
         model_file, quantization = _quantize_step(
-            onnx_path, quantize, source_sha256=source_sha256, cosine=cosine,
-            check=lambda f: _check_matches_tflite(f, input_name, output_name, images, reference, out.quantization,
-                                                  min_cosine=0.0))
+            onnx_path,
+            quantize,
+            source_sha256=source_sha256,
+            cosine=cosine,
+            check=lambda f: _check_matches_tflite(
+                f, input_name, output_name, images, reference, out.quantization, min_cosine=0.0
+            ),
+        )
 
         image = ImageSpec(
             size_px=(inp.shape[1], inp.shape[2]),
@@ -159,8 +164,9 @@ def _check_tflite_file(tflite_file: str | os.PathLike) -> Path:
     return path
 
 
-def _quantize_step(onnx_path: Path, quantize: str | None, *, source_sha256: str, cosine: float,
-                   check: Callable[[Path], float]) -> tuple[str, dict[str, Any] | None]:
+def _quantize_step(
+    onnx_path: Path, quantize: str | None, *, source_sha256: str, cosine: float, check: Callable[[Path], float]
+) -> tuple[str, dict[str, Any] | None]:
     """The model file to keep and the manifest's quantization record.
 
     An integer TFLite stays as converted (it is int8 whatever was asked); otherwise ``quantize`` writes a
@@ -227,8 +233,17 @@ def _canonical_names(onnx_path: Path) -> None:
 
 
 def _run_worker(path: Path, work: Path, onnx_path: Path, *, opset: int) -> None:
-    cmd = [sys.executable, "-m", f"{__package__}._tflite_worker", str(path.resolve()), str(work),
-           "--opset", str(opset), "--onnx", str(onnx_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        f"{__package__}._tflite_worker",
+        str(path.resolve()),
+        str(work),
+        "--opset",
+        str(opset),
+        "--onnx",
+        str(onnx_path),
+    ]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     logger.info("reading %s with TensorFlow Lite and converting it with tf2onnx (opset %d)", path.name, opset)
     try:

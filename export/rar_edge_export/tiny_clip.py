@@ -36,11 +36,15 @@ def find_open_clip_wheel(wheel: str | os.PathLike | None = None) -> Path:
         found = sorted(d.glob("open_clip_torch-*.whl"))
         if found:
             return found[-1]
-    raise ExportError("no open_clip_torch wheel found in .cache/wheels: run tools/fetch_test_assets.sh "
-                      "(pip download --no-deps open_clip_torch)")
+    raise ExportError(
+        "no open_clip_torch wheel found in .cache/wheels: run tools/fetch_test_assets.sh "
+        "(pip download --no-deps open_clip_torch)"
+    )
 
 
-def write_clip_tokenizer_files(folder: str | os.PathLike, *, wheel: str | os.PathLike | None = None) -> tuple[Path, Path]:
+def write_clip_tokenizer_files(
+    folder: str | os.PathLike, *, wheel: str | os.PathLike | None = None
+) -> tuple[Path, Path]:
     """vocab.json + merges.txt of OpenAI's CLIP tokenizer, derived from open_clip's BPE file.
 
     The same construction as OpenAI's ``SimpleTokenizer``: the 256 byte symbols, the same with the
@@ -81,15 +85,29 @@ def build_tiny_clip(out_dir: str | os.PathLike, *, seed: int = 0, wheel: str | o
     if len(tokenizer) != 49408:
         raise ExportError(f"the CLIP tokenizer built from open_clip has {len(tokenizer)} tokens, expected 49408")
     config = transformers.CLIPConfig(
-        text_config={"vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128,
-                     "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 77},
-        vision_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                       "num_attention_heads": 2, "image_size": 224, "patch_size": 16},
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 77,
+        },
+        vision_config={
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 224,
+            "patch_size": 16,
+        },
         projection_dim=32,
     )
     torch.manual_seed(seed)
     transformers.CLIPModel(config).eval().save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     # OpenAI CLIP's preprocessing: bicubic shortest edge 224, center crop 224, CLIP mean/std.
-    transformers.CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(folder)
+    transformers.CLIPImageProcessor(
+        size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}
+    ).save_pretrained(folder)
     return folder

@@ -68,8 +68,29 @@ def write_tiny_text_gguf(
     add("\u2581", -1.0, T.NORMAL)
     for c in range(0x21, 0x7F):
         add(chr(c), -2.0, T.NORMAL)
-    pieces = ["\u2581a", "\u2581the", "\u2581of", "\u2581and", "er", "in", "an", "on", "at", "or", "es", "en",
-              "\u2581c", "\u2581s", "\u2581t", "\u2581i", "\u2581p", "\u2581m", "\u2581f", "\u2581d", "\u2581b"]
+    pieces = [
+        "\u2581a",
+        "\u2581the",
+        "\u2581of",
+        "\u2581and",
+        "er",
+        "in",
+        "an",
+        "on",
+        "at",
+        "or",
+        "es",
+        "en",
+        "\u2581c",
+        "\u2581s",
+        "\u2581t",
+        "\u2581i",
+        "\u2581p",
+        "\u2581m",
+        "\u2581f",
+        "\u2581d",
+        "\u2581b",
+    ]
     for i, p in enumerate(pieces):
         add(p, -3.0 - i * 0.01 + len(p), T.NORMAL)
     if len(set(tokens)) != len(tokens):  # llama.cpp would abort the process, not raise
@@ -198,62 +219,152 @@ def build_tiny_vlm(family: str, out_dir: str | os.PathLike, *, vocab_gguf: str |
         tid = {t["content"]: t["id"] for t in json.load(f)["added_tokens"]}
     torch.manual_seed(seed)
     text_common: dict[str, Any] = dict(
-        vocab_size=n_vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-        bos_token_id=tid["<|endoftext|>"], eos_token_id=tid["<|im_end|>"], pad_token_id=tid["<|endoftext|>"],
+        vocab_size=n_vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        bos_token_id=tid["<|endoftext|>"],
+        eos_token_id=tid["<|im_end|>"],
+        pad_token_id=tid["<|endoftext|>"],
         tie_word_embeddings=True,
     )
     pre: dict[str, Any] = {}
     if family == "llava":
-        vision = tf.CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                     num_attention_heads=4, image_size=64, patch_size=16, projection_dim=64)
-        cfg = tf.LlavaConfig(vision_config=vision, text_config=tf.LlamaConfig(**text_common),
-                             image_token_index=tid["<image>"], vision_feature_layer=-2,
-                             vision_feature_select_strategy="default", projector_hidden_act="gelu",
-                             image_seq_length=16, tie_word_embeddings=True)
+        vision = tf.CLIPVisionConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            image_size=64,
+            patch_size=16,
+            projection_dim=64,
+        )
+        cfg = tf.LlavaConfig(
+            vision_config=vision,
+            text_config=tf.LlamaConfig(**text_common),
+            image_token_index=tid["<image>"],
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+            projector_hidden_act="gelu",
+            image_seq_length=16,
+            tie_word_embeddings=True,
+        )
         model = tf.LlavaForConditionalGeneration(cfg)
-        pre = {"image_processor_type": "CLIPImageProcessor", "crop_size": {"height": 64, "width": 64},
-               "size": {"shortest_edge": 64}, "image_mean": [0.48145466, 0.4578275, 0.40821073],
-               "image_std": [0.26862954, 0.26130258, 0.27577711]}
+        pre = {
+            "image_processor_type": "CLIPImageProcessor",
+            "crop_size": {"height": 64, "width": 64},
+            "size": {"shortest_edge": 64},
+            "image_mean": [0.48145466, 0.4578275, 0.40821073],
+            "image_std": [0.26862954, 0.26130258, 0.27577711],
+        }
     elif family == "smolvlm":
-        vision = tf.Idefics3VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, image_size=64, patch_size=16)
+        vision = tf.Idefics3VisionConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=64,
+            patch_size=16,
+        )
         text = tf.LlamaConfig(**text_common, architectures=["VLlama3ForCausalLM"])
-        cfg = tf.Idefics3Config(vision_config=vision, text_config=text, image_token_id=tid["<image>"],
-                                scale_factor=2, tie_word_embeddings=True)
+        cfg = tf.Idefics3Config(
+            vision_config=vision,
+            text_config=text,
+            image_token_id=tid["<image>"],
+            scale_factor=2,
+            tie_word_embeddings=True,
+        )
         model = tf.Idefics3ForConditionalGeneration(cfg)
-        pre = {"image_processor_type": "Idefics3ImageProcessor", "size": {"longest_edge": 64},
-               "max_image_size": {"longest_edge": 64}, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+        pre = {
+            "image_processor_type": "Idefics3ImageProcessor",
+            "size": {"longest_edge": 64},
+            "max_image_size": {"longest_edge": 64},
+            "image_mean": [0.5, 0.5, 0.5],
+            "image_std": [0.5, 0.5, 0.5],
+        }
     elif family in ("qwen2_vl", "qwen2_5_vl"):
         text_kw = dict(text_common, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
-        ids = dict(image_token_id=tid["<|image_pad|>"], video_token_id=tid["<|video_pad|>"],
-                   vision_start_token_id=tid["<|vision_start|>"], vision_end_token_id=tid["<|vision_end|>"])
+        ids = dict(
+            image_token_id=tid["<|image_pad|>"],
+            video_token_id=tid["<|video_pad|>"],
+            vision_start_token_id=tid["<|vision_start|>"],
+            vision_end_token_id=tid["<|vision_end|>"],
+        )
         if family == "qwen2_vl":
             # depth >= 3: the converter maps the merger's mlp.2 through the block-index table
-            vision_kw = dict(depth=3, embed_dim=64, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
-                             spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+            vision_kw = dict(
+                depth=3,
+                embed_dim=64,
+                hidden_size=64,
+                num_heads=4,
+                mlp_ratio=2,
+                patch_size=14,
+                spatial_merge_size=2,
+                temporal_patch_size=2,
+                in_channels=3,
+            )
             cfg = tf.Qwen2VLConfig(text_config=text_kw, vision_config=vision_kw, **ids, tie_word_embeddings=True)
             model = tf.Qwen2VLForConditionalGeneration(cfg)
         else:
-            vision_kw = dict(depth=4, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=64,
-                             patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                             fullatt_block_indexes=[1, 3], in_channels=3)
+            vision_kw = dict(
+                depth=4,
+                hidden_size=64,
+                intermediate_size=128,
+                num_heads=4,
+                out_hidden_size=64,
+                patch_size=14,
+                spatial_merge_size=2,
+                temporal_patch_size=2,
+                window_size=112,
+                fullatt_block_indexes=[1, 3],
+                in_channels=3,
+            )
             cfg = tf.Qwen2_5_VLConfig(text_config=text_kw, vision_config=vision_kw, **ids, tie_word_embeddings=True)
             model = tf.Qwen2_5_VLForConditionalGeneration(cfg)
-        pre = {"image_processor_type": "Qwen2VLImageProcessor", "min_pixels": 3136, "max_pixels": 50176,
-               "patch_size": 14, "merge_size": 2, "temporal_patch_size": 2,
-               "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
+        pre = {
+            "image_processor_type": "Qwen2VLImageProcessor",
+            "min_pixels": 3136,
+            "max_pixels": 50176,
+            "patch_size": 14,
+            "merge_size": 2,
+            "temporal_patch_size": 2,
+            "image_mean": [0.48145466, 0.4578275, 0.40821073],
+            "image_std": [0.26862954, 0.26130258, 0.27577711],
+        }
     elif family == "gemma3":
-        vision = tf.SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                       num_attention_heads=4, image_size=64, patch_size=8)
-        text = tf.Gemma3TextConfig(**{k: v for k, v in text_common.items() if k != "tie_word_embeddings"},
-                                   head_dim=16, sliding_window=512, query_pre_attn_scalar=16)
-        cfg = tf.Gemma3Config(vision_config=vision, text_config=text, mm_tokens_per_image=16,
-                              boi_token_index=tid["<start_of_image>"], eoi_token_index=tid["<end_of_image>"],
-                              image_token_index=tid["<image_soft_token>"])
+        vision = tf.SiglipVisionConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=64,
+            patch_size=8,
+        )
+        text = tf.Gemma3TextConfig(
+            **{k: v for k, v in text_common.items() if k != "tie_word_embeddings"},
+            head_dim=16,
+            sliding_window=512,
+            query_pre_attn_scalar=16,
+        )
+        cfg = tf.Gemma3Config(
+            vision_config=vision,
+            text_config=text,
+            mm_tokens_per_image=16,
+            boi_token_index=tid["<start_of_image>"],
+            eoi_token_index=tid["<end_of_image>"],
+            image_token_index=tid["<image_soft_token>"],
+        )
         model = tf.Gemma3ForConditionalGeneration(cfg)
-        pre = {"image_processor_type": "Gemma3ImageProcessor", "size": {"height": 64, "width": 64},
-               "image_seq_length": 16, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+        pre = {
+            "image_processor_type": "Gemma3ImageProcessor",
+            "size": {"height": 64, "width": 64},
+            "image_seq_length": 16,
+            "image_mean": [0.5, 0.5, 0.5],
+            "image_std": [0.5, 0.5, 0.5],
+        }
     else:
         raise ValueError(f"unknown family {family!r}; known: {FAMILIES}")
     model.eval()

@@ -182,8 +182,6 @@ def validate_boxes(
     return np.ascontiguousarray(clipped[kept]), kept, reasons
 
 
-
-
 def crop_boxes(
     image: np.ndarray,
     boxes: np.ndarray,

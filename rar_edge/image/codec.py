@@ -22,6 +22,7 @@ ImageLike = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, n
 #: Largest image (in pixels) decoded by default; Pillow's own bomb limit is the same order.
 DEFAULT_MAX_PIXELS = 89_478_485
 
+
 def _describe(src: object) -> str:
     if isinstance(src, (str, os.PathLike)):
         return str(src)
@@ -212,8 +213,10 @@ def decode_rgb(
 
 def _too_many_pixels(what: str, width: int, height: int, max_pixels: int, *, scale: int = 1) -> str:
     at = "" if scale == 1 else f" (decoded at 1/{scale} scale: {-(-width // scale)}x{-(-height // scale)})"
-    return (f"image {what} is {width}x{height} = {width * height} pixels{at}, more than the limit of "
-            f"{max_pixels} (a decompression-bomb guard; raise it with --max-pixels, or PipelineConfig.max_pixels)")
+    return (
+        f"image {what} is {width}x{height} = {width * height} pixels{at}, more than the limit of "
+        f"{max_pixels} (a decompression-bomb guard; raise it with --max-pixels, or PipelineConfig.max_pixels)"
+    )
 
 
 _SIMPLEJPEG: object = None  # the module once imported, False where it is not installed
@@ -239,7 +242,9 @@ def _jpeg_draft_scale(width: int, height: int, draft_size_px: tuple[int, int] | 
     return next((s for s in (8, 4, 2) if fit >= s), 1)
 
 
-def _decode_jpeg_fast(data: bytes, draft_size_px: tuple[int, int] | None, max_pixels: int, what: str) -> np.ndarray | None:
+def _decode_jpeg_fast(
+    data: bytes, draft_size_px: tuple[int, int] | None, max_pixels: int, what: str
+) -> np.ndarray | None:
     sj = _simplejpeg()
     if sj is None:
         return None
@@ -270,8 +275,14 @@ def orient(pixels: np.ndarray, orientation: int) -> np.ndarray:
     a = pixels
     if orientation in _TRANSPOSING:
         a = a.transpose(1, 0, 2)  # 5: transpose; 6, 7, 8 add a flip to it
-    flip_rows, flip_cols = {2: (False, True), 3: (True, True), 4: (True, False), 6: (False, True),
-                            7: (True, True), 8: (True, False)}.get(orientation, (False, False))
+    flip_rows, flip_cols = {
+        2: (False, True),
+        3: (True, True),
+        4: (True, False),
+        6: (False, True),
+        7: (True, True),
+        8: (True, False),
+    }.get(orientation, (False, False))
     if flip_rows:
         a = a[::-1]
     if flip_cols:
@@ -310,12 +321,12 @@ def jpeg_header(data: bytes | memoryview) -> tuple[int, int, str, int] | None:
         seg, end = pos + 4, pos + 2 + length
         if length < 2 or end > n:
             return None
-        if m == 0xE0 and length >= 16 and data[seg:seg + 5] == b"JFIF\0":
+        if m == 0xE0 and length >= 16 and data[seg : seg + 5] == b"JFIF\0":
             jfif = True
-        elif m == 0xE1 and not exif_seen and data[seg:seg + 6] == b"Exif\0\0":
+        elif m == 0xE1 and not exif_seen and data[seg : seg + 6] == b"Exif\0\0":
             exif_seen = True  # the first Exif block counts, as in Pillow
             orientation = _tiff_orientation(data, seg + 6, end)
-        elif m == 0xEE and length >= 14 and data[seg:seg + 5] == b"Adobe":
+        elif m == 0xEE and length >= 14 and data[seg : seg + 5] == b"Adobe":
             adobe_transform = data[seg + 11]
         elif 0xC0 <= m <= 0xCF and m not in (0xC4, 0xC8, 0xCC):  # a start of frame (not DHT, JPG, DAC)
             if sof is not None or length < 8:
@@ -371,7 +382,9 @@ def _array_to_image(a: np.ndarray) -> Image.Image:
     if a.dtype == np.uint16 and a.ndim == 2:
         return _to_rgb(Image.fromarray(a), "array")
     if a.dtype != np.uint8:
-        raise InvalidInputError(f"image arrays must be uint8 (got {a.dtype}); convert with .astype(np.uint8) after scaling")
+        raise InvalidInputError(
+            f"image arrays must be uint8 (got {a.dtype}); convert with .astype(np.uint8) after scaling"
+        )
     if a.ndim == 2:
         a = np.repeat(a[..., None], 3, axis=2)
     elif a.ndim == 3 and a.shape[2] == 4:

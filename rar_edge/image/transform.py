@@ -58,7 +58,9 @@ def resize_for_model(img: Image.Image | np.ndarray, spec: ImageSpec) -> np.ndarr
         return _native.crop_blur(np.ascontiguousarray(pixels), box, out_size=th)[0]
     if region == (0.0, 0.0, float(width), float(height)) and (height, width) == (th, tw):
         return np.ascontiguousarray(pixels)
-    return image_to_array(Image.fromarray(np.ascontiguousarray(pixels), "RGB").resize((tw, th), RESAMPLE[spec.resample], box=region))
+    return image_to_array(
+        Image.fromarray(np.ascontiguousarray(pixels), "RGB").resize((tw, th), RESAMPLE[spec.resample], box=region)
+    )
 
 
 def normalize(pixels: np.ndarray, spec: ImageSpec) -> np.ndarray:

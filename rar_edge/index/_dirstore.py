@@ -41,8 +41,9 @@ def save_store(mem: "Memory", path: Path) -> None:
         raise InvalidInputError(f"{path} exists and is not a memory store folder")
     path.mkdir(parents=True, exist_ok=True)
     if not _files.is_store(path) and any(p for p in path.iterdir() if not p.name.startswith(".")):
-        raise InvalidInputError(f"{path} is a folder that holds other files, not a memory store: refusing to "
-                                "write into it")
+        raise InvalidInputError(
+            f"{path} is a folder that holds other files, not a memory store: refusing to write into it"
+        )
     with _files.folder_lock(path, wait=True):
         try:
             old = _files.read_manifest(path) if _files.is_store(path) else None
@@ -70,7 +71,8 @@ def save_store(mem: "Memory", path: Path) -> None:
                 else:
                     dead = np.flatnonzero(seg.labels == 0).astype(np.int64)
                     files["d"] = _files.write_array_member(
-                        path, f"seg-{seg.uid}.d{seg.n_dead}-{secrets.token_hex(4)}.npy", dead)
+                        path, f"seg-{seg.uid}.d{seg.n_dead}-{secrets.token_hex(4)}.npy", dead
+                    )
             records.append({"uid": seg.uid, "n": seg.n, "n_dead": seg.n_dead, "files": files})
         manifest = {
             "format": _files.STORE_FORMAT,
@@ -144,14 +146,21 @@ def _load_once(cls: type["Memory"], path: Path, *, mmap: bool) -> "Memory":
             raise CorruptFileError(f"{path}: the manifest has no memory settings")
         mem = cls._from_meta(meta, path)
         classes = m["classes"]
-        if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes) or \
-                len(set(classes)) != len(classes):
+        if (
+            not isinstance(classes, list)
+            or not all(isinstance(c, str) for c in classes)
+            or len(set(classes)) != len(classes)
+        ):
             raise CorruptFileError(f"{path}: bad class table")
         mem._engine.set_names(classes)
         n_codes = len(classes) + 1
         segments, all_ids = [], []
         for rec in m["segments"]:
-            if not isinstance(rec, dict) or not _UID.match(str(rec.get("uid"))) or not isinstance(rec.get("files"), dict):
+            if (
+                not isinstance(rec, dict)
+                or not _UID.match(str(rec.get("uid")))
+                or not isinstance(rec.get("files"), dict)
+            ):
                 raise CorruptFileError(f"{path}: bad segment record")
             n = rec.get("n")
             if not isinstance(n, int) or isinstance(n, bool) or n < 1:
@@ -188,8 +197,20 @@ def _load_once(cls: type["Memory"], path: Path, *, mmap: bool) -> "Memory":
                     graph = mem._read_graph(_files.read_store_bytes(path, files["h"]), v)
                 except ImportError:  # pragma: no cover - the exact scan answers without hnswlib
                     graph = None
-            segments.append(_store.make_segment(v, codes, ids, [str(x) for x in sources], storage=mem.storage,
-                                                uid=rec["uid"], labels=labels, q8=q8, scales=scales, hnsw=graph))
+            segments.append(
+                _store.make_segment(
+                    v,
+                    codes,
+                    ids,
+                    [str(x) for x in sources],
+                    storage=mem.storage,
+                    uid=rec["uid"],
+                    labels=labels,
+                    q8=q8,
+                    scales=scales,
+                    hnsw=graph,
+                )
+            )
             all_ids.append(ids)
         next_id = _check_ids(np.concatenate(all_ids) if all_ids else np.zeros(0, np.int64), m.get("next_id"), path)
         mem._engine.load(segments, next_id)

@@ -74,8 +74,9 @@ def folder_lock(folder: Path, *, wait: bool) -> Iterator[bool]:
 # -- npy streams -----------------------------------------------------------------------------------------
 def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
     buf = io.BytesIO()
-    np.lib.format.write_array_header_1_0(buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
-                                               "fortran_order": False, "shape": shape})
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
+    )
     return buf.getvalue()
 
 
@@ -94,8 +95,13 @@ class _Hashing:
         self.n += len(mv)
 
 
-def _write_rows(out: _Hashing, parts: Sequence[tuple[np.ndarray, np.ndarray | None]], dtype: np.dtype,
-                row_shape: tuple[int, ...], n: int) -> None:
+def _write_rows(
+    out: _Hashing,
+    parts: Sequence[tuple[np.ndarray, np.ndarray | None]],
+    dtype: np.dtype,
+    row_shape: tuple[int, ...],
+    n: int,
+) -> None:
     """Writes an npy array of ``n`` rows from (array, keep-mask or None) parts, in chunks."""
     out.write(_npy_header(dtype, (n, *row_shape)))
     for a, keep in parts:
@@ -107,8 +113,9 @@ def _write_rows(out: _Hashing, parts: Sequence[tuple[np.ndarray, np.ndarray | No
             out.write(np.ascontiguousarray(block, dtype=dtype))
 
 
-def _read_npy(stream: IO[bytes], *, dtype: np.dtype, shape: tuple[int, ...], h: Any, into: bool,
-              limit: int) -> tuple[np.ndarray | None, int]:
+def _read_npy(
+    stream: IO[bytes], *, dtype: np.dtype, shape: tuple[int, ...], h: Any, into: bool, limit: int
+) -> tuple[np.ndarray | None, int]:
     """Reads an npy array from ``stream`` (checking dtype and shape before allocating), hashing every byte;
     returns (the array, or None when ``into`` is False, and the header's length)."""
     head = stream.read(10)
@@ -129,12 +136,17 @@ def _read_npy(stream: IO[bytes], *, dtype: np.dtype, shape: tuple[int, ...], h: 
     raw = stream.read(hl)
     h.update(raw)
     # the readers take the stream just after the magic and version
-    header = np.lib.format.read_array_header_1_0(io.BytesIO(head[8:10] + raw)) if major == 1 else \
-        np.lib.format.read_array_header_2_0(io.BytesIO(head[8:10] + more + raw))
+    header = (
+        np.lib.format.read_array_header_1_0(io.BytesIO(head[8:10] + raw))
+        if major == 1
+        else np.lib.format.read_array_header_2_0(io.BytesIO(head[8:10] + more + raw))
+    )
     got_shape, fortran, got_dtype = header
     if fortran or np.dtype(got_dtype) != np.dtype(dtype) or tuple(got_shape) != tuple(shape):
-        raise CorruptFileError(f"an array disagrees with the metadata: it is {np.dtype(got_dtype)} "
-                               f"{tuple(got_shape)}, the metadata says {np.dtype(dtype)} {shape}")
+        raise CorruptFileError(
+            f"an array disagrees with the metadata: it is {np.dtype(got_dtype)} "
+            f"{tuple(got_shape)}, the metadata says {np.dtype(dtype)} {shape}"
+        )
     nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
     if nbytes > limit:
         raise CorruptFileError("array larger than its file")
@@ -172,8 +184,13 @@ def _open_aligned(z: zipfile.ZipFile, name: str) -> IO[bytes]:
     return z.open(zi, "w", force_zip64=True)
 
 
-def write_file(path: Path, meta: dict, arrays: dict[str, tuple[np.dtype, tuple[int, ...], int, list]],
-               sources: Sequence[str], blobs: dict[str, bytes]) -> None:
+def write_file(
+    path: Path,
+    meta: dict,
+    arrays: dict[str, tuple[np.dtype, tuple[int, ...], int, list]],
+    sources: Sequence[str],
+    blobs: dict[str, bytes],
+) -> None:
     """Writes a ``.rarmem`` through `atomic_write`, streaming the arrays.
 
     Args:
@@ -198,8 +215,10 @@ def write_file(path: Path, meta: dict, arrays: dict[str, tuple[np.dtype, tuple[i
                 for name, b in members.items():
                     z.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), b)
                     checksums[name] = hashlib.sha256(b).hexdigest()
-                z.writestr(zipfile.ZipInfo("meta.json", date_time=(1980, 1, 1, 0, 0, 0)),
-                           json.dumps({**meta, "checksums": checksums}, indent=1))
+                z.writestr(
+                    zipfile.ZipInfo("meta.json", date_time=(1980, 1, 1, 0, 0, 0)),
+                    json.dumps({**meta, "checksums": checksums}, indent=1),
+                )
 
 
 def _data_offset(fh: IO[bytes], zi: zipfile.ZipInfo) -> int:
@@ -251,8 +270,9 @@ def read_file(path: Path, *, shapes: Any, mmap: bool) -> tuple[dict, dict[str, n
                             arr = np.memmap(fh, dtype=dtype, mode="r", offset=off, shape=shape)
                         else:  # an unaligned member (written by an older version) or no rows: read it
                             with z.open(zi) as s:
-                                arr, _ = _read_npy(s, dtype=dtype, shape=shape, h=hashlib.sha256(), into=True,
-                                                   limit=size)
+                                arr, _ = _read_npy(
+                                    s, dtype=dtype, shape=shape, h=hashlib.sha256(), into=True, limit=size
+                                )
                     arrays[name] = arr
                 else:
                     with z.open(zi) as s:

@@ -98,9 +98,19 @@ class Segment:
         return self.n - self.n_dead
 
 
-def make_segment(vectors: np.ndarray, codes: np.ndarray, ids: np.ndarray, sources: Sequence[str], *, storage: str,
-                 uid: str | None = None, labels: np.ndarray | None = None, q8: np.ndarray | None = None,
-                 scales: np.ndarray | None = None, hnsw: object | None = None) -> Segment:
+def make_segment(
+    vectors: np.ndarray,
+    codes: np.ndarray,
+    ids: np.ndarray,
+    sources: Sequence[str],
+    *,
+    storage: str,
+    uid: str | None = None,
+    labels: np.ndarray | None = None,
+    q8: np.ndarray | None = None,
+    scales: np.ndarray | None = None,
+    hnsw: object | None = None,
+) -> Segment:
     """A sealed segment (``labels``: the codes with tombstones; default: ``codes``)."""
     codes = _readonly(np.ascontiguousarray(codes, np.int32))
     labels = codes if labels is None else _readonly(np.ascontiguousarray(labels, np.int32))
@@ -200,8 +210,9 @@ def search(snap: Snapshot, q: np.ndarray, k: int, *, use_hnsw: bool, ef: int) ->
             per.append(seg.store.topk_classes(seg.labels, snap.n_codes, q, min(kk, snap.n_codes)))
     t = snap.tail
     if t.n - t.n_dead > 0:  # the tail's rows are finite unit rows (checked by Memory.add)
-        per.append(_native.topk_classes(t.vectors[: t.n], t.labels[: t.n], snap.n_codes, q, min(kk, snap.n_codes),
-                                        threads=1))
+        per.append(
+            _native.topk_classes(t.vectors[: t.n], t.labels[: t.n], snap.n_codes, q, min(kk, snap.n_codes), threads=1)
+        )
     out_c = np.full((len(q), k), -1, np.int32)
     out_s = np.full((len(q), k), -np.inf, np.float32)
     if len(per) == 1:
@@ -305,8 +316,9 @@ class Engine:
         # ask for are computed from their snapshot)
         self._counts = np.zeros(16, np.int64)
         self._n_live_classes = 0
-        self.snapshot = Snapshot(self.dim, (), Tail(self._tail_v, self._tail_l, self._tail_i, self._tail_s), self._names,
-                                 1, 0, 0)
+        self.snapshot = Snapshot(
+            self.dim, (), Tail(self._tail_v, self._tail_l, self._tail_i, self._tail_s), self._names, 1, 0, 0
+        )
 
     # -- classes -------------------------------------------------------------------------------------
     def code_of(self, name: str) -> int | None:
@@ -348,8 +360,9 @@ class Engine:
     # -- publishing ----------------------------------------------------------------------------------
     def _publish(self, segments: Sequence[Segment], tail: Tail, next_id: int) -> Snapshot:
         n_live = sum(s.n_live for s in segments) + tail.n - tail.n_dead
-        snap = Snapshot(self.dim, tuple(segments), tail, self._names, len(self._names), n_live, next_id,
-                        self._n_live_classes)
+        snap = Snapshot(
+            self.dim, tuple(segments), tail, self._names, len(self._names), n_live, next_id, self._n_live_classes
+        )
         self.snapshot = snap  # the commit: one reference assignment
         return snap
 
@@ -445,6 +458,7 @@ class Engine:
 
     def _merge_tiers(self, segments: list[Segment], n_live_total: int) -> list[Segment]:
         """Merges `MERGE_FAN_IN` consecutive segments of one size tier into one, until none are left."""
+
         def tier(s: Segment) -> int:
             t = 0
             while s.n_live >= SEAL_ROWS * MERGE_FAN_IN ** (t + 1):
@@ -457,8 +471,9 @@ class Engine:
             for i in range(len(segments) - MERGE_FAN_IN + 1):
                 group = segments[i : i + MERGE_FAN_IN]
                 if len({tier(s) for s in group}) == 1:
-                    new = self._segment_from([(s.vectors, s.labels, s.ids, s.sources, s.store) for s in group],
-                                             n_live_total)
+                    new = self._segment_from(
+                        [(s.vectors, s.labels, s.ids, s.sources, s.store) for s in group], n_live_total
+                    )
                     segments = segments[:i] + [new] + segments[i + MERGE_FAN_IN :]
                     merged = True
                     break
@@ -509,12 +524,18 @@ class Engine:
                 labels[drop] = 0
                 if seg.n_dead + cnt >= REWRITE_DEAD_FRACTION * seg.n:
                     if seg.n_dead + cnt < seg.n:
-                        segments.append(self._segment_from([(seg.vectors, labels, seg.ids, seg.sources, seg.store)],
-                                                           snap.n_live - cnt))
+                        segments.append(
+                            self._segment_from(
+                                [(seg.vectors, labels, seg.ids, seg.sources, seg.store)], snap.n_live - cnt
+                            )
+                        )
                     continue
                 live = labels[labels > 0]
-                segments.append(replace(seg, labels=_readonly(labels), n_dead=seg.n_dead + cnt,
-                                        n_live_classes=int(len(np.unique(live)))))
+                segments.append(
+                    replace(
+                        seg, labels=_readonly(labels), n_dead=seg.n_dead + cnt, n_live_classes=int(len(np.unique(live)))
+                    )
+                )
             t = snap.tail
             tail = t
             if t.n:

@@ -62,13 +62,23 @@ def memory_from_boxes(
 
     _, images = read_detection_dataset(dataset)
     warn_invalid_boxes(images, str(dataset))
-    return crop_memory(images, str(dataset), encoder=encoder, shots=shots, seed=seed, image_indices=image_indices,
-                        cfg=crop_config(encoder, crop_scale, blur_sigma_px), backend=backend, hnsw=hnsw,
-                        progress=progress)
+    return crop_memory(
+        images,
+        str(dataset),
+        encoder=encoder,
+        shots=shots,
+        seed=seed,
+        image_indices=image_indices,
+        cfg=crop_config(encoder, crop_scale, blur_sigma_px),
+        backend=backend,
+        hnsw=hnsw,
+        progress=progress,
+    )
 
 
-def select_box_exemplars(images: list, name: str, *, shots: int | None, seed: int,
-                         image_indices: np.ndarray | None) -> list[tuple[int, list[tuple[int, str]]]]:
+def select_box_exemplars(
+    images: list, name: str, *, shots: int | None, seed: int, image_indices: np.ndarray | None
+) -> list[tuple[int, list[tuple[int, str]]]]:
     """The boxes a crop memory takes: ``shots`` random labelled boxes per class (seeded), all when None.
 
     Args:
@@ -93,15 +103,18 @@ def select_box_exemplars(images: list, name: str, *, shots: int | None, seed: in
     chosen: dict[int, list[tuple[int, str]]] = {}
     for lbl in sorted(pool):
         items = pool[lbl]
-        pick = range(len(items)) if shots is None or shots >= len(items) else rng.choice(len(items), shots, replace=False)
+        pick = (
+            range(len(items)) if shots is None or shots >= len(items) else rng.choice(len(items), shots, replace=False)
+        )
         for t in sorted(int(x) for x in pick):
             i, j = items[t]
             chosen.setdefault(i, []).append((j, lbl))
     return sorted(chosen.items())
 
 
-def exemplar_crops(image: Any, boxes: np.ndarray, picks: list[tuple[int, str]], cfg: Any) -> tuple[
-        np.ndarray, list[str], list[str]]:
+def exemplar_crops(
+    image: Any, boxes: np.ndarray, picks: list[tuple[int, str]], cfg: Any
+) -> tuple[np.ndarray, list[str], list[str]]:
     """The crops of one image's chosen boxes, with their labels and sources; invalid boxes are skipped (logged).
 
     Args:
@@ -122,13 +135,26 @@ def exemplar_crops(image: Any, boxes: np.ndarray, picks: list[tuple[int, str]], 
         log.info("%s: skipped exemplar box: %s", what, r)
     if len(valid) == 0:
         return np.zeros((0, cfg.out_size_px, cfg.out_size_px, 3), np.uint8), [], []
-    return (crop_valid_boxes(arr, valid, config=cfg), [picks[int(k)][1] for k in kept],
-            [f"{what}#box{picks[int(k)][0]}" for k in kept])
+    return (
+        crop_valid_boxes(arr, valid, config=cfg),
+        [picks[int(k)][1] for k in kept],
+        [f"{what}#box{picks[int(k)][0]}" for k in kept],
+    )
 
 
-def crop_memory(images: list, name: str, *, encoder: Encoder, shots: int | None, seed: int,
-                 image_indices: np.ndarray | None, cfg: Any, backend: str = "auto", hnsw: HnswParams | None = None,
-                 progress: bool = False) -> Memory:
+def crop_memory(
+    images: list,
+    name: str,
+    *,
+    encoder: Encoder,
+    shots: int | None,
+    seed: int,
+    image_indices: np.ndarray | None,
+    cfg: Any,
+    backend: str = "auto",
+    hnsw: HnswParams | None = None,
+    progress: bool = False,
+) -> Memory:
     chosen = select_box_exemplars(images, name, shots=shots, seed=seed, image_indices=image_indices)
     mem = Memory.empty(encoder=encoder, backend=backend, hnsw=hnsw)
     it: Any = chosen

@@ -87,7 +87,7 @@ def quantize_int4(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
     scales = np.empty(n, np.float32)
     resid = np.empty(n, np.float32)
     for b in range(0, n, 16384):  # row chunks: the float64 temporaries stay small
-        x = v[b:b + 16384].astype(np.float64)
+        x = v[b : b + 16384].astype(np.float64)
         peak = np.abs(x).max(axis=1) if d else np.zeros(len(x))
         best_r = np.full(len(x), np.inf)
         best_s = np.ones(len(x))
@@ -103,10 +103,10 @@ def quantize_int4(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
         u = np.full((len(x), blocks * 32), 8, np.uint8)
         u[:, :d] = (best_c + 8).astype(np.uint8)
         u = u.reshape(len(x), blocks, 2, 16)
-        codes[b:b + 16384] = (u[:, :, 0, :] | (u[:, :, 1, :] << 4)).reshape(len(x), blocks * 16)
-        scales[b:b + 16384] = best_s
+        codes[b : b + 16384] = (u[:, :, 0, :] | (u[:, :, 1, :] << 4)).reshape(len(x), blocks * 16)
+        scales[b : b + 16384] = best_s
         # rounded up to float32, so the stored residual norm is never below the true one
-        resid[b:b + 16384] = np.nextafter(best_r.astype(np.float32), np.float32(np.inf))
+        resid[b : b + 16384] = np.nextafter(best_r.astype(np.float32), np.float32(np.inf))
     return codes, scales, resid
 
 
@@ -146,8 +146,9 @@ class VectorStore:
                 self._rerank = v
 
     @classmethod
-    def from_parts(cls, vectors: np.ndarray, *, storage: str, q8: np.ndarray | None = None,
-                   scales: np.ndarray | None = None) -> "VectorStore":
+    def from_parts(
+        cls, vectors: np.ndarray, *, storage: str, q8: np.ndarray | None = None, scales: np.ndarray | None = None
+    ) -> "VectorStore":
         """A store over vectors already checked (finite, L2-normalised), reusing a saved int8 copy.
 
         Nothing is copied when the arrays are C-contiguous and aligned, so memory-mapped arrays stay mapped
@@ -239,8 +240,16 @@ class VectorStore:
         try:
             if self._resid is not None:
                 return _native.topk_classes_int4(
-                    self._v, self._scales, self._resid, self._rerank, lab, int(n_classes), q, int(k),
-                    margin_sigmas=INT4_MARGIN_SIGMAS, threads=int(threads),
+                    self._v,
+                    self._scales,
+                    self._resid,
+                    self._rerank,
+                    lab,
+                    int(n_classes),
+                    q,
+                    int(k),
+                    margin_sigmas=INT4_MARGIN_SIGMAS,
+                    threads=int(threads),
                 )
             return _native.topk_classes(
                 self._v,

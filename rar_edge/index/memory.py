@@ -142,14 +142,24 @@ class Memory:
             m = me()
             return m is not None and m._backend_for(n) == "hnsw"
 
-        self._engine = _store.Engine(self.dim, _store.EngineConfig(
-            storage=storage, want_graph=want_graph, M=p.M, ef_construction=p.ef_construction, ef=p.ef))
+        self._engine = _store.Engine(
+            self.dim,
+            _store.EngineConfig(
+                storage=storage, want_graph=want_graph, M=p.M, ef_construction=p.ef_construction, ef=p.ef
+            ),
+        )
         self.path: Path | None = None
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
-    def empty(cls, *, encoder: "Encoder", backend: str = "auto", hnsw: HnswParams | None = None,
-              storage: str = DEFAULT_STORAGE) -> "Memory":
+    def empty(
+        cls,
+        *,
+        encoder: "Encoder",
+        backend: str = "auto",
+        hnsw: HnswParams | None = None,
+        storage: str = DEFAULT_STORAGE,
+    ) -> "Memory":
         """An empty memory for vectors of this encoder."""
         return cls(dim=encoder.dim, encoder=EncoderRecord.of(encoder), backend=backend, hnsw=hnsw, storage=storage)
 
@@ -215,8 +225,10 @@ class Memory:
             templates: prompt templates with one ``{}``; default: the encoder manifest's ensemble.
         """
         if isinstance(names, (str, bytes)):
-            raise InvalidInputError(f"names must be a list of class names, not one string ({names!r:.40}); "
-                                    f"for one class pass [{names!r:.40}]")
+            raise InvalidInputError(
+                f"names must be a list of class names, not one string ({names!r:.40}); "
+                f"for one class pass [{names!r:.40}]"
+            )
         encoder = _as_encoder(encoder)
         names = [normalize_label(n) if isinstance(n, str) else str(n) for n in names]
         if not names:
@@ -281,8 +293,9 @@ class Memory:
                         log.warning("skipped image %s: %s", _image_name(images[j]), e)
                 if kept:
                     vecs = encoder.embed_pixels(np.stack(pixels))
-                    ids.append(self.add(vecs, [labels[j] for j in kept],
-                                        sources=[_image_name(images[j], "") for j in kept]))
+                    ids.append(
+                        self.add(vecs, [labels[j] for j in kept], sources=[_image_name(images[j], "") for j in kept])
+                    )
                 if bar is not None:
                     bar.update(min(bs, len(images) - i))
         finally:
@@ -360,7 +373,8 @@ class Memory:
                 f"this memory was built by encoder {self.encoder.name!r} (fingerprint "
                 f"{self.encoder.fingerprint[:12]}), which was at {self.encoder.path} and is not there any more: "
                 "pass that encoder's model folder with --encoder (encoder= in Python), or use a pack "
-                "(rar-edge pack) that carries it")
+                "(rar-edge pack) that carries it"
+            )
         return p
 
     def check_encoder(self, encoder: "Encoder") -> None:
@@ -440,12 +454,16 @@ class Memory:
         if other.dim != self.dim:
             raise MemoryMismatchError(f"cannot merge a {other.dim}-d memory into a {self.dim}-d one")
         a, b = self.encoder, other.encoder
-        if (a is None) != (b is None) or (a is not None and b is not None and (
-                a.fingerprint != b.fingerprint or a.preprocess_fingerprint != b.preprocess_fingerprint)):
+        if (a is None) != (b is None) or (
+            a is not None
+            and b is not None
+            and (a.fingerprint != b.fingerprint or a.preprocess_fingerprint != b.preprocess_fingerprint)
+        ):
             raise MemoryMismatchError(
                 f"the memories were built by different encoders ({a.name if a else None!r} "
                 f"{a.fingerprint[:12] if a else ''} vs {b.name if b else None!r} {b.fingerprint[:12] if b else ''}): "
-                "their vectors cannot be compared")
+                "their vectors cannot be compared"
+            )
         v, codes, _, sources = other._engine.snapshot.live_rows()
         if not len(v):
             return np.zeros(0, np.int64)
@@ -494,8 +512,9 @@ class Memory:
         if q.size and not np.all(np.any(q != 0, axis=1)):
             raise InvalidInputError("a query is all zeros: it has no direction to search")
         k = min(int(k), snap.n_live_classes)  # no more classes than there are (and no (Q, k) arrays beyond)
-        codes, scores = _store.search(snap, q, k, use_hnsw=self._backend_for(snap.n_live) == "hnsw",
-                                      ef=self.hnsw_params.ef)
+        codes, scores = _store.search(
+            snap, q, k, use_hnsw=self._backend_for(snap.n_live) == "hnsw", ef=self.hnsw_params.ef
+        )
         names = snap.names
         return [
             [Candidate(names[c], s) for c, s in zip(crow, srow) if c > 0]
@@ -522,12 +541,21 @@ class Memory:
             "backend": self.backend,
             "storage": self.storage,
             "hnsw": asdict(self.hnsw_params),
-            "encoder": None if self.encoder is None else {
-                "name": self.encoder.name, "path": self.encoder.path,
-                "fingerprint": self.encoder.fingerprint, "embedding_dim": self.encoder.embedding_dim,
-                "preprocess_fingerprint": self.encoder.preprocess_fingerprint},
-            "versions": {"rar_edge": __version__, "numpy": np.__version__, "hnswlib": hv,
-                         "python": platform.python_version()},
+            "encoder": None
+            if self.encoder is None
+            else {
+                "name": self.encoder.name,
+                "path": self.encoder.path,
+                "fingerprint": self.encoder.fingerprint,
+                "embedding_dim": self.encoder.embedding_dim,
+                "preprocess_fingerprint": self.encoder.preprocess_fingerprint,
+            },
+            "versions": {
+                "rar_edge": __version__,
+                "numpy": np.__version__,
+                "hnswlib": hv,
+                "python": platform.python_version(),
+            },
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
 
@@ -573,7 +601,9 @@ class Memory:
             id_parts.append((seg.ids, keep))
             srcs.extend(seg.sources if keep is None else (s for s, k in zip(seg.sources, keep) if k))
             if int8:
-                q8, sc = (seg.store._v, seg.store._scales) if seg.store._scales is not None else quantize_int8(seg.vectors)
+                q8, sc = (
+                    (seg.store._v, seg.store._scales) if seg.store._scales is not None else quantize_int8(seg.vectors)
+                )
                 q8_parts.append((q8, keep)), sc_parts.append((sc, keep))
         t = snap.tail
         if t.n:
@@ -653,19 +683,36 @@ class Memory:
         if not isinstance(fv, int) or isinstance(fv, bool) or fv > FORMAT_VERSION:
             raise CorruptFileError(f"{where} was written by a newer rar_edge (format {fv!r})")
         enc = meta.get("encoder")
-        rec = None if enc is None else EncoderRecord(str(enc["name"]), str(enc["path"]), str(enc["fingerprint"]),
-                                                     int(enc["embedding_dim"]), enc.get("preprocess_fingerprint"))
+        rec = (
+            None
+            if enc is None
+            else EncoderRecord(
+                str(enc["name"]),
+                str(enc["path"]),
+                str(enc["fingerprint"]),
+                int(enc["embedding_dim"]),
+                enc.get("preprocess_fingerprint"),
+            )
+        )
         hp = meta.get("hnsw") or {}
-        if not isinstance(hp, dict) or set(hp) - {"M", "ef_construction", "ef"} or not all(
-                isinstance(x, int) and not isinstance(x, bool) for x in hp.values()):
+        if (
+            not isinstance(hp, dict)
+            or set(hp) - {"M", "ef_construction", "ef"}
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in hp.values())
+        ):
             raise CorruptFileError(f"{where}: bad HNSW settings {hp!r}")
         storage = meta.get("storage", DEFAULT_STORAGE)
         backend = meta.get("backend", "auto")
         dim = meta["dim"]
         if not isinstance(dim, int) or isinstance(dim, bool) or not 1 <= dim <= 1 << 20:
             raise CorruptFileError(f"{where}: bad dim {dim!r}")
-        return cls(dim=dim, encoder=rec, backend=backend if backend in BACKENDS else "auto", hnsw=HnswParams(**hp),
-                   storage=storage if storage in STORAGES else DEFAULT_STORAGE)
+        return cls(
+            dim=dim,
+            encoder=rec,
+            backend=backend if backend in BACKENDS else "auto",
+            hnsw=HnswParams(**hp),
+            storage=storage if storage in STORAGES else DEFAULT_STORAGE,
+        )
 
     @classmethod
     def _load_file(cls, path: Path, *, mmap: bool) -> "Memory":
@@ -677,8 +724,11 @@ class Memory:
             n = meta["n_entries"]
             if not isinstance(n, int) or isinstance(n, bool) or n < 0:
                 raise CorruptFileError(f"{path}: bad n_entries {n!r}")
-            want = {"vectors.npy": (np.float32, (n, mem.dim)), "labels.npy": (np.int32, (n,)),
-                    "ids.npy": (np.int64, (n,))}
+            want = {
+                "vectors.npy": (np.float32, (n, mem.dim)),
+                "labels.npy": (np.int32, (n,)),
+                "ids.npy": (np.int64, (n,)),
+            }
             if "q8.npy" in meta["checksums"]:
                 want.update({"q8.npy": (np.int8, (n, mem.dim)), "q8_scales.npy": (np.float32, (n,))})
             return want
@@ -687,14 +737,20 @@ class Memory:
             meta, arrays, blobs = _files.read_file(path, shapes=shapes, mmap=mmap)
             mem: Memory = box["mem"]
             classes = meta["classes"]
-            if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes) or \
-                    len(set(classes)) != len(classes):
+            if (
+                not isinstance(classes, list)
+                or not all(isinstance(c, str) for c in classes)
+                or len(set(classes)) != len(classes)
+            ):
                 raise CorruptFileError(f"{path}: bad class list")
             n = int(meta["n_entries"])
             sources = json.loads(blobs["sources.json"])
             labels, ids = arrays["labels.npy"], arrays["ids.npy"]
-            if not isinstance(sources, list) or len(sources) != n or \
-                    (n and (labels.min() < 0 or labels.max() >= len(classes))):
+            if (
+                not isinstance(sources, list)
+                or len(sources) != n
+                or (n and (labels.min() < 0 or labels.max() >= len(classes)))
+            ):
                 raise CorruptFileError(f"{path}: arrays disagree with the metadata")
             next_id = _check_ids(ids, meta.get("next_id"), path)
             mem._engine.set_names(classes)
@@ -702,9 +758,16 @@ class Memory:
             if "hnsw.bin" in blobs:
                 graph = mem._read_graph(blobs["hnsw.bin"], arrays["vectors.npy"])
             if n:
-                seg = _store.make_segment(arrays["vectors.npy"], labels + 1, ids, [str(x) for x in sources],
-                                          storage=mem.storage, q8=arrays.get("q8.npy"),
-                                          scales=arrays.get("q8_scales.npy"), hnsw=graph)
+                seg = _store.make_segment(
+                    arrays["vectors.npy"],
+                    labels + 1,
+                    ids,
+                    [str(x) for x in sources],
+                    storage=mem.storage,
+                    q8=arrays.get("q8.npy"),
+                    scales=arrays.get("q8_scales.npy"),
+                    hnsw=graph,
+                )
                 mem._engine.load([seg], next_id)
             else:
                 mem._engine.load([], next_id)
@@ -727,16 +790,21 @@ class Memory:
             try:
                 index.load_index(p, max_elements=max(n, 1))
                 # the right entries of the right width: count, and entry 0's vector read back
-                ok = index.get_current_count() == n and (n == 0 or np.allclose(
-                    np.asarray(index.get_items([0]), np.float32).reshape(-1), vectors[0], atol=1e-6))
+                ok = index.get_current_count() == n and (
+                    n == 0
+                    or np.allclose(np.asarray(index.get_items([0]), np.float32).reshape(-1), vectors[0], atol=1e-6)
+                )
             except RuntimeError as e:  # e.g. an index another hnswlib version wrote
                 ok, why = False, str(e)
             else:
                 why = f"it holds {index.get_current_count()} entries (memory: {n}) or other vectors"
         if not ok:
             # the vectors are the source of truth: searches scan them exactly until the graph is rebuilt
-            log.warning("the memory's HNSW index cannot be used (%s); it will be rebuilt from the vectors "
-                        "(Memory.compact, or the next save)", why)
+            log.warning(
+                "the memory's HNSW index cannot be used (%s); it will be rebuilt from the vectors "
+                "(Memory.compact, or the next save)",
+                why,
+            )
             return None
         index.set_ef(self.hnsw_params.ef)
         return index
@@ -756,14 +824,17 @@ class Memory:
             "storage": self.storage,
             "hnsw": asdict(self.hnsw_params),
             "segments": len(snap.segments) + (1 if snap.tail.n else 0),
-            "encoder": None if self.encoder is None else {
-                "name": self.encoder.name, "path": self.encoder.path, "fingerprint": self.encoder.fingerprint},
+            "encoder": None
+            if self.encoder is None
+            else {"name": self.encoder.name, "path": self.encoder.path, "fingerprint": self.encoder.fingerprint},
             "entries_per_class": counts,
         }
 
     def __repr__(self) -> str:
-        return (f"Memory(n_entries={self.size}, n_classes={len(self.classes)}, dim={self.dim}, "
-                f"backend={self.active_backend!r})")
+        return (
+            f"Memory(n_entries={self.size}, n_classes={len(self.classes)}, dim={self.dim}, "
+            f"backend={self.active_backend!r})"
+        )
 
 
 def is_memory(path: str | os.PathLike) -> bool:
@@ -789,8 +860,10 @@ def _check_ids(ids: np.ndarray, next_id: object, where: Path) -> int:
     if next_id is None:  # files written before it was recorded
         next_id = top
     if not isinstance(next_id, int) or isinstance(next_id, bool) or not top <= next_id <= _store.MAX_ID:
-        raise CorruptFileError(f"{where}: next_id {next_id!r} is not an integer in [{top}, {_store.MAX_ID}] "
-                               "(it must exceed every entry id)")
+        raise CorruptFileError(
+            f"{where}: next_id {next_id!r} is not an integer in [{top}, {_store.MAX_ID}] "
+            "(it must exceed every entry id)"
+        )
     if len(ids) and len(np.unique(ids)) != len(ids):
         raise CorruptFileError(f"{where}: duplicate entry ids")
     return next_id
@@ -805,8 +878,6 @@ def _clean_stale(path: Path) -> None:
             removed = remove_stale_temps(path)
             if removed:
                 log.info("removed %d temporary file(s) a killed save left beside %s", len(removed), path)
-
-
 
 
 def _image_name(image: object, other: str | None = None) -> str:
@@ -824,8 +895,9 @@ def _as_encoder(encoder: object) -> "Encoder":
         return encoder
     if isinstance(encoder, (str, os.PathLike)):
         return Encoder(encoder)
-    raise InvalidInputError(f"encoder must be an Encoder or a model folder (rar-edge export), "
-                            f"got {type(encoder).__name__} {encoder!r:.60}")
+    raise InvalidInputError(
+        f"encoder must be an Encoder or a model folder (rar-edge export), got {type(encoder).__name__} {encoder!r:.60}"
+    )
 
 
 def _dist_version(name: str) -> str | None:

@@ -166,9 +166,12 @@ class _Native:
         if n_gpu_layers != 0 and not lc.llama_supports_gpu_offload():
             from rar_edge.encoders import ProviderFallbackWarning
 
-            warnings.warn(f"--n-gpu-layers {n_gpu_layers} asked for the GPU, but this llama-cpp-python build has no "
-                          "GPU support: the ranker runs on the CPU (reinstall it with CMAKE_ARGS=\"-DGGML_CUDA=on\")",
-                          ProviderFallbackWarning, stacklevel=4)
+            warnings.warn(
+                f"--n-gpu-layers {n_gpu_layers} asked for the GPU, but this llama-cpp-python build has no "
+                'GPU support: the ranker runs on the CPU (reinstall it with CMAKE_ARGS="-DGGML_CUDA=on")',
+                ProviderFallbackWarning,
+                stacklevel=4,
+            )
         _TLS.errors = errors = []
         try:
             self.model = lc.llama_model_load_from_file(str(model_path).encode("utf-8"), mparams)
@@ -227,7 +230,8 @@ class _Native:
             raise RankerError(
                 "this ranker was loaded before the process forked: llama.cpp's threads stayed in the parent, so "
                 "the forked process cannot run it; load the ranker in the child, or start worker processes "
-                "with the 'spawn' or 'forkserver' method")
+                "with the 'spawn' or 'forkserver' method"
+            )
 
     # -- metadata -----------------------------------------------------------------------------------------
 
@@ -353,8 +357,9 @@ class _Native:
     # -- multimodal ----------------------------------------------------------------------------------
 
     @_defers_ctrl_c
-    def eval_mtmd(self, text: str, images: Sequence[np.ndarray], *, n_past: int, seq: int,
-                  add_special: bool) -> tuple[int, int, int]:
+    def eval_mtmd(
+        self, text: str, images: Sequence[np.ndarray], *, n_past: int, seq: int, add_special: bool
+    ) -> tuple[int, int, int]:
         """Tokenizes ``text`` (with one media marker per image) and evaluates it into ``seq`` at ``n_past``.
 
         Returns:
@@ -386,8 +391,9 @@ class _Native:
             self.clock.add(time.perf_counter() - t0)
             if rc == 2:
                 shapes = ", ".join(f"{im.shape[0]}x{im.shape[1]}" for im in images)
-                raise RankerError(f"the vision preprocessor could not prepare the image ({shapes} pixels; an "
-                                  "extreme aspect ratio?)")
+                raise RankerError(
+                    f"the vision preprocessor could not prepare the image ({shapes} pixels; an extreme aspect ratio?)"
+                )
             if rc != 0:
                 raise RankerError(f"mtmd_tokenize failed with code {rc} (markers and images disagree?)")
             n_tok = int(mt.mtmd_helper_get_n_tokens(chunks))

@@ -84,6 +84,7 @@ __all__ = ["MODES", "Ranker", "RankerConfig", "RankerStats"]
 
 logger = logging.getLogger("rar_edge")
 
+
 def _check_gguf(path: Path | None) -> None:
     """Refuses a file that does not start as a GGUF does, before llama.cpp tries it."""
     if path is None:
@@ -94,8 +95,10 @@ def _check_gguf(path: Path | None) -> None:
     except OSError as e:
         raise RankerError(f"cannot read {path}: {e.strerror or e}") from e
     if head[:4] != b"GGUF":
-        raise RankerError(f"{path} is not a GGUF file (it starts with {head[:4]!r}); give a model folder or a .gguf "
-                          "written by 'rar-edge export mllm' or llama.cpp")
+        raise RankerError(
+            f"{path} is not a GGUF file (it starts with {head[:4]!r}); give a model folder or a .gguf "
+            "written by 'rar-edge export mllm' or llama.cpp"
+        )
 
 
 MODES = ("score", "generate")
@@ -134,7 +137,9 @@ class RankerConfig:
         if not 1 <= self.max_candidates <= 255:  # llama.cpp holds at most 256 sequences, one is the shared prefix
             raise InvalidInputError(f"max_candidates must be in [1, 255], got {self.max_candidates}")
         if self.n_ctx is not None and self.n_ctx < 0:
-            raise InvalidInputError(f"n_ctx must be >= 0 (0 or None: the model folder's or the default), got {self.n_ctx}")
+            raise InvalidInputError(
+                f"n_ctx must be >= 0 (0 or None: the model folder's or the default), got {self.n_ctx}"
+            )
         if self.n_threads is not None and self.n_threads < 1:
             raise InvalidInputError(f"n_threads must be >= 1, got {self.n_threads}")
 
@@ -276,8 +281,9 @@ class Ranker:
         self._chat_template = chat_template or None
         bad = [ex for ex in in_context_examples if not isinstance(ex, RankingExample)]
         if bad:
-            raise InvalidInputError(f"in_context_examples must be rar_edge.rank.prompts.RankingExample objects, got "
-                                    f"{type(bad[0]).__name__}")
+            raise InvalidInputError(
+                f"in_context_examples must be rar_edge.rank.prompts.RankingExample objects, got {type(bad[0]).__name__}"
+            )
         self._examples = tuple(in_context_examples)
         # One llama.cpp context serves one call at a time; the module-level classify() cache hands the same
         # ranker to every thread, so calls queue here instead of corrupting the KV cache.
@@ -328,8 +334,14 @@ class Ranker:
             ManifestError: the folder is not an ``mllm`` model folder.
             RankerError: llama.cpp cannot load the files.
         """
-        keywords = dict(mode=mode, n_threads=n_threads, n_ctx=n_ctx, max_candidates=max_candidates,
-                        verify=verify, n_gpu_layers=n_gpu_layers)
+        keywords = dict(
+            mode=mode,
+            n_threads=n_threads,
+            n_ctx=n_ctx,
+            max_candidates=max_candidates,
+            verify=verify,
+            n_gpu_layers=n_gpu_layers,
+        )
         custom_prompt = prompt_version if isinstance(prompt_version, RankingPrompt) else None
         if config is None:
             config = RankerConfig(**keywords, prompt_version=None if custom_prompt else prompt_version)
@@ -355,8 +367,9 @@ class Ranker:
                 native,
                 mode=mode,
                 prompt=prompt,
-                chat_template=(files.chat_template if files.chat_template is not None
-                               else native.meta("tokenizer.chat_template")),
+                chat_template=(
+                    files.chat_template if files.chat_template is not None else native.meta("tokenizer.chat_template")
+                ),
                 in_context_examples=in_context_examples or (),
                 name=files.name,
                 vision_image_size_px=files.vision_px,
@@ -492,7 +505,9 @@ class Ranker:
             msgs: list[dict[str, str]] = [{"role": "system", "content": p.system}]
             for ex in self._examples:
                 use_img = ex.image is not None and marker is not None
-                msgs.append({"role": "user", "content": p.user_text(ex.candidates, image_marker=marker if use_img else None)})
+                msgs.append(
+                    {"role": "user", "content": p.user_text(ex.candidates, image_marker=marker if use_img else None)}
+                )
                 msgs.append({"role": "assistant", "content": p.answer(ex.ranked)})
             msgs.append({"role": "user", "content": p.instruction + "\n" + self._head + last_user})
             n = self._live()
@@ -501,8 +516,14 @@ class Ranker:
         parts = [p.system, "\n\n"]
         for ex in self._examples:
             use_img = ex.image is not None and marker is not None
-            parts += [p.plain_user, p.user_text(ex.candidates, image_marker=marker if use_img else None), "\n",
-                      p.plain_assistant, p.answer(ex.ranked), p.plain_turn_end]
+            parts += [
+                p.plain_user,
+                p.user_text(ex.candidates, image_marker=marker if use_img else None),
+                "\n",
+                p.plain_assistant,
+                p.answer(ex.ranked),
+                p.plain_turn_end,
+            ]
         parts += [p.plain_user, p.instruction, "\n", self._head, last_user, "\n", p.plain_assistant]
         return "".join(parts)
 
@@ -632,8 +653,11 @@ class Ranker:
 
         def group_entries(members: list[int], n_past: int) -> list[tuple[int, int, int, bool]]:
             # the group's candidate j lives in sequence j+1; its token i's logits predict token i+1
-            return [(t, n_past + i, slot, True)
-                    for slot, ci in enumerate(members, start=1) for i, t in enumerate(conts[ci][:-1])]
+            return [
+                (t, n_past + i, slot, True)
+                for slot, ci in enumerate(members, start=1)
+                for i, t in enumerate(conts[ci][:-1])
+            ]
 
         def add_logprobs(members: list[int], rows: Iterator[int]) -> None:
             for ci in members:

@@ -48,16 +48,18 @@ def _pa() -> tuple[Any, Any, Any]:
 def schema() -> Any:
     """The Parquet schema of a batch-labelling result (the same for both engines)."""
     pa, _, _ = _pa()
-    return pa.schema([
-        ("path", pa.string()),
-        ("labels", pa.list_(pa.string())),      # retrieved classes, best first
-        ("scores", pa.list_(pa.float32())),     # their retrieval scores (best cosine per class)
-        ("label", pa.string()),                 # the answer: the ranker's first choice, else retrieval's
-        ("score", pa.float32()),
-        ("ranker_ran", pa.bool_()),
-        ("ranked", pa.list_(pa.string())),      # the final order (the ranker's when it ran)
-        ("error", pa.string()),                 # null when the image was classified
-    ])
+    return pa.schema(
+        [
+            ("path", pa.string()),
+            ("labels", pa.list_(pa.string())),  # retrieved classes, best first
+            ("scores", pa.list_(pa.float32())),  # their retrieval scores (best cosine per class)
+            ("label", pa.string()),  # the answer: the ranker's first choice, else retrieval's
+            ("score", pa.float32()),
+            ("ranker_ran", pa.bool_()),
+            ("ranked", pa.list_(pa.string())),  # the final order (the ranker's when it ran)
+            ("error", pa.string()),  # null when the image was classified
+        ]
+    )
 
 
 # -- paths and URIs ------------------------------------------------------------------------------------
@@ -177,12 +179,27 @@ def classify_rows(pipe: "Pipeline", paths: Iterable[str]) -> Iterator[dict[str, 
         try:
             r = pipe.classify(read_uri(path) if _is_uri(path) else path)
         except (RarEdgeError, OSError) as e:
-            yield {"path": path, "labels": None, "scores": None, "label": None, "score": None, "ranker_ran": None,
-                   "ranked": None, "error": f"{type(e).__name__}: {e}"}
+            yield {
+                "path": path,
+                "labels": None,
+                "scores": None,
+                "label": None,
+                "score": None,
+                "ranker_ran": None,
+                "ranked": None,
+                "error": f"{type(e).__name__}: {e}",
+            }
             continue
-        yield {"path": path, "labels": [c.label for c in r.retrieved], "scores": [c.score for c in r.retrieved],
-               "label": r.label, "score": r.score, "ranker_ran": r.ranker_ran,
-               "ranked": [c.label for c in r.candidates], "error": None}
+        yield {
+            "path": path,
+            "labels": [c.label for c in r.retrieved],
+            "scores": [c.score for c in r.retrieved],
+            "label": r.label,
+            "score": r.score,
+            "ranker_ran": r.ranker_ran,
+            "ranked": [c.label for c in r.candidates],
+            "error": None,
+        }
 
 
 def rows_table(rows: Sequence[dict[str, Any]]) -> Any:
@@ -194,8 +211,16 @@ def rows_table(rows: Sequence[dict[str, Any]]) -> Any:
 class Classifier:
     """A Ray Data actor: one `Pipeline` per actor; rows ``path`` -> result rows (a pyarrow table)."""
 
-    def __init__(self, *, memory: str, memory_shipped: list | None, encoder: str | None,
-                 encoder_shipped: list | None, ranker: str | None, config: BatchConfig) -> None:
+    def __init__(
+        self,
+        *,
+        memory: str,
+        memory_shipped: list | None,
+        encoder: str | None,
+        encoder_shipped: list | None,
+        ranker: str | None,
+        config: BatchConfig,
+    ) -> None:
         from rar_edge.tools.distributed import materialise
 
         mem = materialise(memory, memory_shipped, marker=None)
@@ -308,12 +333,31 @@ def classify_batch(
             if pipe.ranker is not None:
                 pipe.ranker.close()
         return BatchSummary(rows=len(paths), errors=errors, output=out, engine=engine)
-    return _classify_on_ray(paths, memory=memory, out=out, encoder=enc, ranker=rk, config=config,
-                            options=options, overwrite=overwrite, progress=progress)
+    return _classify_on_ray(
+        paths,
+        memory=memory,
+        out=out,
+        encoder=enc,
+        ranker=rk,
+        config=config,
+        options=options,
+        overwrite=overwrite,
+        progress=progress,
+    )
 
 
-def _classify_on_ray(paths: list[str], *, memory: str, out: str, encoder: str | None, ranker: str | None,
-                     config: BatchConfig, options: "RayOptions | None", overwrite: bool, progress: bool) -> BatchSummary:
+def _classify_on_ray(
+    paths: list[str],
+    *,
+    memory: str,
+    out: str,
+    encoder: str | None,
+    ranker: str | None,
+    config: BatchConfig,
+    options: "RayOptions | None",
+    overwrite: bool,
+    progress: bool,
+) -> BatchSummary:
     import numpy as np
 
     from rar_edge.encoders import EncoderConfig
@@ -338,8 +382,13 @@ def _classify_on_ray(paths: list[str], *, memory: str, out: str, encoder: str | 
             raise InvalidInputError(f"{out} already holds files: pass --overwrite to replace them")
         fs.delete_dir_contents(p)
     enc_cfg = actor_encoder_config(config.encoder or EncoderConfig(), options)
-    config = BatchConfig(k=config.k, encoder=enc_cfg, ranker_mode=config.ranker_mode,
-                         gate_margin=config.gate_margin, n_gpu_layers=config.n_gpu_layers)
+    config = BatchConfig(
+        k=config.k,
+        encoder=enc_cfg,
+        ranker_mode=config.ranker_mode,
+        gate_margin=config.gate_margin,
+        n_gpu_layers=config.n_gpu_layers,
+    )
     if encoder is None:
         from rar_edge.index.memory import Memory
 
@@ -348,15 +397,22 @@ def _classify_on_ray(paths: list[str], *, memory: str, out: str, encoder: str | 
             raise InvalidInputError("the memory records no encoder: pass encoder=")
         encoder = rec.path
     with ray_session(options, progress=progress) as ray:
-        kwargs = {"memory": os.path.abspath(memory),
-                  "memory_shipped": _ship(ray, options, lambda: Path(memory).read_bytes()),
-                  "encoder": os.path.abspath(encoder),
-                  "encoder_shipped": _ship(ray, options, lambda: folder_files(encoder)),
-                  "ranker": None if ranker is None else os.path.abspath(ranker), "config": config}
+        kwargs = {
+            "memory": os.path.abspath(memory),
+            "memory_shipped": _ship(ray, options, lambda: Path(memory).read_bytes()),
+            "encoder": os.path.abspath(encoder),
+            "encoder_shipped": _ship(ray, options, lambda: folder_files(encoder)),
+            "ranker": None if ranker is None else os.path.abspath(ranker),
+            "config": config,
+        }
         table = pa.table({"key": np.arange(len(paths), dtype=np.int64), "path": paths})
         ds = blocks(ray, table, options).map_batches(
-            Classifier, fn_constructor_kwargs=kwargs, batch_size=options.batch_size, batch_format="pyarrow",
-            **actor_resources(options, enc_cfg.provider))
+            Classifier,
+            fn_constructor_kwargs=kwargs,
+            batch_size=options.batch_size,
+            batch_format="pyarrow",
+            **actor_resources(options, enc_cfg.provider),
+        )
         ds.write_parquet(p, filesystem=fs, min_rows_per_file=100_000)
     errs = pq.read_table(p, filesystem=fs, columns=["error"]).column("error")
     return BatchSummary(rows=len(errs), errors=len(errs) - errs.null_count, output=out, engine="ray")

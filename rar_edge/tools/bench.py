@@ -65,7 +65,7 @@ _PLOTS = (_PLOT_STAGES, _PLOT_LATENCY, _PLOT_VARIANTS)
 MODEL_TIME_METHOD = {
     "encoder": "wall time inside onnxruntime InferenceSession.run (Encoder.model_s)",
     "ranker": "wall time inside llama.cpp's llama_decode, mtmd_tokenize and mtmd_helper_eval_chunks "
-              "(Ranker.model_s); another ranker reports what its model_s says",
+    "(Ranker.model_s); another ranker reports what its model_s says",
 }
 
 
@@ -181,10 +181,16 @@ def _version(dist: str) -> str | None:
 def _git_commit() -> dict[str, Any] | None:
     root = Path(__file__).resolve().parents[1]
     try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return {"commit": head, "dirty": bool(dirty)}
@@ -209,20 +215,34 @@ def environment(encoder: "Encoder", ranker: RankerProtocol | None = None) -> dic
         "logical_cpus": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "encoder_threads": cfg.threads if cfg.threads is not None else "onnxruntime default (one per physical core)",
-        "encoder_allow_spinning": "onnxruntime default (spinning)" if cfg.allow_spinning is None else cfg.allow_spinning,
+        "encoder_allow_spinning": "onnxruntime default (spinning)"
+        if cfg.allow_spinning is None
+        else cfg.allow_spinning,
         "provider_requested": cfg.provider,
         "providers_in_use": encoder.providers,
         "providers_available": list(ort.get_available_providers()),
         # engine cache folder and FP16: what a TensorRT run's start-up time and numbers depend on
         "tensorrt": cfg.tensorrt_options() if cfg.provider == "tensorrt" else None,
         "python": platform.python_version(),
-        "versions": {name: _version(dist) for name, dist in (
-            ("rar_edge", "rar-edge"), ("numpy", "numpy"), ("pillow", "pillow"), ("onnxruntime", "onnxruntime"),
-            ("onnxruntime_gpu", "onnxruntime-gpu"), ("hnswlib", "hnswlib"), ("llama_cpp_python", "llama-cpp-python"),
-            ("matplotlib", "matplotlib"))},
+        "versions": {
+            name: _version(dist)
+            for name, dist in (
+                ("rar_edge", "rar-edge"),
+                ("numpy", "numpy"),
+                ("pillow", "pillow"),
+                ("onnxruntime", "onnxruntime"),
+                ("onnxruntime_gpu", "onnxruntime-gpu"),
+                ("hnswlib", "hnswlib"),
+                ("llama_cpp_python", "llama-cpp-python"),
+                ("matplotlib", "matplotlib"),
+            )
+        },
         "git": _git_commit(),
-        "env_vars": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OPENBLAS_CORETYPE",
-                                                 "CUDA_VISIBLE_DEVICES") if k in os.environ},
+        "env_vars": {
+            k: os.environ[k]
+            for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OPENBLAS_CORETYPE", "CUDA_VISIBLE_DEVICES")
+            if k in os.environ
+        },
     }
     if ranker is not None:
         env["ranker"] = ranker.describe()
@@ -231,7 +251,9 @@ def environment(encoder: "Encoder", ranker: RankerProtocol | None = None) -> dic
             import llama_cpp
 
             info = llama_cpp.llama_print_system_info()
-            env["llama_cpp_system_info"] = info.decode("utf-8", "replace").strip() if isinstance(info, bytes) else str(info)
+            env["llama_cpp_system_info"] = (
+                info.decode("utf-8", "replace").strip() if isinstance(info, bytes) else str(info)
+            )
         except Exception as e:  # noqa: BLE001 - informative only
             env["llama_cpp_system_info"] = f"unavailable: {e}"
     return env
@@ -259,8 +281,11 @@ def _prepare_inputs(encoder: "Encoder", *, memory: Any, images: Any, queries: An
     if images is not None:
         split = few_shot_split(images, shots=config.shots, seed=config.seed)
         mem = Memory.empty(encoder=encoder)
-        mem.add_images([p for ps in split.support.values() for p in ps],
-                       [c for c, ps in split.support.items() for _ in ps], encoder=encoder)
+        mem.add_images(
+            [p for ps in split.support.values() for p in ps],
+            [c for c, ps in split.support.items() for _ in ps],
+            encoder=encoder,
+        )
         source = {"built_from": str(images), "shots": config.shots, "seed": config.seed}
         qs = [(Path(p), c) for p, c in split.queries]
     else:
@@ -274,21 +299,40 @@ def _prepare_inputs(encoder: "Encoder", *, memory: Any, images: Any, queries: An
         qs = [(Path(s), lbl) for s, lbl in zip(mem.sources, mem.labels) if s and Path(s).is_file()]
         meaningful = False
     if not qs:
-        raise InvalidInputError("no query images: pass a query folder with one sub-folder per class (--queries, "
-                                "or queries= in Python), or --images with more images per class than --shots, "
-                                "or a memory built from image files that still exist")
+        raise InvalidInputError(
+            "no query images: pass a query folder with one sub-folder per class (--queries, "
+            "or queries= in Python), or --images with more images per class than --shots, "
+            "or a memory built from image files that still exist"
+        )
     order = np.random.default_rng(config.seed).permutation(len(qs))
     qs = [qs[i] for i in order]
     # Read the files that will be used once, so that "decode" measures decoding rather than a cold disk.
     for p, _ in qs[: config.warmup + config.runs + 1]:
         p.read_bytes()
-    return _Inputs(mem, {**source, "entries": mem.size, "classes": len(mem.classes), "backend": mem.active_backend,
-                         "storage": mem.storage}, mem_ms, qs, meaningful)
+    return _Inputs(
+        mem,
+        {
+            **source,
+            "entries": mem.size,
+            "classes": len(mem.classes),
+            "backend": mem.active_backend,
+            "storage": mem.storage,
+        },
+        mem_ms,
+        qs,
+        meaningful,
+    )
 
 
 # -- the measurements ---------------------------------------------------------------------------------------
-def _summarise(records: list[dict[str, float]], wall_s: float, inst_totals: list[float], *,
-               ranker_method: str | None, encoder_method: str) -> dict[str, Any]:
+def _summarise(
+    records: list[dict[str, float]],
+    wall_s: float,
+    inst_totals: list[float],
+    *,
+    ranker_method: str | None,
+    encoder_method: str,
+) -> dict[str, Any]:
     lat: dict[str, Any] = {}
     for stage in STAGES:
         if stage == "wait" and not any("wait" in r for r in records):
@@ -317,8 +361,9 @@ def _summarise(records: list[dict[str, float]], wall_s: float, inst_totals: list
     }
 
 
-def _time_classify(pipe: "Pipeline", inst: _ModelTime, queries: list[tuple[Path, str | None]], *,
-                   config: BenchConfig, meaningful: bool) -> dict[str, Any]:
+def _time_classify(
+    pipe: "Pipeline", inst: _ModelTime, queries: list[tuple[Path, str | None]], *, config: BenchConfig, meaningful: bool
+) -> dict[str, Any]:
     n = len(queries)
     for i in range(config.warmup):
         pipe.classify(queries[i % n][0], k=config.k)
@@ -338,12 +383,13 @@ def _time_classify(pipe: "Pipeline", inst: _ModelTime, queries: list[tuple[Path,
     wall = time.perf_counter() - t_start
     out = _summarise(records, wall, model_totals, ranker_method=inst.ranker_method, encoder_method=inst.encoder_method)
     out["distinct_images"] = min(n, config.runs)
-    out["accuracy"] = ({"top1": float(np.mean(hits)), "n": len(hits)} if hits and meaningful else None)
+    out["accuracy"] = {"top1": float(np.mean(hits)), "n": len(hits)} if hits and meaningful else None
     return out
 
 
-def _time_stream(pipe: "Pipeline", inst: _ModelTime, queries: list[tuple[Path, str | None]], *,
-                 config: BenchConfig) -> dict[str, Any]:
+def _time_stream(
+    pipe: "Pipeline", inst: _ModelTime, queries: list[tuple[Path, str | None]], *, config: BenchConfig
+) -> dict[str, Any]:
     """The same queries through `Pipeline.iter_classify`: the next image is decoded and resized on a
     worker thread while this one is encoded (and ranked). Wall time per image vs model time per image."""
     n = len(queries)
@@ -363,10 +409,12 @@ def _time_stream(pipe: "Pipeline", inst: _ModelTime, queries: list[tuple[Path, s
         "model_ms_per_image": model * 1e3 / len(results),
         "throughput_per_s": len(results) / wall if wall > 0 else None,
         "overhead_share": float(np.clip(1.0 - model / wall, 0.0, 1.0)) if wall > 0 else 0.0,
-        "latency_ms": {s: percentiles([r.timings_ms[s] for r in results if s in r.timings_ms])
-                       for s in ("wait", "decode", "preprocess", "encode", "search", "rank", "total")},
+        "latency_ms": {
+            s: percentiles([r.timings_ms[s] for r in results if s in r.timings_ms])
+            for s in ("wait", "decode", "preprocess", "encode", "search", "rank", "total")
+        },
         "note": "decode and preprocess run on a worker thread, overlapped with the previous image's model "
-                "call; 'total' is each image's share of the stream's wall time",
+        "call; 'total' is each image's share of the stream's wall time",
     }
 
 
@@ -393,8 +441,11 @@ def _time_detect(pipe: "Pipeline", inst: _ModelTime, dataset: Any, *, config: Be
         dets = pipe.detect(im.path, im.boxes, k=config.k, on_invalid="skip")
         wall_ms = _ms(t0)
         # Each Detection carries its share of the shared stages (and its own rank time): sum them back.
-        rec = {s: sum(d.timings_ms.get(s, 0.0) for d in dets) for s in STAGES if s != "total"
-               and any(s in d.timings_ms for d in dets)}
+        rec = {
+            s: sum(d.timings_ms.get(s, 0.0) for d in dets)
+            for s in STAGES
+            if s != "total" and any(s in d.timings_ms for d in dets)
+        }
         rec["total"] = wall_ms
         rec["encoder_model"] = (inst.encoder_s() - e0) * 1e3
         rec["ranker_model"] = (inst.ranker_s() - r0) * 1e3
@@ -419,8 +470,9 @@ def _variant_label(enc: "Encoder") -> str:
     return str(q.get("mode") or "fp32")
 
 
-def _time_variants(reference: "Encoder", variant_dirs: Sequence[Any], queries: list[tuple[Path, str | None]], *,
-                   config: BenchConfig) -> list[dict[str, Any]]:
+def _time_variants(
+    reference: "Encoder", variant_dirs: Sequence[Any], queries: list[tuple[Path, str | None]], *, config: BenchConfig
+) -> list[dict[str, Any]]:
     """Reference and variants on the same pixels, interleaved per image; run latency and cosine."""
     from rar_edge.encoders import Encoder
 
@@ -433,11 +485,14 @@ def _time_variants(reference: "Encoder", variant_dirs: Sequence[Any], queries: l
         a, b = reference.image_spec.to_dict(), e.image_spec.to_dict()
         diff = [f for f in _SPEC_FIELDS if a.get(f) != b.get(f)]
         if diff or e.dim != reference.dim:
-            raise InvalidInputError(f"variant {d} is not the same model as the reference encoder "
-                                    f"(differs in {diff or ['embedding_dim']})")
+            raise InvalidInputError(
+                f"variant {d} is not the same model as the reference encoder (differs in {diff or ['embedding_dim']})"
+            )
         encs.append(e)
     n = len(queries)
-    pixels = [reference.preprocess(reference.decode(queries[i % n][0])) for i in range(min(n, config.runs + config.warmup))]
+    pixels = [
+        reference.preprocess(reference.decode(queries[i % n][0])) for i in range(min(n, config.runs + config.warmup))
+    ]
     run_ms: list[list[float]] = [[] for _ in encs]
     cos: list[list[float]] = [[] for _ in encs]
     for i in range(config.warmup + config.runs):
@@ -458,16 +513,18 @@ def _time_variants(reference: "Encoder", variant_dirs: Sequence[Any], queries: l
     for j, e in enumerate(encs):
         model_file = e.manifest.path("image_model")
         p50 = float(np.median(run_ms[j]))
-        rows.append({
-            "name": _variant_label(e) + (" (reference)" if j == 0 else ""),
-            "path": str(e.path),
-            "quantization": e.manifest.data.get("quantization"),
-            "model_bytes": model_file.stat().st_size,
-            "session_run_ms": percentiles(run_ms[j]),
-            "latency_ratio_to_reference_p50": p50 / ref_p50 if ref_p50 > 0 else None,
-            "cosine_to_reference": {"mean": float(np.mean(cos[j])), "min": float(np.min(cos[j])), "n": len(cos[j])},
-            "providers": e.providers,
-        })
+        rows.append(
+            {
+                "name": _variant_label(e) + (" (reference)" if j == 0 else ""),
+                "path": str(e.path),
+                "quantization": e.manifest.data.get("quantization"),
+                "model_bytes": model_file.stat().st_size,
+                "session_run_ms": percentiles(run_ms[j]),
+                "latency_ratio_to_reference_p50": p50 / ref_p50 if ref_p50 > 0 else None,
+                "cosine_to_reference": {"mean": float(np.mean(cos[j])), "min": float(np.min(cos[j])), "n": len(cos[j])},
+                "providers": e.providers,
+            }
+        )
     return rows
 
 
@@ -537,8 +594,9 @@ def run_bench(
         rk = Ranker.load(ranker, mode=config.ranker_mode, n_gpu_layers=config.ranker_gpu_layers)
     cold["ranker_load_ms"] = _ms(t0) if owns_ranker else None
     try:
-        pipe = Pipeline(memory=inputs.memory, encoder=enc, ranker=rk,
-                        config=PipelineConfig(k=config.k, encoder=enc.config))
+        pipe = Pipeline(
+            memory=inputs.memory, encoder=enc, ranker=rk, config=PipelineConfig(k=config.k, encoder=enc.config)
+        )
         measured = _measure(pipe, inputs, boxes, cold, config=config)
         variant_rows = _time_variants(enc, variants, inputs.queries, config=config) if variants else []
         env = environment(enc, pipe.ranker)
@@ -556,14 +614,17 @@ def run_bench(
             "queries": {"n_images": len(inputs.queries), "folder": None if queries is None else str(queries)},
             "ranker": env.get("ranker"),
             "boxes": None if boxes is None else str(boxes),
-            "runs": config.runs, "warmup": config.warmup, "k": config.k,
+            "runs": config.runs,
+            "warmup": config.warmup,
+            "k": config.k,
         },
         "environment": {**env, "load_average_before": load_before, "load_average_after": _loadavg()},
         "cold_start_ms": cold,
         "setup_ms": {"memory_build": inputs.memory_ms if built else None},
-        "cold_start_note": "in-process: encoder_load includes " + ("importing onnxruntime and " if ort_imported_here
-                                                                   else "") + "creating the sessions; a fresh "
-                           "process also pays Python and rar_edge imports, and a cold disk cache",
+        "cold_start_note": "in-process: encoder_load includes "
+        + ("importing onnxruntime and " if ort_imported_here else "")
+        + "creating the sessions; a fresh "
+        "process also pays Python and rar_edge imports, and a cold disk cache",
         "classify": classify,
         "detect": detect,
         "overhead_share": classify["overhead"]["overhead_share"],
@@ -576,7 +637,7 @@ def run_bench(
             "after_runs_bytes": measured["rss_runs"],
             "peak_bytes": measured["peak_runs"],
             "method": "current RSS from /proc/self/statm (psutil elsewhere); peak from getrusage ru_maxrss, "
-                      "taken before the encoder variants are loaded (it includes whatever the process held before)",
+            "taken before the encoder variants are loaded (it includes whatever the process held before)",
         },
         "encoder_variants": variant_rows,
         "notes": list(notes),
@@ -594,12 +655,15 @@ def _check_out_dir(out: Path, config: BenchConfig) -> None:
         raise InvalidInputError(f"--out {out} is a file, not a folder")
     if out.is_dir() and not (out / "bench.json").is_file() and any(out.iterdir()):
         # e.g. a class folder: plots written there would be read as photos by the next memory build
-        raise InvalidInputError(f"--out {out} is a folder that holds other files and no bench.json (it is not an "
-                                "earlier bench output): give a new or empty folder")
+        raise InvalidInputError(
+            f"--out {out} is a folder that holds other files and no bench.json (it is not an "
+            "earlier bench output): give a new or empty folder"
+        )
 
 
-def _measure(pipe: "Pipeline", inputs: _Inputs, boxes: Any, cold: dict[str, float | None], *,
-             config: BenchConfig) -> dict[str, Any]:
+def _measure(
+    pipe: "Pipeline", inputs: _Inputs, boxes: Any, cold: dict[str, float | None], *, config: BenchConfig
+) -> dict[str, Any]:
     """The first call (cold start), then the timed classify, streamed and detect runs, and RSS around them."""
     inst = _ModelTime(pipe)
     t0 = time.perf_counter()
@@ -612,8 +676,13 @@ def _measure(pipe: "Pipeline", inputs: _Inputs, boxes: Any, cold: dict[str, floa
     detect = _time_detect(pipe, inst, boxes, config=config) if boxes is not None else None
     rss_runs = _rss_bytes()
     # ru_maxrss and /proc's resident count can differ by a few pages: the peak is at least the current.
-    return {"classify": classify, "detect": detect, "rss_loaded": rss_loaded, "rss_runs": rss_runs,
-            "peak_runs": max(_peak_rss_bytes(), rss_runs or 0)}
+    return {
+        "classify": classify,
+        "detect": detect,
+        "rss_loaded": rss_loaded,
+        "rss_runs": rss_runs,
+        "peak_runs": max(_peak_rss_bytes(), rss_runs or 0),
+    }
 
 
 def _write_outputs(result: dict[str, Any], out: Path, *, plots: bool) -> None:
@@ -629,6 +698,7 @@ def _write_outputs(result: dict[str, Any], out: Path, *, plots: bool) -> None:
 
 # -- report ----------------------------------------------------------------------------------------------------
 
+
 def _fmt(x: Any, nd: int = 2) -> str:
     return "–" if x is None else f"{x:.{nd}f}"
 
@@ -637,60 +707,92 @@ def summary_markdown(res: dict[str, Any]) -> str:
     """A one-page Markdown summary of a bench result."""
     env, setup = res["environment"], res["setup"]
     lines = [f"# rar-edge bench: {setup['encoder']['name']}", ""]
-    lines += [f"- CPU: {env['cpu_model']} ({env['cpus_usable']} usable CPUs), encoder threads: {env['encoder_threads']}",
-              f"- providers in use: {env['providers_in_use']}",
-              f"- memory: {setup['memory']['entries']} entries, {setup['memory']['classes']} classes "
-              f"({setup['memory']['backend']}); ranker: {setup['ranker']['name'] if setup['ranker'] else 'none'}",
-              f"- {setup['runs']} timed runs after {setup['warmup']} warm-up; load average before/after: "
-              f"{env['load_average_before']} / {env['load_average_after']}",
-              f"- git: {(env.get('git') or {}).get('commit', 'unknown')}"
-              + (" (dirty)" if (env.get("git") or {}).get("dirty") else ""), ""]
+    lines += [
+        f"- CPU: {env['cpu_model']} ({env['cpus_usable']} usable CPUs), encoder threads: {env['encoder_threads']}",
+        f"- providers in use: {env['providers_in_use']}",
+        f"- memory: {setup['memory']['entries']} entries, {setup['memory']['classes']} classes "
+        f"({setup['memory']['backend']}); ranker: {setup['ranker']['name'] if setup['ranker'] else 'none'}",
+        f"- {setup['runs']} timed runs after {setup['warmup']} warm-up; load average before/after: "
+        f"{env['load_average_before']} / {env['load_average_after']}",
+        f"- git: {(env.get('git') or {}).get('commit', 'unknown')}"
+        + (" (dirty)" if (env.get("git") or {}).get("dirty") else ""),
+        "",
+    ]
     for mode in ("classify", "detect"):
         block = res.get(mode)
         if not block:
             continue
-        lines += [f"## {mode}", "", "| stage | p50 ms | p95 ms | p99 ms | mean ms |", "| --- | ---: | ---: | ---: | ---: |"]
+        lines += [
+            f"## {mode}",
+            "",
+            "| stage | p50 ms | p95 ms | p99 ms | mean ms |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
         for stage in STAGES:
             p = block["latency_ms"].get(stage)
             if p:
                 lines.append(f"| {stage} | {p['p50']:.2f} | {p['p95']:.2f} | {p['p99']:.2f} | {p['mean']:.2f} |")
         ov = block["overhead"]
         enc_m = block["model_time_ms"]["encoder"]
-        lines += ["", f"- throughput: {_fmt(block['throughput_per_s'], 1)} calls/s (one stream)",
-                  f"- model calls: encoder session.run p50 {_fmt(enc_m['p50'] if enc_m else None)} ms"
-                  + (f", ranker llama.cpp p50 {block['model_time_ms']['ranker']['p50']:.2f} ms"
-                     if block["model_time_ms"]["ranker"] else ""),
-                  f"- **SDK overhead share: {ov['overhead_share']:.3f}** (1 - model time / total, summed over runs; "
-                  f"per-run median {ov['overhead_share_p50']:.3f}; target <= {OVERHEAD_TARGET})"]
+        lines += [
+            "",
+            f"- throughput: {_fmt(block['throughput_per_s'], 1)} calls/s (one stream)",
+            f"- model calls: encoder session.run p50 {_fmt(enc_m['p50'] if enc_m else None)} ms"
+            + (
+                f", ranker llama.cpp p50 {block['model_time_ms']['ranker']['p50']:.2f} ms"
+                if block["model_time_ms"]["ranker"]
+                else ""
+            ),
+            f"- **SDK overhead share: {ov['overhead_share']:.3f}** (1 - model time / total, summed over runs; "
+            f"per-run median {ov['overhead_share_p50']:.3f}; target <= {OVERHEAD_TARGET})",
+        ]
         st = block.get("stream")
         if st:
-            lines.append(f"- **streamed** (`iter_classify`, prefetch {st['prefetch']}: the next image decoded on a "
-                         f"worker thread): {st['wall_ms_per_image']:.2f} ms per image, model {st['model_ms_per_image']:.2f} "
-                         f"ms, {_fmt(st['throughput_per_s'], 1)} images/s, **overhead share {st['overhead_share']:.3f}**")
+            lines.append(
+                f"- **streamed** (`iter_classify`, prefetch {st['prefetch']}: the next image decoded on a "
+                f"worker thread): {st['wall_ms_per_image']:.2f} ms per image, model {st['model_ms_per_image']:.2f} "
+                f"ms, {_fmt(st['throughput_per_s'], 1)} images/s, **overhead share {st['overhead_share']:.3f}**"
+            )
         if mode == "classify" and block.get("accuracy"):
             lines.append(f"- top-1 on the timed queries: {block['accuracy']['top1']:.3f} (n={block['accuracy']['n']})")
         if mode == "detect":
-            lines.append(f"- boxes per call p50 {block['boxes_per_call']['p50']:.0f}; {_fmt(block['boxes_per_s'], 1)} boxes/s")
+            lines.append(
+                f"- boxes per call p50 {block['boxes_per_call']['p50']:.0f}; {_fmt(block['boxes_per_s'], 1)} boxes/s"
+            )
         lines.append("")
     cold = res["cold_start_ms"]
     lines += ["## cold start", "", "| step | ms |", "| --- | ---: |"]
     lines += [f"| {k.removesuffix('_ms')} | {_fmt(v, 1)} |" for k, v in cold.items()]
     rss = res["memory_rss"]
-    lines += ["", f"Peak RSS: {rss['peak_bytes'] / 2**20:.0f} MiB; after load {_fmt((rss['after_load_bytes'] or 0) / 2**20, 0)} MiB.", ""]
+    lines += [
+        "",
+        f"Peak RSS: {rss['peak_bytes'] / 2**20:.0f} MiB; after load {_fmt((rss['after_load_bytes'] or 0) / 2**20, 0)} MiB.",
+        "",
+    ]
     if res["encoder_variants"]:
-        lines += ["## encoder variants (same pixels, interleaved)", "",
-                  "| variant | session.run p50 ms | ratio | cosine to reference mean / min | model MB |",
-                  "| --- | ---: | ---: | ---: | ---: |"]
+        lines += [
+            "## encoder variants (same pixels, interleaved)",
+            "",
+            "| variant | session.run p50 ms | ratio | cosine to reference mean / min | model MB |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
         for v in res["encoder_variants"]:
             c = v["cosine_to_reference"]
-            lines.append(f"| {v['name']} | {v['session_run_ms']['p50']:.2f} | {v['latency_ratio_to_reference_p50']:.2f} "
-                         f"| {c['mean']:.4f} / {c['min']:.4f} | {v['model_bytes'] / 1e6:.1f} |")
+            lines.append(
+                f"| {v['name']} | {v['session_run_ms']['p50']:.2f} | {v['latency_ratio_to_reference_p50']:.2f} "
+                f"| {c['mean']:.4f} / {c['min']:.4f} | {v['model_bytes'] / 1e6:.1f} |"
+            )
         lines.append("")
     if res.get("notes"):
         lines += ["## notes", ""] + [f"- {n}" for n in res["notes"]] + [""]
-    lines += ["## method", "", f"- encoder model time: {MODEL_TIME_METHOD['encoder']}",
-              f"- ranker model time: {MODEL_TIME_METHOD['ranker']}",
-              "- stage times are the pipeline's own (`Classification.timings_ms`); percentiles over the timed runs.", ""]
+    lines += [
+        "## method",
+        "",
+        f"- encoder model time: {MODEL_TIME_METHOD['encoder']}",
+        f"- ranker model time: {MODEL_TIME_METHOD['ranker']}",
+        "- stage times are the pipeline's own (`Classification.timings_ms`); percentiles over the timed runs.",
+        "",
+    ]
     if res["files"]["plots"]:
         lines += ["## plots", ""] + [f"![{p}]({p})" for p in res["files"]["plots"]] + [""]
     return "\n".join(lines)
@@ -703,8 +805,14 @@ def _require_matplotlib() -> None:
         raise MissingDependencyError("matplotlib", "bench", "Plotting benchmark results") from e
 
 
-STAGE_COLOURS = {"decode": "#4C72B0", "preprocess": "#55A868", "encode": "#C44E52", "search": "#8172B2",
-                 "rank": "#CCB974", "total": "#333333"}
+STAGE_COLOURS = {
+    "decode": "#4C72B0",
+    "preprocess": "#55A868",
+    "encode": "#C44E52",
+    "search": "#8172B2",
+    "rank": "#CCB974",
+    "total": "#333333",
+}
 
 
 def _hboxplot(ax: Any, data: list, labels: list[str]) -> dict:
@@ -725,8 +833,15 @@ def _plot_stage_bars(ax: Any, block: dict[str, Any], mode: str) -> None:
     p95 = [lat[s]["p95"] for s in stages]
     y = np.arange(len(stages))
     ax.barh(y, p50, color=[STAGE_COLOURS[s] for s in stages])
-    ax.errorbar(p50, y, xerr=[np.zeros(len(p50)), np.maximum(np.subtract(p95, p50), 0)], fmt="none",
-                ecolor="black", capsize=3, lw=1)
+    ax.errorbar(
+        p50,
+        y,
+        xerr=[np.zeros(len(p50)), np.maximum(np.subtract(p95, p50), 0)],
+        fmt="none",
+        ecolor="black",
+        capsize=3,
+        lw=1,
+    )
     for yi, v, w in zip(y, p50, p95):
         ax.text(max(v, w), yi, f"  p50 {v:.2f} / p95 {w:.2f} ms", va="center", ha="left", fontsize=8)
     ax.set_yticks(y, stages)
@@ -748,8 +863,11 @@ def _plot_model_split(ax2: Any, block: dict[str, Any], mode: str) -> None:
     total = float(np.mean(s["total"]))
     enc_m = float(np.mean(s["encoder_model"]))
     rnk_m = float(np.mean(s["ranker_model"]))
-    parts = [("encoder session.run", enc_m, "#C44E52"), ("ranker llama.cpp", rnk_m, "#CCB974"),
-             ("SDK overhead", max(total - enc_m - rnk_m, 0.0), "#999999")]
+    parts = [
+        ("encoder session.run", enc_m, "#C44E52"),
+        ("ranker llama.cpp", rnk_m, "#CCB974"),
+        ("SDK overhead", max(total - enc_m - rnk_m, 0.0), "#999999"),
+    ]
     left = 0.0
     for label, v, c in parts:
         if v <= 0:
@@ -759,9 +877,14 @@ def _plot_model_split(ax2: Any, block: dict[str, Any], mode: str) -> None:
     st = block.get("stream")
     if st:  # the streamed run: wall time per image split the same way
         smodel, swall = st["model_ms_per_image"], st["wall_ms_per_image"]
-        ax2.barh([0.2], [smodel], height=0.5, color="#8172B2",
-                 label=f"streamed: model {smodel:.2f} ms, overhead {max(swall - smodel, 0):.2f} ms "
-                       f"(share {st['overhead_share']:.3f})")
+        ax2.barh(
+            [0.2],
+            [smodel],
+            height=0.5,
+            color="#8172B2",
+            label=f"streamed: model {smodel:.2f} ms, overhead {max(swall - smodel, 0):.2f} ms "
+            f"(share {st['overhead_share']:.3f})",
+        )
         ax2.barh([0.2], [max(swall - smodel, 0.0)], left=smodel, height=0.5, color="#999999")
         ax2.set_yticks([1, 0.2], ["one call", f"stream\n(prefetch {st['prefetch']})"], fontsize=8)
     else:
@@ -769,9 +892,11 @@ def _plot_model_split(ax2: Any, block: dict[str, Any], mode: str) -> None:
     ax2.set_ylim(-1.6, 1.5)
     ax2.set_xlabel("mean latency per call (ms)")
     ov = block["overhead"]["overhead_share"]
-    ax2.set_title(f"{mode}: model calls vs SDK overhead (target share <= {OVERHEAD_TARGET})\n"
-                  f"overhead_share = {ov:.3f} one call at a time"
-                  + (f", {st['overhead_share']:.3f} streamed" if st else ""), fontsize=9)
+    ax2.set_title(
+        f"{mode}: model calls vs SDK overhead (target share <= {OVERHEAD_TARGET})\n"
+        f"overhead_share = {ov:.3f} one call at a time" + (f", {st['overhead_share']:.3f} streamed" if st else ""),
+        fontsize=9,
+    )
     ax2.legend(loc="lower center", fontsize=8, frameon=False)
     ax2.set_xlim(0, total * 1.05)
 
@@ -814,18 +939,30 @@ def _plot_variants(plt: Any, rows: list[dict[str, Any]], where: str, out: Path) 
     p50 = [r["session_run_ms"]["p50"] for r in rows]
     p95 = [r["session_run_ms"]["p95"] for r in rows]
     ax.barh(y, p50, color=["#4C72B0"] + ["#DD8452"] * (len(rows) - 1))
-    ax.errorbar(p50, y, xerr=[np.zeros(len(rows)), np.maximum(np.subtract(p95, p50), 0)], fmt="none",
-                ecolor="black", capsize=3, lw=1)
+    ax.errorbar(
+        p50,
+        y,
+        xerr=[np.zeros(len(rows)), np.maximum(np.subtract(p95, p50), 0)],
+        fmt="none",
+        ecolor="black",
+        capsize=3,
+        lw=1,
+    )
     for yi, r, v, w in zip(y, rows, p50, p95):
         c = r["cosine_to_reference"]
-        ax.text(max(v, w), yi, f"  p50 {v:.2f} ms (x{r['latency_ratio_to_reference_p50']:.2f} of reference)\n"
-                f"  cosine to reference: mean {c['mean']:.5f}, min {c['min']:.5f}", va="center", fontsize=8)
+        ax.text(
+            max(v, w),
+            yi,
+            f"  p50 {v:.2f} ms (x{r['latency_ratio_to_reference_p50']:.2f} of reference)\n"
+            f"  cosine to reference: mean {c['mean']:.5f}, min {c['min']:.5f}",
+            va="center",
+            fontsize=8,
+        )
     ax.set_yticks(y, [r["name"] for r in rows])
     ax.invert_yaxis()
     ax.set_xlim(0, max(p95) * 2.4)
     ax.set_xlabel("image encoder session.run per image (ms): bar = p50, whisker = p95")
-    ax.set_title(f"encoder variants on the same {rows[0]['cosine_to_reference']['n']} real images\n{where}",
-                 fontsize=9)
+    ax.set_title(f"encoder variants on the same {rows[0]['cosine_to_reference']['n']} real images\n{where}", fontsize=9)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / _PLOT_VARIANTS, dpi=110)
@@ -846,14 +983,20 @@ def write_plots(res: dict[str, Any], out: Path) -> list[str]:
     modes = [m for m in ("classify", "detect") if res.get(m)]
     pages = [
         (_PLOT_STAGES, _plot_stage_bars, _plot_model_split, 3.6, f"rar-edge bench: {name}\n{where}"),
-        (_PLOT_LATENCY, _plot_stage_distributions, _plot_runs, 3.8,
-         f"rar-edge bench: {name} | load average before/after {env['load_average_before']} / "
-         f"{env['load_average_after']}"),
+        (
+            _PLOT_LATENCY,
+            _plot_stage_distributions,
+            _plot_runs,
+            3.8,
+            f"rar-edge bench: {name} | load average before/after {env['load_average_before']} / "
+            f"{env['load_average_after']}",
+        ),
     ]
     files = []
     for file_name, left, right, row_height, title in pages:
-        fig, axes = plt.subplots(len(modes), 2, figsize=(12, row_height * len(modes)), squeeze=False,
-                                 gridspec_kw={"width_ratios": [3, 2]})
+        fig, axes = plt.subplots(
+            len(modes), 2, figsize=(12, row_height * len(modes)), squeeze=False, gridspec_kw={"width_ratios": [3, 2]}
+        )
         for row, mode in zip(axes, modes):
             left(row[0], res[mode], mode)
             right(row[1], res[mode], mode)
@@ -874,63 +1017,111 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--encoder", required=True, help="encoder model folder")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--memory", help="a saved memory file")
-    src.add_argument("--images", help="image folder (one sub-folder per class): memory of --shots per class, "
-                                      "the rest are queries")
+    src.add_argument(
+        "--images", help="image folder (one sub-folder per class): memory of --shots per class, the rest are queries"
+    )
     p.add_argument("--shots", type=int, default=4, help="images per class in the memory built from --images")
     p.add_argument("--seed", type=int, default=0, help="few-shot split and query order")
     p.add_argument("--queries", default=None, help="classify this folder's images (one sub-folder per class)")
     p.add_argument("--boxes", default=None, help="YOLO folder or COCO json: time detect on its images too")
     p.add_argument("--ranker", default=None, help="MLLM ranker model folder or GGUF")
-    p.add_argument("--ranker-mode", default="score", choices=["score", "generate"],
-                   help="score: candidate log-likelihoods; generate: the model writes the ranked list")
+    p.add_argument(
+        "--ranker-mode",
+        default="score",
+        choices=["score", "generate"],
+        help="score: candidate log-likelihoods; generate: the model writes the ranked list",
+    )
     p.add_argument("--n-gpu-layers", type=int, default=0, help="ranker layers offloaded by a CUDA llama.cpp (-1: all)")
-    p.add_argument("--variant", action="append", default=[], metavar="DIR",
-                   help="another export of the same encoder (int8, fp16) to compare; repeatable")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="another export of the same encoder (int8, fp16) to compare; repeatable",
+    )
     p.add_argument("--runs", type=int, default=50, help="timed calls")
     p.add_argument("--warmup", type=int, default=5, help="untimed calls first")
     p.add_argument("-k", type=int, default=defaults.K, help="classes retrieved (and ranked) per image")
     p.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"], help="ONNX Runtime provider")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
-    p.add_argument("--spinning", choices=["auto", "on", "off"], default="auto",
-                   help="ONNX Runtime's idle intra-op threads busy-wait (on) or sleep (off); auto: off when a "
-                        "ranker shares the process, else ONNX Runtime's default (on)")
-    p.add_argument("--prefetch", type=int, default=1,
-                   help="images decoded ahead in the extra streamed run (Pipeline.iter_classify); 0 skips it")
+    p.add_argument(
+        "--spinning",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="ONNX Runtime's idle intra-op threads busy-wait (on) or sleep (off); auto: off when a "
+        "ranker shares the process, else ONNX Runtime's default (on)",
+    )
+    p.add_argument(
+        "--prefetch",
+        type=int,
+        default=1,
+        help="images decoded ahead in the extra streamed run (Pipeline.iter_classify); 0 skips it",
+    )
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    p.add_argument("--out", required=True, help="output folder for bench.json, summary.md and plots: new, empty, "
-                                                "or an earlier bench output")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output folder for bench.json, summary.md and plots: new, empty, or an earlier bench output",
+    )
 
 
 def run_from_args(args: argparse.Namespace, *, notes: Sequence[str] = ()) -> dict[str, Any]:
     """Runs the benchmark described by parsed `add_bench_arguments` options."""
-    cfg = BenchConfig(runs=args.runs, warmup=args.warmup, k=args.k, shots=args.shots, seed=args.seed,
-                      encoder=EncoderConfig(provider=args.provider, threads=args.threads, batch_size=16,
-                                            allow_spinning={"auto": None, "on": True, "off": False}[args.spinning]),
-                      ranker_mode=args.ranker_mode, ranker_gpu_layers=args.n_gpu_layers,
-                      prefetch=args.prefetch, plots=not args.no_plots)
-    return run_bench(encoder=args.encoder, out_dir=args.out, memory=args.memory, images=args.images,
-                     queries=args.queries, boxes=args.boxes, ranker=args.ranker, variants=args.variant, notes=notes,
-                     config=cfg)
+    cfg = BenchConfig(
+        runs=args.runs,
+        warmup=args.warmup,
+        k=args.k,
+        shots=args.shots,
+        seed=args.seed,
+        encoder=EncoderConfig(
+            provider=args.provider,
+            threads=args.threads,
+            batch_size=16,
+            allow_spinning={"auto": None, "on": True, "off": False}[args.spinning],
+        ),
+        ranker_mode=args.ranker_mode,
+        ranker_gpu_layers=args.n_gpu_layers,
+        prefetch=args.prefetch,
+        plots=not args.no_plots,
+    )
+    return run_bench(
+        encoder=args.encoder,
+        out_dir=args.out,
+        memory=args.memory,
+        images=args.images,
+        queries=args.queries,
+        boxes=args.boxes,
+        ranker=args.ranker,
+        variants=args.variant,
+        notes=notes,
+        config=cfg,
+    )
 
 
 def summary_lines(res: dict[str, Any], out: str) -> list[str]:
     """The few lines the CLI prints after a run."""
     lat = res["classify"]["latency_ms"]
     parts = " ".join(f"{s} {lat[s]['p50']:.2f}" for s in STAGES if lat.get(s))
-    lines = [f"classify p50 ms: {parts}",
-             f"overhead_share {res['overhead_share']:.3f} (target <= {OVERHEAD_TARGET}); "
-             f"{res['classify']['throughput_per_s']:.1f} img/s; cold start {res['cold_start_ms']['total_ms']:.0f} ms; "
-             f"peak RSS {res['memory_rss']['peak_bytes'] / 2**20:.0f} MiB"]
+    lines = [
+        f"classify p50 ms: {parts}",
+        f"overhead_share {res['overhead_share']:.3f} (target <= {OVERHEAD_TARGET}); "
+        f"{res['classify']['throughput_per_s']:.1f} img/s; cold start {res['cold_start_ms']['total_ms']:.0f} ms; "
+        f"peak RSS {res['memory_rss']['peak_bytes'] / 2**20:.0f} MiB",
+    ]
     st = res["classify"].get("stream")
     if st:
-        lines.append(f"streamed (prefetch {st['prefetch']}): {st['wall_ms_per_image']:.2f} ms per image, "
-                     f"{st['throughput_per_s']:.1f} img/s, overhead_share {st['overhead_share']:.3f}")
+        lines.append(
+            f"streamed (prefetch {st['prefetch']}): {st['wall_ms_per_image']:.2f} ms per image, "
+            f"{st['throughput_per_s']:.1f} img/s, overhead_share {st['overhead_share']:.3f}"
+        )
     if res.get("detect"):
         d = res["detect"]["latency_ms"]["total"]
         lines.append(f"detect total p50 {d['p50']:.2f} ms ({res['detect']['boxes_per_s']:.1f} boxes/s)")
     for v in res["encoder_variants"]:
-        lines.append(f"variant {v['name']}: session.run p50 {v['session_run_ms']['p50']:.2f} ms "
-                     f"(x{v['latency_ratio_to_reference_p50']:.2f}), cosine {v['cosine_to_reference']['mean']:.4f}")
+        lines.append(
+            f"variant {v['name']}: session.run p50 {v['session_run_ms']['p50']:.2f} ms "
+            f"(x{v['latency_ratio_to_reference_p50']:.2f}), cosine {v['cosine_to_reference']['mean']:.4f}"
+        )
     lines.append(f"wrote {Path(out) / 'bench.json'}, summary.md, {len(res['files']['plots'])} plots")
     return lines
 
@@ -950,8 +1141,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def add_bench_subcommand(sub: "argparse._SubParsersAction") -> None:
     """Registers ``bench`` on the CLI's subparsers."""
-    p = sub.add_parser("bench", help="per-stage latency, SDK overhead, cold start, RSS (needs the 'bench' extra for plots)")
+    p = sub.add_parser(
+        "bench", help="per-stage latency, SDK overhead, cold start, RSS (needs the 'bench' extra for plots)"
+    )
     add_bench_arguments(p)
-    p.add_argument("--json", default=None, metavar="FILE",
-                   help="also write the results (bench.json's content) here; '-': stdout")
+    p.add_argument(
+        "--json", default=None, metavar="FILE", help="also write the results (bench.json's content) here; '-': stdout"
+    )
     p.set_defaults(func=_cmd_bench)

@@ -31,6 +31,7 @@ def _write_json(obj: Any, out: str | None) -> None:
 
 def _at_least(lo: int):
     """An argparse type: an integer >= ``lo`` (argparse names the option in its message)."""
+
     def parse(v: str) -> int:
         try:
             n = int(v)
@@ -39,6 +40,7 @@ def _at_least(lo: int):
         if n < lo:
             raise argparse.ArgumentTypeError(f"must be >= {lo}, got {n}")
         return n
+
     parse.__name__ = "integer"
     return parse
 
@@ -49,8 +51,12 @@ class _HelpFormatter(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         d = action.default
-        if (action.option_strings and not any(d is x for x in (None, False, argparse.SUPPRESS)) and "default" not in text
-                and not isinstance(action, (argparse._VersionAction, argparse._HelpAction))):
+        if (
+            action.option_strings
+            and not any(d is x for x in (None, False, argparse.SUPPRESS))
+            and "default" not in text
+            and not isinstance(action, (argparse._VersionAction, argparse._HelpAction))
+        ):
             text += " (default: %(default)s)"
         return text
 
@@ -63,8 +69,10 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
 
-ON_ERROR_HELP = ("what to do with an image that cannot be read (corrupt, truncated, missing, too large): skip it "
-                 "with a warning naming it and go on, or stop there (results so far are kept)")
+ON_ERROR_HELP = (
+    "what to do with an image that cannot be read (corrupt, truncated, missing, too large): skip it "
+    "with a warning naming it and go on, or stop there (results so far are kept)"
+)
 
 
 def _crop_scale_arg(v: str) -> float | str:
@@ -79,21 +87,30 @@ def _crop_scale_arg(v: str) -> float | str:
 def _encoder(args) -> "Any":
     from rar_edge.encoders import Encoder, EncoderConfig
 
-    return Encoder(args.encoder, config=EncoderConfig(provider=args.provider, threads=args.threads,
-                                                       batch_size=args.batch_size))
+    return Encoder(
+        args.encoder, config=EncoderConfig(provider=args.provider, threads=args.threads, batch_size=args.batch_size)
+    )
 
 
 def _add_encoder_args(p: argparse.ArgumentParser, *, required: bool) -> None:
     p.add_argument("--encoder", required=required, help="encoder model folder (rar-edge export clip|tflite)")
     p.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"], help="ONNX Runtime provider")
-    p.add_argument("--threads", type=_at_least(1), default=None,
-                   help="ONNX Runtime intra-op threads (default: all cores)")
-    p.add_argument("--batch-size", type=_at_least(1), default=defaults.BATCH_SIZE, help="images or texts per model call")
+    p.add_argument(
+        "--threads", type=_at_least(1), default=None, help="ONNX Runtime intra-op threads (default: all cores)"
+    )
+    p.add_argument(
+        "--batch-size", type=_at_least(1), default=defaults.BATCH_SIZE, help="images or texts per model call"
+    )
 
 
 def _add_edit_output_args(p: argparse.ArgumentParser, *, required: bool) -> None:
-    p.add_argument("-o", "--output", required=required, default=None,
-                   help="memory to write (.rarmem file or .rarmemd store)" + ("" if required else "; default: in place"))
+    p.add_argument(
+        "-o",
+        "--output",
+        required=required,
+        default=None,
+        help="memory to write (.rarmem file or .rarmemd store)" + ("" if required else "; default: in place"),
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing memory at --output")
 
 
@@ -102,20 +119,35 @@ def _add_few_shot_eval_args(p: argparse.ArgumentParser, *, queries_help: str) ->
     _add_encoder_args(p, required=True)
     p.add_argument("--shots", type=_at_least(1), required=True, help="examples per class in the memory")
     p.add_argument("--seed", type=int, default=0, help="seed of the few-shot split")
-    p.add_argument("-k", type=_at_least(1), default=defaults.K,
-                   help="classes retrieved (and ranked) per query; at most the memory's class count")
+    p.add_argument(
+        "-k",
+        type=_at_least(1),
+        default=defaults.K,
+        help="classes retrieved (and ranked) per query; at most the memory's class count",
+    )
     p.add_argument("--queries", default=None, help=queries_help)
 
 
 def _add_ranker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ranker", default=None, help="MLLM ranker model folder or GGUF (rar-edge export mllm)")
-    p.add_argument("--ranker-mode", default="score", choices=["score", "generate"],
-                   help="score: candidate log-likelihoods; generate: the model writes the ranked list")
-    p.add_argument("--n-gpu-layers", type=int, default=0,
-                   help="ranker layers offloaded to the GPU by a CUDA build of llama.cpp (-1: all)")
-    p.add_argument("--gate-margin", type=float, default=None,
-                   help="skip the ranker when the retrieval margin (1st - 2nd score) is at least this "
-                        "(default: always rank)")
+    p.add_argument(
+        "--ranker-mode",
+        default="score",
+        choices=["score", "generate"],
+        help="score: candidate log-likelihoods; generate: the model writes the ranked list",
+    )
+    p.add_argument(
+        "--n-gpu-layers",
+        type=int,
+        default=0,
+        help="ranker layers offloaded to the GPU by a CUDA build of llama.cpp (-1: all)",
+    )
+    p.add_argument(
+        "--gate-margin",
+        type=float,
+        default=None,
+        help="skip the ranker when the retrieval margin (1st - 2nd score) is at least this (default: always rank)",
+    )
 
 
 def _ranker(args) -> Any:
@@ -136,17 +168,29 @@ def _close(pipe) -> None:
 def _add_max_pixels_arg(p: argparse.ArgumentParser) -> None:
     from rar_edge.image.codec import DEFAULT_MAX_PIXELS
 
-    p.add_argument("--max-pixels", type=_at_least(1), default=DEFAULT_MAX_PIXELS,
-                   help="refuse images that decode to more pixels than this (a decompression-bomb guard; JPEGs "
-                        "count the pixels of their reduced-scale decode)")
+    p.add_argument(
+        "--max-pixels",
+        type=_at_least(1),
+        default=DEFAULT_MAX_PIXELS,
+        help="refuse images that decode to more pixels than this (a decompression-bomb guard; JPEGs "
+        "count the pixels of their reduced-scale decode)",
+    )
 
 
 def _memory_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", default="auto", choices=["auto", "exact", "hnsw"],
-                   help="search: exact native scan, HNSW graph, or auto (HNSW from many entries on)")
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "exact", "hnsw"],
+        help="search: exact native scan, HNSW graph, or auto (HNSW from many entries on)",
+    )
     p.add_argument("--hnsw-m", type=_at_least(2), default=defaults.HNSW_M, help="HNSW graph degree")
-    p.add_argument("--ef-construction", type=_at_least(1), default=defaults.HNSW_EF_CONSTRUCTION,
-                   help="HNSW build-time candidate list size")
+    p.add_argument(
+        "--ef-construction",
+        type=_at_least(1),
+        default=defaults.HNSW_EF_CONSTRUCTION,
+        help="HNSW build-time candidate list size",
+    )
     p.add_argument("--ef", type=_at_least(1), default=defaults.HNSW_EF, help="HNSW search-time candidate list size")
 
 
@@ -195,8 +239,10 @@ def cmd_memory_add(args) -> int:
         images = []
         for x in args.inputs:
             if Path(x).is_dir():
-                raise InvalidInputError(f"{x} is a folder: with --label give image files (or drop --label to read "
-                                        "a folder of class sub-folders)")
+                raise InvalidInputError(
+                    f"{x} is a folder: with --label give image files (or drop --label to read "
+                    "a folder of class sub-folders)"
+                )
             images.append(x)
         labels = [args.label] * len(images)
     enc = _memory_encoder(args, mem)
@@ -246,8 +292,14 @@ def cmd_memory_export(args) -> int:
 def cmd_pack(args) -> int:
     from rar_edge.pack import write_pack
 
-    out = write_pack(args.output, memory=args.memory, encoder=args.encoder, ranker=args.ranker, mmproj=args.mmproj,
-                     overwrite=args.overwrite)
+    out = write_pack(
+        args.output,
+        memory=args.memory,
+        encoder=args.encoder,
+        ranker=args.ranker,
+        mmproj=args.mmproj,
+        overwrite=args.overwrite,
+    )
     print(f"wrote pack {out}")
     return 0
 
@@ -260,14 +312,26 @@ def cmd_memory_build(args) -> int:
     hnsw = HnswParams(M=args.hnsw_m, ef_construction=args.ef_construction, ef=args.ef)
     sources = [x for x in (args.folder, args.classes, getattr(args, "boxes", None)) if x]
     if len(sources) != 1:
-        raise InvalidInputError("give exactly one of FOLDER (few-shot images), --classes FILE (zero-shot) or --boxes DATASET")
+        raise InvalidInputError(
+            "give exactly one of FOLDER (few-shot images), --classes FILE (zero-shot) or --boxes DATASET"
+        )
     if args.engine == "ray":
         from rar_edge.datasets import read_class_names
         from rar_edge.tools.distributed import build_memory
 
-        mem = build_memory(args.folder, encoder=enc, classes=read_class_names(args.classes) if args.classes else None,
-                           boxes=getattr(args, "boxes", None), shots=args.shots, seed=args.seed, backend=args.backend,
-                           hnsw=hnsw, on_error=args.on_error, options=_ray_options(args), progress=not args.quiet)
+        mem = build_memory(
+            args.folder,
+            encoder=enc,
+            classes=read_class_names(args.classes) if args.classes else None,
+            boxes=getattr(args, "boxes", None),
+            shots=args.shots,
+            seed=args.seed,
+            backend=args.backend,
+            hnsw=hnsw,
+            on_error=args.on_error,
+            options=_ray_options(args),
+            progress=not args.quiet,
+        )
     elif args.classes:
         from rar_edge.datasets import read_class_names
 
@@ -275,11 +339,26 @@ def cmd_memory_build(args) -> int:
     elif getattr(args, "boxes", None):
         from rar_edge.index.build import memory_from_boxes
 
-        mem = memory_from_boxes(args.boxes, encoder=enc, shots=args.shots, seed=args.seed, backend=args.backend,
-                                hnsw=hnsw, progress=not args.quiet)
+        mem = memory_from_boxes(
+            args.boxes,
+            encoder=enc,
+            shots=args.shots,
+            seed=args.seed,
+            backend=args.backend,
+            hnsw=hnsw,
+            progress=not args.quiet,
+        )
     else:
-        mem = Memory.from_folder(args.folder, encoder=enc, shots=args.shots, seed=args.seed, backend=args.backend,
-                                 hnsw=hnsw, progress=not args.quiet, on_error=args.on_error)
+        mem = Memory.from_folder(
+            args.folder,
+            encoder=enc,
+            shots=args.shots,
+            seed=args.seed,
+            backend=args.backend,
+            hnsw=hnsw,
+            progress=not args.quiet,
+            on_error=args.on_error,
+        )
     mem.save(args.output)
     info = mem.info()
     if args.json:
@@ -288,49 +367,92 @@ def cmd_memory_build(args) -> int:
             from rar_edge.datasets import few_shot_split
 
             have = set(mem.sources)
-            skipped = [str(p) for ps in few_shot_split(args.folder, shots=args.shots, seed=args.seed).support.values()
-                       for p in ps if str(p) not in have]
+            skipped = [
+                str(p)
+                for ps in few_shot_split(args.folder, shots=args.shots, seed=args.seed).support.values()
+                for p in ps
+                if str(p) not in have
+            ]
         _write_json({"output": str(args.output), **info, "skipped_images": skipped}, None)
     else:
-        print(f"wrote {args.output}: {info['n_entries']} entries, {info['n_classes']} classes, dim {info['dim']}, "
-              f"backend {info['active_backend']}, encoder {enc.name} ({enc.fingerprint[:12]})")
+        print(
+            f"wrote {args.output}: {info['n_entries']} entries, {info['n_classes']} classes, dim {info['dim']}, "
+            f"backend {info['active_backend']}, encoder {enc.name} ({enc.fingerprint[:12]})"
+        )
     return 0
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--engine", default="local", choices=["local", "ray"],
-                   help="local: this process; ray: an actor pool on Ray Data (needs the 'ray' extra)")
-    p.add_argument("--ray-address", default=None,
-                   help="Ray cluster to join (auto, HOST:6379, ray://HOST:10001); default: start a local Ray")
+    p.add_argument(
+        "--engine",
+        default="local",
+        choices=["local", "ray"],
+        help="local: this process; ray: an actor pool on Ray Data (needs the 'ray' extra)",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="Ray cluster to join (auto, HOST:6379, ray://HOST:10001); default: start a local Ray",
+    )
     p.add_argument("--ray-concurrency", type=int, default=1, help="actors, each holding one encoder session")
     p.add_argument("--ray-batch-size", type=int, default=64, help="images per actor call")
-    p.add_argument("--ray-cpus-per-actor", type=float, default=1.0,
-                   help="CPUs reserved per actor (also its ONNX Runtime threads unless --threads is given)")
-    p.add_argument("--ray-gpus-per-actor", type=float, default=None,
-                   help="GPUs reserved per actor (default: 1 with --provider cuda/tensorrt, else 0)")
-    p.add_argument("--ray-ship-files", default=None, action=argparse.BooleanOptionalAction,
-                   help="send the model folder (and memory file) to nodes through Ray's object store "
-                        "(default: when joining a cluster)")
+    p.add_argument(
+        "--ray-cpus-per-actor",
+        type=float,
+        default=1.0,
+        help="CPUs reserved per actor (also its ONNX Runtime threads unless --threads is given)",
+    )
+    p.add_argument(
+        "--ray-gpus-per-actor",
+        type=float,
+        default=None,
+        help="GPUs reserved per actor (default: 1 with --provider cuda/tensorrt, else 0)",
+    )
+    p.add_argument(
+        "--ray-ship-files",
+        default=None,
+        action=argparse.BooleanOptionalAction,
+        help="send the model folder (and memory file) to nodes through Ray's object store "
+        "(default: when joining a cluster)",
+    )
 
 
 def _ray_options(args) -> Any:
     from rar_edge.tools.distributed import RayOptions
 
-    return RayOptions(address=args.ray_address, concurrency=args.ray_concurrency, batch_size=args.ray_batch_size,
-                      num_cpus_per_actor=args.ray_cpus_per_actor, num_gpus_per_actor=args.ray_gpus_per_actor,
-                      ship_files=args.ray_ship_files)
+    return RayOptions(
+        address=args.ray_address,
+        concurrency=args.ray_concurrency,
+        batch_size=args.ray_batch_size,
+        num_cpus_per_actor=args.ray_cpus_per_actor,
+        num_gpus_per_actor=args.ray_gpus_per_actor,
+        ship_files=args.ray_ship_files,
+    )
 
 
 def cmd_classify_batch(args) -> int:
     from rar_edge.encoders import EncoderConfig
     from rar_edge.tools.batch import BatchConfig, classify_batch
 
-    cfg = BatchConfig(k=args.k, encoder=EncoderConfig(provider=args.provider, threads=args.threads,
-                                                      batch_size=args.batch_size),
-                      ranker_mode=args.ranker_mode, gate_margin=args.gate_margin, n_gpu_layers=args.n_gpu_layers)
-    res = classify_batch(args.src, memory=args.memory, output=args.output, encoder=args.encoder, ranker=args.ranker,
-                         config=cfg, engine=args.engine, options=_ray_options(args) if args.engine == "ray" else None,
-                         overwrite=args.overwrite, progress=not args.quiet)
+    cfg = BatchConfig(
+        k=args.k,
+        encoder=EncoderConfig(provider=args.provider, threads=args.threads, batch_size=args.batch_size),
+        ranker_mode=args.ranker_mode,
+        gate_margin=args.gate_margin,
+        n_gpu_layers=args.n_gpu_layers,
+    )
+    res = classify_batch(
+        args.src,
+        memory=args.memory,
+        output=args.output,
+        encoder=args.encoder,
+        ranker=args.ranker,
+        config=cfg,
+        engine=args.engine,
+        options=_ray_options(args) if args.engine == "ray" else None,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
     print(f"wrote {res.output}: {res.rows} rows, {res.errors} with an error (engine {res.engine})")
     return 0
 
@@ -342,8 +464,10 @@ def cmd_memory_info(args) -> int:
     if args.json:
         _write_json(info, None)
     else:
-        print(f"{info['path']}: {info['n_entries']} entries, {info['n_classes']} classes, dim {info['dim']}, "
-              f"backend {info['backend']} (active: {info['active_backend']}), storage {info['storage']}")
+        print(
+            f"{info['path']}: {info['n_entries']} entries, {info['n_classes']} classes, dim {info['dim']}, "
+            f"backend {info['backend']} (active: {info['active_backend']}), storage {info['storage']}"
+        )
         enc = info["encoder"] or {}
         print(f"encoder: {enc.get('name')} at {enc.get('path')} (fingerprint {str(enc.get('fingerprint'))[:12]})")
         for c, n in info["entries_per_class"].items():
@@ -355,9 +479,12 @@ def _pipeline(args):
     from rar_edge.encoders import EncoderConfig
     from rar_edge.pipeline import Pipeline, PipelineConfig
 
-    cfg = PipelineConfig(k=args.k, encoder=EncoderConfig(provider=args.provider, threads=args.threads,
-                                                          batch_size=args.batch_size),
-                         gate_margin=getattr(args, "gate_margin", None), max_pixels=args.max_pixels)
+    cfg = PipelineConfig(
+        k=args.k,
+        encoder=EncoderConfig(provider=args.provider, threads=args.threads, batch_size=args.batch_size),
+        gate_margin=getattr(args, "gate_margin", None),
+        max_pixels=args.max_pixels,
+    )
     pack = getattr(args, "pack", None)
     if pack is None:
         if not args.memory:
@@ -453,13 +580,26 @@ def cmd_eval(args) -> int:
 
     enc = _encoder(args)
     ranker = _ranker(args)
-    cfg = PipelineConfig(k=args.k, encoder=EncoderConfig(provider=args.provider, threads=args.threads,
-                                                          batch_size=args.batch_size), gate_margin=args.gate_margin,
-                         max_pixels=args.max_pixels)
-    res = evaluate_classification(args.folder, encoder=enc, shots=args.shots, seed=args.seed, k=args.k,
-                                  queries_folder=args.queries, ranker=ranker, config=cfg, backend=args.backend,
-                                  hnsw=HnswParams(M=args.hnsw_m, ef_construction=args.ef_construction, ef=args.ef),
-                                  progress=not args.quiet, on_error=args.on_error)
+    cfg = PipelineConfig(
+        k=args.k,
+        encoder=EncoderConfig(provider=args.provider, threads=args.threads, batch_size=args.batch_size),
+        gate_margin=args.gate_margin,
+        max_pixels=args.max_pixels,
+    )
+    res = evaluate_classification(
+        args.folder,
+        encoder=enc,
+        shots=args.shots,
+        seed=args.seed,
+        k=args.k,
+        queries_folder=args.queries,
+        ranker=ranker,
+        config=cfg,
+        backend=args.backend,
+        hnsw=HnswParams(M=args.hnsw_m, ef_construction=args.ef_construction, ef=args.ef),
+        progress=not args.quiet,
+        on_error=args.on_error,
+    )
     _write_json(res, args.json)
     k = res["setup"]["k"]  # -k above the class count is lowered to it
     line = f"top1 {res['top1']:.4f}  recall@{k} {res['recall'][str(k)]:.4f}  n={res['n_queries']}"
@@ -473,13 +613,25 @@ def cmd_eval_detect(args) -> int:
     from rar_edge.tools.evaluate import evaluate_detection
 
     enc = _encoder(args)
-    res = evaluate_detection(args.dataset, encoder=enc, shots=args.shots, seed=args.seed, k=args.k,
-                             queries=args.queries, ranker=_ranker(args), crop_scale=args.crop_scale,
-                             blur_sigma_px=args.blur_sigma, gate_margin=args.gate_margin, progress=not args.quiet)
+    res = evaluate_detection(
+        args.dataset,
+        encoder=enc,
+        shots=args.shots,
+        seed=args.seed,
+        k=args.k,
+        queries=args.queries,
+        ranker=_ranker(args),
+        crop_scale=args.crop_scale,
+        blur_sigma_px=args.blur_sigma,
+        gate_margin=args.gate_margin,
+        progress=not args.quiet,
+    )
     _write_json(res, args.json)
     k = res["setup"]["k"]  # -k above the class count is lowered to it
-    print(f"top1 {res['top1']:.4f}  recall@{k} {res['recall'][str(k)]:.4f}  n={res['n_queries']}",
-          file=sys.stderr if args.json in (None, "-") else sys.stdout)
+    print(
+        f"top1 {res['top1']:.4f}  recall@{k} {res['recall'][str(k)]:.4f}  n={res['n_queries']}",
+        file=sys.stderr if args.json in (None, "-") else sys.stdout,
+    )
     return 0
 
 
@@ -487,13 +639,16 @@ def cmd_finetune_data(args) -> int:
     from rar_edge.tools.finetune_data import run_finetune_data
 
     enc = _encoder(args)
-    info = run_finetune_data(args.folder, enc.embed_images, k=args.k, out=args.output, seed=args.seed,
-                             neighbours=args.neighbours)
+    info = run_finetune_data(
+        args.folder, enc.embed_images, k=args.k, out=args.output, seed=args.seed, neighbours=args.neighbours
+    )
     if args.json:
         _write_json({"output": str(args.output), **info}, None)
         return 0
-    print(f"wrote {args.output}: {info['rows']} rows ({info['images_a']} images in Da, {info['images_b']} in Db, "
-          f"{info['classes']} classes, k={info['k']}, prompt {info['prompt_version']})")
+    print(
+        f"wrote {args.output}: {info['rows']} rows ({info['images_a']} images in Da, {info['images_b']} in Db, "
+        f"{info['classes']} classes, k={info['k']}, prompt {info['prompt_version']})"
+    )
     return 0
 
 
@@ -527,18 +682,27 @@ def _memory_parsers(sub: "argparse._SubParsersAction") -> None:
     """memory build / info / add / remove / merge / export."""
     pm = sub.add_parser("memory", help="build or inspect a memory")
     msub = pm.add_subparsers(dest="memory_cmd", required=True)
-    b = msub.add_parser("build", help="few-shot from FOLDER (one sub-folder per class), zero-shot from --classes, "
-                                      "or few-shot crops from --boxes DATASET")
+    b = msub.add_parser(
+        "build",
+        help="few-shot from FOLDER (one sub-folder per class), zero-shot from --classes, "
+        "or few-shot crops from --boxes DATASET",
+    )
     b.add_argument("folder", nargs="?", help="image folder, one sub-folder per class")
     b.add_argument("--classes", help="text file of class names, one a line (zero-shot, CLIP text tower)")
     b.add_argument("--boxes", help="YOLO folder or COCO json: labelled boxes whose crops become exemplars")
     _add_encoder_args(b, required=True)
-    b.add_argument("--shots", type=_at_least(1), default=None,
-                   help="images per class (a seeded random sample); default all")
+    b.add_argument(
+        "--shots", type=_at_least(1), default=None, help="images per class (a seeded random sample); default all"
+    )
     b.add_argument("--seed", type=int, default=0, help="seed of the --shots sample")
     _memory_args(b)
-    b.add_argument("-o", "--output", required=True, help="memory to write: NAME.rarmem (one file) or NAME.rarmemd "
-                                                         "(a directory store: later edits save only what changed)")
+    b.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="memory to write: NAME.rarmem (one file) or NAME.rarmemd "
+        "(a directory store: later edits save only what changed)",
+    )
     b.add_argument("--overwrite", action="store_true", help="replace an existing memory at --output")
     b.add_argument("--on-error", default="skip", choices=["skip", "stop"], help=ON_ERROR_HELP + " (FOLDER builds)")
     b.add_argument("--json", action="store_true", help="print what was built as JSON (with the images skipped)")
@@ -594,10 +758,17 @@ def _classify_parsers(sub: "argparse._SubParsersAction") -> None:
     _add_encoder_args(c, required=False)
     c.add_argument("-k", type=_at_least(1), default=defaults.K, help="classes retrieved (and ranked) per image")
     _add_ranker_args(c)
-    c.add_argument("--json", action="store_true",
-                   help="print the results as a JSON list, one object per image (an image that failed: its error)")
-    c.add_argument("--on-error", default="skip", choices=["skip", "stop"],
-                   help=ON_ERROR_HELP + "; exit status 1 when any image failed")
+    c.add_argument(
+        "--json",
+        action="store_true",
+        help="print the results as a JSON list, one object per image (an image that failed: its error)",
+    )
+    c.add_argument(
+        "--on-error",
+        default="skip",
+        choices=["skip", "stop"],
+        help=ON_ERROR_HELP + "; exit status 1 when any image failed",
+    )
     _add_max_pixels_arg(c)
     c.set_defaults(func=cmd_classify)
 
@@ -607,8 +778,12 @@ def _classify_parsers(sub: "argparse._SubParsersAction") -> None:
     _add_encoder_args(cb, required=False)
     cb.add_argument("-k", type=int, default=defaults.K)
     _add_ranker_args(cb)
-    cb.add_argument("-o", "--output", required=True,
-                    help="Parquet file (local engine) or folder of Parquet shards (ray engine); a path or a URI")
+    cb.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="Parquet file (local engine) or folder of Parquet shards (ray engine); a path or a URI",
+    )
     cb.add_argument("--overwrite", action="store_true", help="replace an existing output (file or folder of shards)")
     _add_engine_args(cb)
     cb.set_defaults(func=cmd_classify_batch)
@@ -620,9 +795,12 @@ def _classify_parsers(sub: "argparse._SubParsersAction") -> None:
     _add_encoder_args(d, required=False)
     d.add_argument("-k", type=_at_least(1), default=defaults.K, help="classes retrieved (and ranked) per box")
     _add_ranker_args(d)
-    d.add_argument("--on-invalid", default="raise", choices=["raise", "skip"],
-                   help="a box with a NaN coordinate, no area or outside the image: stop with an error, or skip it "
-                        "(and say so)")
+    d.add_argument(
+        "--on-invalid",
+        default="raise",
+        choices=["raise", "skip"],
+        help="a box with a NaN coordinate, no area or outside the image: stop with an error, or skip it (and say so)",
+    )
     d.add_argument("--json", action="store_true", help="print the detections as a JSON list")
     _add_max_pixels_arg(d)
     d.set_defaults(func=cmd_detect)
@@ -636,8 +814,12 @@ def _eval_parsers(sub: "argparse._SubParsersAction") -> None:
     _add_ranker_args(e)
     _memory_args(e)
     e.add_argument("--json", default=None, metavar="FILE", help="write the results here ('-': stdout; default: stdout)")
-    e.add_argument("--on-error", default="skip", choices=["skip", "stop"],
-                   help=ON_ERROR_HELP + "; skipped queries are listed in the JSON")
+    e.add_argument(
+        "--on-error",
+        default="skip",
+        choices=["skip", "stop"],
+        help=ON_ERROR_HELP + "; skipped queries are listed in the JSON",
+    )
     _add_max_pixels_arg(e)
     e.set_defaults(func=cmd_eval)
 
@@ -647,7 +829,9 @@ def _eval_parsers(sub: "argparse._SubParsersAction") -> None:
     ed.add_argument("--crop-scale", default=None, type=_crop_scale_arg, help="box enlargement factor, or 'adaptive'")
     ed.add_argument("--blur-sigma", type=float, default=None, help="Gaussian sigma (px) around the box; 0 = off")
     _add_ranker_args(ed)
-    ed.add_argument("--json", default=None, metavar="FILE", help="write the results here ('-': stdout; default: stdout)")
+    ed.add_argument(
+        "--json", default=None, metavar="FILE", help="write the results here ('-': stdout; default: stdout)"
+    )
     ed.set_defaults(func=cmd_eval_detect)
 
     f = sub.add_parser("finetune-data", help="ranking fine-tuning rows (RAR recipe) as conversation JSONL")
@@ -679,8 +863,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="rar-edge", description="RAR retrieval + ranking on the edge")
     parser.add_argument("--version", action="version", version=f"rar-edge {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
-    parser.add_argument("-q", "--quiet", action="store_true",
-                        help="no progress bars (they are shown only when stderr is a terminal)")
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress bars (they are shown only when stderr is a terminal)"
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
     _export_parser(sub)
     _memory_parsers(sub)

@@ -27,8 +27,12 @@ def _say(msg: str = "") -> None:
 
 def find_shared(explicit: str | None = None) -> Path | None:
     """The shared data folder: ``explicit``, ``$RAR_EDGE_SHARED``, or ``../shared`` beside the checkout."""
-    candidates = [explicit, os.environ.get("RAR_EDGE_SHARED"), Path.cwd().parent / "shared",
-                  Path(__file__).resolve().parents[2] / "shared"]
+    candidates = [
+        explicit,
+        os.environ.get("RAR_EDGE_SHARED"),
+        Path.cwd().parent / "shared",
+        Path(__file__).resolve().parents[2] / "shared",
+    ]
     for c in candidates:
         if c and Path(c).is_dir():
             return Path(c).resolve()
@@ -74,8 +78,10 @@ def _clip_model(models: Path, clip: str | None) -> tuple[Path, str]:
     if not (out / "manifest.json").is_file():
         src = build_tiny_clip(models / "tiny_random_clip_hf")
         export_clip(src, out, overwrite=True)
-    return out, ("a tiny RANDOM-weight CLIP (real CLIP architecture and tokenizer, no training) built offline "
-                 "because the hub is unreachable: its zero-shot answers are meaningless")
+    return out, (
+        "a tiny RANDOM-weight CLIP (real CLIP architecture and tokenizer, no training) built offline "
+        "because the hub is unreachable: its zero-shot answers are meaningless"
+    )
 
 
 def _ranker_model(models: Path, ranker: str | None) -> tuple[Any, str]:
@@ -97,7 +103,9 @@ def _ranker_model(models: Path, ranker: str | None) -> tuple[Any, str]:
     if src is not None:
         from rar_edge_export.tiny_models import build_tiny_vlm
 
-        hf = build_tiny_vlm("smolvlm", models / "tiny_random_smolvlm_hf", vocab_gguf=src / "models" / "ggml-vocab-gpt-2.gguf")
+        hf = build_tiny_vlm(
+            "smolvlm", models / "tiny_random_smolvlm_hf", vocab_gguf=src / "models" / "ggml-vocab-gpt-2.gguf"
+        )
         export_mllm(hf, vlm, quant="Q8_0", llama_cpp_src=src, overwrite=True)
         return Ranker.load(vlm), _TINY_VLM_DESC
     if not (txt / "manifest.json").is_file():
@@ -105,22 +113,28 @@ def _ranker_model(models: Path, ranker: str | None) -> tuple[Any, str]:
 
         gguf = write_tiny_text_gguf(models / "tiny_random_llama_f32.gguf", seed=0)
         export_mllm(gguf, txt, quant="Q8_0", overwrite=True)
-    return Ranker.load(txt), ("a tiny RANDOM-weight text-only llama GGUF exported through `export mllm` (llama.cpp's "
-                              "converters were not found: run tools/fetch_llm.sh --sdist for the multimodal one); it "
-                              "shows the ranking machinery, its choices are arbitrary")
+    return Ranker.load(txt), (
+        "a tiny RANDOM-weight text-only llama GGUF exported through `export mllm` (llama.cpp's "
+        "converters were not found: run tools/fetch_llm.sh --sdist for the multimodal one); it "
+        "shows the ranking machinery, its choices are arbitrary"
+    )
 
 
-_TINY_VLM_DESC = ("a tiny RANDOM-weight SmolVLM (Idefics3 architecture: vision tower + projector + language model) "
-                  "converted to GGUF + mmproj by `export mllm` with llama.cpp's own converters (no pretrained "
-                  "multimodal GGUF can be downloaded here): it sees the image, but its choices are arbitrary")
+_TINY_VLM_DESC = (
+    "a tiny RANDOM-weight SmolVLM (Idefics3 architecture: vision tower + projector + language model) "
+    "converted to GGUF + mmproj by `export mllm` with llama.cpp's own converters (no pretrained "
+    "multimodal GGUF can be downloaded here): it sees the image, but its choices are arbitrary"
+)
 
 
 def _llama_cpp_sources(models: Path) -> Path | None:
     """llama.cpp's converter scripts from the llama-cpp-python source package in .cache/sdist, if present."""
     from rar_edge_export.mllm import llama_cpp_source
 
-    for d in (Path(os.environ.get("RAR_EDGE_LLAMA_CPP_SDIST", ".cache/sdist")),
-              Path(__file__).resolve().parents[1] / ".cache" / "sdist"):
+    for d in (
+        Path(os.environ.get("RAR_EDGE_LLAMA_CPP_SDIST", ".cache/sdist")),
+        Path(__file__).resolve().parents[1] / ".cache" / "sdist",
+    ):
         if d.exists():
             try:
                 return llama_cpp_source(sdist=d, cache_dir=models / "llama_cpp_src", download=False)
@@ -129,8 +143,14 @@ def _llama_cpp_sources(models: Path) -> Path | None:
     return None
 
 
-def run_demo(*, workdir: str | os.PathLike = "artifacts/demo", shared: str | None = None, n_images: int = 8,
-             clip: str | None = None, ranker: str | None = None) -> int:
+def run_demo(
+    *,
+    workdir: str | os.PathLike = "artifacts/demo",
+    shared: str | None = None,
+    n_images: int = 8,
+    clip: str | None = None,
+    ranker: str | None = None,
+) -> int:
     """Runs the demo; returns the process exit code."""
     # transformers would import TensorFlow (installed for the TFLite converter): slow and noisy, unused.
     os.environ.setdefault("USE_TF", "0")
@@ -155,8 +175,10 @@ def run_demo(*, workdir: str | os.PathLike = "artifacts/demo", shared: str | Non
     if tflite is not None and tflite.is_file():
         mn_dir = _export_once(models / "mobilenet_v1", lambda o: export_tflite(tflite, o))
         img_enc = Encoder(mn_dir, config=EncoderConfig())
-        used.append(f"image encoder: MobileNet v1 ImageNet-pretrained embedder (REAL weights) from {tflite}, "
-                    f"exported to ONNX by `rar-edge export tflite` -> {mn_dir}")
+        used.append(
+            f"image encoder: MobileNet v1 ImageNet-pretrained embedder (REAL weights) from {tflite}, "
+            f"exported to ONNX by `rar-edge export tflite` -> {mn_dir}"
+        )
     else:
         img_enc = None
     _say(f"[1/4] image encoder ready ({time.perf_counter() - t0:.1f} s)")
@@ -180,8 +202,10 @@ def run_demo(*, workdir: str | os.PathLike = "artifacts/demo", shared: str | Non
         t0 = time.perf_counter()
         mem = Memory.from_folder(flowers, encoder=img_enc, shots=4, seed=0)
         mem_path = mem.save(work / "flowers_4shot.rarmem")
-        _say(f"[3/4] few-shot memory: {mem.size} photos of {len(mem.classes)} flower classes (4 per class, seed 0) "
-             f"in {time.perf_counter() - t0:.1f} s -> {mem_path}")
+        _say(
+            f"[3/4] few-shot memory: {mem.size} photos of {len(mem.classes)} flower classes (4 per class, seed 0) "
+            f"in {time.perf_counter() - t0:.1f} s -> {mem_path}"
+        )
         step = max(1, len(split.queries) // n_images)
         queries = split.queries[::step][:n_images]
         hits = 0
@@ -190,29 +214,38 @@ def run_demo(*, workdir: str | os.PathLike = "artifacts/demo", shared: str | Non
                 r = pipe.classify(path)
                 hits += r.label == truth
                 cands = ", ".join(f"{c.label} {c.score:.2f}" for c in r.retrieved)
-                _say(f"    {path.parent.name}/{path.name}: {r.label:<12} {'ok ' if r.label == truth else 'MISS'} "
-                     f"[{cands}] {r.timings_ms['total']:.1f} ms")
+                _say(
+                    f"    {path.parent.name}/{path.name}: {r.label:<12} {'ok ' if r.label == truth else 'MISS'} "
+                    f"[{cands}] {r.timings_ms['total']:.1f} ms"
+                )
         _say(f"    retrieval-only: {hits}/{len(queries)} correct on these held-out photos")
         if rk is not None:
             with Pipeline(memory=mem, encoder=img_enc, ranker=rk, config=PipelineConfig(k=defaults.K)) as pipe:
                 path, truth = queries[0]
                 r = pipe.classify(path)
-                _say(f"    with the ranker: {path.name}: retrieved {[c.label for c in r.retrieved]} -> ranked "
-                     f"{[c.label for c in r.candidates]} (answer '{r.label}' is always a candidate; "
-                     f"rank {r.timings_ms.get('rank', 0):.0f} ms)")
+                _say(
+                    f"    with the ranker: {path.name}: retrieved {[c.label for c in r.retrieved]} -> ranked "
+                    f"{[c.label for c in r.candidates]} (answer '{r.label}' is always a candidate; "
+                    f"rank {r.timings_ms.get('rank', 0):.0f} ms)"
+                )
     else:
         _say("[3/4] skipped few-shot retrieval: Oxford Flowers not found in the shared folder")
 
     # 4. Zero-shot memory from class names.
-    names = sorted(p.name.replace("_", " ") for p in flowers.iterdir() if p.is_dir()) if flowers is not None \
-        and flowers.is_dir() else ["daisy", "sunflower", "tulip", "tabby cat", "airliner"]
+    names = (
+        sorted(p.name.replace("_", " ") for p in flowers.iterdir() if p.is_dir())
+        if flowers is not None and flowers.is_dir()
+        else ["daisy", "sunflower", "tulip", "tabby cat", "airliner"]
+    )
     zs = Memory.from_class_names(names, encoder=clip_enc)
     zs.save(work / "zeroshot.rarmem")
     query = split.queries[0][0] if flowers is not None and flowers.is_dir() else None
     if query is not None:
         r = Pipeline(memory=zs, encoder=clip_enc, config=PipelineConfig(k=3)).classify(query)
-        _say(f"[4/4] zero-shot memory of {len(names)} class names; {query.name} -> {r.label} "
-             f"(top 3: {[c.label for c in r.candidates]})")
+        _say(
+            f"[4/4] zero-shot memory of {len(names)} class names; {query.name} -> {r.label} "
+            f"(top 3: {[c.label for c in r.candidates]})"
+        )
     else:
         _say(f"[4/4] zero-shot memory of {len(names)} class names built")
     if rk is not None:

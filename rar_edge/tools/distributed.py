@@ -131,8 +131,12 @@ def ray_session(options: RayOptions, *, progress: bool = False) -> Iterator[Any]
     started = False
     if not ray.is_initialized():
         if options.address is None:
-            ray.init(num_cpus=options.local_num_cpus, include_dashboard=False, logging_level=logging.WARNING,
-                     log_to_driver=False)
+            ray.init(
+                num_cpus=options.local_num_cpus,
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+                log_to_driver=False,
+            )
         else:
             ray.init(address=options.address, logging_level=logging.WARNING)
         started = True
@@ -178,8 +182,10 @@ def materialise(path: str, shipped: list | None, *, marker: str | None) -> str:
     if here.is_file():
         return path
     if not shipped:
-        raise InvalidInputError(f"{here} does not exist on this node: put it on every node (a shared disk), or "
-                                "let it travel through Ray's object store (ship_files / --ray-ship-files)")
+        raise InvalidInputError(
+            f"{here} does not exist on this node: put it on every node (a shared disk), or "
+            "let it travel through Ray's object store (ship_files / --ray-ship-files)"
+        )
     ray = import_ray()
     data = ray.get(shipped[0])
     files = data if isinstance(data, dict) else {Path(path).name: data}
@@ -209,8 +215,10 @@ def _ship(ray: Any, options: RayOptions, make: Any) -> list | None:
 def actor_resources(options: RayOptions, provider: str) -> dict[str, Any]:
     """map_batches' pool and resource arguments for actors that run an encoder on ``provider``."""
     ray = import_ray()
-    res: dict[str, Any] = {"compute": ray.data.ActorPoolStrategy(size=options.concurrency),
-                           "num_cpus": options.num_cpus_per_actor}
+    res: dict[str, Any] = {
+        "compute": ray.data.ActorPoolStrategy(size=options.concurrency),
+        "num_cpus": options.num_cpus_per_actor,
+    }
     gpus = options.gpus_for(provider)
     if gpus:
         res["num_gpus"] = gpus
@@ -245,7 +253,8 @@ class _EncoderActor:
         if self.encoder.fingerprint != fingerprint:
             raise MemoryMismatchError(
                 f"the encoder at {model_dir} on this node (fingerprint {self.encoder.fingerprint[:12]}) is not the "
-                f"driver's ({fingerprint[:12]}): give every node the same model files")
+                f"driver's ({fingerprint[:12]}): give every node the same model files"
+            )
 
 
 class ImageEmbedder(_EncoderActor):
@@ -280,8 +289,9 @@ class BoxEmbedder(_EncoderActor):
         from rar_edge.index.build import exemplar_crops
 
         keys, crops, labels, sources, errors = [], [], [], [], []
-        for key, path, flat, idx, lbl in zip(batch["key"], batch["path"], batch["boxes"], batch["box_index"],
-                                             batch["label"]):
+        for key, path, flat, idx, lbl in zip(
+            batch["key"], batch["path"], batch["boxes"], batch["box_index"], batch["label"]
+        ):
             picks = [(int(j), str(name)) for j, name in zip(idx, lbl)]
             boxes = np.asarray(flat, np.float64).reshape(-1, 4)
             try:
@@ -304,8 +314,13 @@ class BoxEmbedder(_EncoderActor):
         vectors = np.zeros((len(keys), dim), np.float32)
         if ok.any():
             vectors[ok] = self.encoder.embed_pixels(np.ascontiguousarray(stacked[ok]))
-        return {"key": np.asarray(keys, np.int64), "vector": vectors, "label": np.asarray(labels, dtype=object),
-                "source": np.asarray(sources, dtype=object), "error": np.asarray(errors, dtype=object)}
+        return {
+            "key": np.asarray(keys, np.int64),
+            "vector": vectors,
+            "label": np.asarray(labels, dtype=object),
+            "source": np.asarray(sources, dtype=object),
+            "error": np.asarray(errors, dtype=object),
+        }
 
 
 class TextEmbedder(_EncoderActor):
@@ -318,8 +333,11 @@ class TextEmbedder(_EncoderActor):
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = [str(n) for n in batch["name"]]
         vecs = self.encoder.embed_class_names(names, templates=self.templates)
-        return {"key": np.asarray(batch["key"], np.int64), "vector": vecs.astype(np.float32),
-                "error": np.asarray([""] * len(names), dtype=object)}
+        return {
+            "key": np.asarray(batch["key"], np.int64),
+            "vector": vecs.astype(np.float32),
+            "error": np.asarray([""] * len(names), dtype=object),
+        }
 
 
 # -- the driver ----------------------------------------------------------------------------------------
@@ -330,8 +348,16 @@ class _InOrderAdder:
     with a warning naming it (``"skip"``), as `Memory.add_images` does; rows out of order stop it too.
     """
 
-    def __init__(self, mem: "Memory", *, labels: Sequence[str] | None, sources: Sequence[str] | None,
-                 paths: Sequence[str], what: str, on_error: str = "stop") -> None:
+    def __init__(
+        self,
+        mem: "Memory",
+        *,
+        labels: Sequence[str] | None,
+        sources: Sequence[str] | None,
+        paths: Sequence[str],
+        what: str,
+        on_error: str = "stop",
+    ) -> None:
         self.mem, self.labels, self.sources, self.paths, self.what = mem, labels, sources, paths, what
         self.on_error = on_error
         self.last = -1
@@ -347,8 +373,10 @@ class _InOrderAdder:
         if not len(keys):
             return
         if keys[0] < self.last or np.any(np.diff(keys) < 0):
-            raise RuntimeError(f"Ray Data returned {self.what} out of order (key {int(keys[0])} after "
-                               f"{self.last}); the memory would not match a local build")
+            raise RuntimeError(
+                f"Ray Data returned {self.what} out of order (key {int(keys[0])} after "
+                f"{self.last}); the memory would not match a local build"
+            )
         self.last = int(keys[-1])
         self.rows += len(keys)
         ok = np.asarray([not e for e in batch["error"]], bool)
@@ -433,8 +461,12 @@ def build_memory(
     mem = Memory.empty(encoder=encoder, backend=backend, hnsw=hnsw)
     cfg = actor_encoder_config(encoder.config, options)
     with ray_session(options, progress=progress) as ray:
-        common = {"model_dir": str(encoder.path), "fingerprint": encoder.fingerprint, "config": cfg,
-                  "shipped": _ship(ray, options, lambda: folder_files(encoder.path))}
+        common = {
+            "model_dir": str(encoder.path),
+            "fingerprint": encoder.fingerprint,
+            "config": cfg,
+            "shipped": _ship(ray, options, lambda: folder_files(encoder.path)),
+        }
         if folder is not None:
             from rar_edge.datasets import few_shot_split
 
@@ -461,21 +493,27 @@ def build_memory(
             warn_invalid_boxes(images, str(boxes))  # as memory_from_boxes: the driver says it once
             chosen = select_box_exemplars(images, str(boxes), shots=shots, seed=seed, image_indices=None)
             paths = [str(images[i].path) for i, _ in chosen]
-            table = pa.table({
-                "key": np.arange(len(chosen), dtype=np.int64),
-                "path": paths,
-                "boxes": [images[i].boxes[[j for j, _ in picks]].ravel().tolist() for i, picks in chosen],
-                "box_index": [[j for j, _ in picks] for _, picks in chosen],
-                "label": [[lbl for _, lbl in picks] for _, picks in chosen],
-            })
+            table = pa.table(
+                {
+                    "key": np.arange(len(chosen), dtype=np.int64),
+                    "path": paths,
+                    "boxes": [images[i].boxes[[j for j, _ in picks]].ravel().tolist() for i, picks in chosen],
+                    "box_index": [[j for j, _ in picks] for _, picks in chosen],
+                    "label": [[lbl for _, lbl in picks] for _, picks in chosen],
+                }
+            )
             crop = crop_config(encoder, crop_scale, blur_sigma_px)
             actor, kwargs, what = BoxEmbedder, {**common, "crop": crop}, "box crops"
             adder = _InOrderAdder(mem, labels=None, sources=None, paths=paths, what=what)
         if table.num_rows == 0:
             raise DatasetError("nothing to embed")
         ds = blocks(ray, table, options).map_batches(
-            actor, fn_constructor_kwargs=kwargs, batch_size=options.batch_size, batch_format="numpy",
-            **actor_resources(options, encoder.config.provider))
+            actor,
+            fn_constructor_kwargs=kwargs,
+            batch_size=options.batch_size,
+            batch_format="numpy",
+            **actor_resources(options, encoder.config.provider),
+        )
         for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
             adder.take(batch)
         adder.flush()

@@ -31,8 +31,9 @@ def describe_ranker(ranker: RankerProtocol | None) -> dict[str, Any] | None:
     return None if ranker is None else ranker.describe()
 
 
-def score_results(results: Sequence[Classification | Detection], truths: Sequence[str], *, k: int,
-                  ranker_given: bool | None = None) -> dict[str, Any]:
+def score_results(
+    results: Sequence[Classification | Detection], truths: Sequence[str], *, k: int, ranker_given: bool | None = None
+) -> dict[str, Any]:
     """Top-1, recall@1..k (truth among the first j retrieved classes) and per-class accuracy; with a ranker
     (``ranker_given``; None: inferred from whether it ran) also the ranker's rates, zero when the gate
     kept it from ever running, and ``ranked_top1``: top-1 over the queries whose final order the ranker
@@ -108,12 +109,18 @@ def evaluate_classification(
     else:
         queries = split.queries
     if not queries:
-        raise DatasetError(f"{queries_folder or folder}: no query images left (every class has at most "
-                           f"--shots={shots} images, all taken for the memory); pass a queries folder or fewer shots")
+        raise DatasetError(
+            f"{queries_folder or folder}: no query images left (every class has at most "
+            f"--shots={shots} images, all taken for the memory); pass a queries folder or fewer shots"
+        )
     mem = Memory.empty(encoder=encoder, backend=backend, hnsw=hnsw)
-    mem.add_images([p for ps in split.support.values() for p in ps],
-                   [c for c, ps in split.support.items() for _ in ps], encoder=encoder, progress=progress,
-                   on_error=on_error)
+    mem.add_images(
+        [p for ps in split.support.values() for p in ps],
+        [c for c, ps in split.support.items() for _ in ps],
+        encoder=encoder,
+        progress=progress,
+        on_error=on_error,
+    )
     k_asked, k = k, clamp_k(k, len(mem.classes))
     cfg = config or PipelineConfig(k=k, encoder=encoder.config)
     pipe = Pipeline(memory=mem, encoder=encoder, ranker=ranker, config=cfg)
@@ -130,16 +137,27 @@ def evaluate_classification(
     out = score_results(results, [c for _, c in kept], k=k, ranker_given=ranker is not None)
     out["skipped_queries"] = skipped
     unknown = sum(1 for _, c in queries if c not in set(mem.classes))
-    out.update({
-        "latency_ms": latency_summary([dict(r.timings_ms) for r in results]),
-        "setup": {"folder": str(Path(folder)), "queries_folder": None if queries_folder is None else str(queries_folder),
-                  "shots": shots, "seed": seed, "k": k, "k_requested": k_asked, "backend": mem.active_backend,
-                  "hnsw": dataclasses.asdict(mem.hnsw_params) if mem.active_backend == "hnsw" else None,
-                  "gate_margin": cfg.gate_margin,
-                  "memory_entries": mem.size, "memory_classes": len(mem.classes),
-                  "queries_with_class_not_in_memory": unknown, "encoder": encoder.describe(),
-                  "ranker": describe_ranker(ranker)},
-    })
+    out.update(
+        {
+            "latency_ms": latency_summary([dict(r.timings_ms) for r in results]),
+            "setup": {
+                "folder": str(Path(folder)),
+                "queries_folder": None if queries_folder is None else str(queries_folder),
+                "shots": shots,
+                "seed": seed,
+                "k": k,
+                "k_requested": k_asked,
+                "backend": mem.active_backend,
+                "hnsw": dataclasses.asdict(mem.hnsw_params) if mem.active_backend == "hnsw" else None,
+                "gate_margin": cfg.gate_margin,
+                "memory_entries": mem.size,
+                "memory_classes": len(mem.classes),
+                "queries_with_class_not_in_memory": unknown,
+                "encoder": encoder.describe(),
+                "ranker": describe_ranker(ranker),
+            },
+        }
+    )
     return out
 
 
@@ -181,16 +199,28 @@ def evaluate_detection(
     invalid_labels = warn_invalid_boxes(images, str(dataset))
     support_idx, query_idx = split_images(len(images), seed)
     cfg = crop_config(encoder, crop_scale, blur_sigma_px)
-    mem = crop_memory(images, str(dataset), encoder=encoder, shots=shots, seed=seed, image_indices=support_idx,
-                       cfg=cfg, progress=progress)
+    mem = crop_memory(
+        images,
+        str(dataset),
+        encoder=encoder,
+        shots=shots,
+        seed=seed,
+        image_indices=support_idx,
+        cfg=cfg,
+        progress=progress,
+    )
     k_asked, k = k, clamp_k(k, len(mem.classes))
     if queries is not None:
         _, qimages = read_detection_dataset(queries)
         invalid_labels += warn_invalid_boxes(qimages, str(queries))
     else:
         qimages = [images[i] for i in query_idx]
-    pipe = Pipeline(memory=mem, encoder=encoder, ranker=ranker, config=PipelineConfig(k=k, encoder=encoder.config,
-                                                                                       crop=cfg, gate_margin=gate_margin))
+    pipe = Pipeline(
+        memory=mem,
+        encoder=encoder,
+        ranker=ranker,
+        config=PipelineConfig(k=k, encoder=encoder.config, crop=cfg, gate_margin=gate_margin),
+    )
     results, truths = [], []
     it: Any = [im for im in qimages if len(im.boxes)]
     if progress:
@@ -206,20 +236,37 @@ def evaluate_detection(
         results.extend(dets)
         truths.extend(im.labels[int(j)] for j in kept)
     if not results:
-        raise DatasetError(f"{queries if queries is not None else dataset}: no query boxes to classify "
-                           "(the query images hold no valid labelled boxes)")
+        raise DatasetError(
+            f"{queries if queries is not None else dataset}: no query boxes to classify "
+            "(the query images hold no valid labelled boxes)"
+        )
     out = score_results(results, truths, k=k, ranker_given=ranker is not None)
     known = set(mem.classes)
-    out.update({
-        "latency_ms": latency_summary([dict(r.timings_ms) for r in results]),
-        "setup": {"dataset": str(dataset), "queries": None if queries is None else str(queries), "shots": shots,
-                  "seed": seed, "k": k, "k_requested": k_asked, "memory_entries": mem.size, "memory_classes": len(mem.classes),
-                  "query_boxes_with_class_not_in_memory": sum(1 for t in truths if t not in known),
-                  "invalid_boxes_skipped": skipped, "invalid_label_boxes": invalid_labels,
-                  "gate_margin": gate_margin,
-                  "ranker": describe_ranker(ranker),
-                  "crop": {"out_size_px": cfg.out_size_px, "crop_scale": cfg.crop_scale,
-                           "blur_sigma_px": cfg.blur_sigma_px, "letterbox": cfg.letterbox},
-                  "encoder": encoder.describe()},
-    })
+    out.update(
+        {
+            "latency_ms": latency_summary([dict(r.timings_ms) for r in results]),
+            "setup": {
+                "dataset": str(dataset),
+                "queries": None if queries is None else str(queries),
+                "shots": shots,
+                "seed": seed,
+                "k": k,
+                "k_requested": k_asked,
+                "memory_entries": mem.size,
+                "memory_classes": len(mem.classes),
+                "query_boxes_with_class_not_in_memory": sum(1 for t in truths if t not in known),
+                "invalid_boxes_skipped": skipped,
+                "invalid_label_boxes": invalid_labels,
+                "gate_margin": gate_margin,
+                "ranker": describe_ranker(ranker),
+                "crop": {
+                    "out_size_px": cfg.out_size_px,
+                    "crop_scale": cfg.crop_scale,
+                    "blur_sigma_px": cfg.blur_sigma_px,
+                    "letterbox": cfg.letterbox,
+                },
+                "encoder": encoder.describe(),
+            },
+        }
+    )
     return out

@@ -192,7 +192,9 @@ def build_ranking_rows(
         raise InvalidInputError(f"embedding sizes differ: {a.shape[1]} vs {b.shape[1]}")
     overlap = set(map(str, paths_a)) & set(map(str, paths_b))
     if overlap:
-        raise InvalidInputError(f"Da and Db must be disjoint; {len(overlap)} images are in both, e.g. {sorted(overlap)[0]}")
+        raise InvalidInputError(
+            f"Da and Db must be disjoint; {len(overlap)} images are in both, e.g. {sorted(overlap)[0]}"
+        )
     classes = sorted(set(labels_a) | set(labels_b))
     _check_sizes(k, neighbours, windows_per_image, n_classes=len(classes))
     rng = np.random.default_rng(seed)
@@ -301,9 +303,16 @@ def run_finetune_data(
     if len(ib) == 0:
         raise DatasetError(f"{folder}: every class has a single image, nothing is left for queries")
     rows = build_ranking_rows(
-        [paths[i] for i in ia], [labels[i] for i in ia], emb[ia],
-        [paths[i] for i in ib], [labels[i] for i in ib], emb[ib],
-        k=k, neighbours=neighbours, windows_per_image=windows_per_image, seed=seed,
+        [paths[i] for i in ia],
+        [labels[i] for i in ia],
+        emb[ia],
+        [paths[i] for i in ib],
+        [labels[i] for i in ib],
+        emb[ib],
+        k=k,
+        neighbours=neighbours,
+        windows_per_image=windows_per_image,
+        seed=seed,
     )
     n = write_jsonl(out, (r.to_conversation(prompt_version=prompt_version) for r in rows))
     return {

@@ -17,8 +17,15 @@ def percentiles(values_ms: Sequence[float]) -> dict[str, float] | None:
     if a.size == 0:
         return None
     p50, p95, p99 = (float(v) for v in np.percentile(a, [50, 95, 99]))
-    return {"p50": p50, "p95": p95, "p99": p99, "mean": float(a.mean()), "min": float(a.min()),
-            "max": float(a.max()), "n": int(a.size)}
+    return {
+        "p50": p50,
+        "p95": p95,
+        "p99": p99,
+        "mean": float(a.mean()),
+        "min": float(a.min()),
+        "max": float(a.max()),
+        "n": int(a.size),
+    }
 
 
 def latency_summary(timings: Sequence[Mapping[str, float]]) -> dict[str, dict[str, float]]:
