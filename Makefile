@@ -36,7 +36,7 @@ $(VENV)/.installed: pyproject.toml Makefile CMakeLists.txt $(wildcard cpp/*)
 	$(PY) -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda or "none (the CPU build)")'
 	# llama-cpp-python before the project: its build must not see the project's editable hook.
 	$(PIP) install -q "$(LLAMA_CPP_PYTHON)"
-	$(PIP) install -q scikit-build-core pybind11 cmake ninja
+	$(PIP) install -q scikit-build-core pybind11 cmake ninja setuptools
 	$(PIP) install -q --no-build-isolation -e ".[$(EXTRAS)]"
 	bash tools/fetch_test_assets.sh
 	bash tools/fetch_llm.sh --sdist
