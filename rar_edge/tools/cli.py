@@ -165,6 +165,10 @@ def _close(pipe) -> None:
         pipe.ranker.close()
 
 
+def _add_on_error_arg(p: argparse.ArgumentParser, more_help: str = "") -> None:
+    p.add_argument("--on-error", default="skip", choices=["skip", "stop"], help=ON_ERROR_HELP + more_help)
+
+
 def _add_max_pixels_arg(p: argparse.ArgumentParser) -> None:
     from rar_edge.image.codec import DEFAULT_MAX_PIXELS
 
@@ -704,7 +708,7 @@ def _memory_parsers(sub: "argparse._SubParsersAction") -> None:
         "(a directory store: later edits save only what changed)",
     )
     b.add_argument("--overwrite", action="store_true", help="replace an existing memory at --output")
-    b.add_argument("--on-error", default="skip", choices=["skip", "stop"], help=ON_ERROR_HELP + " (FOLDER builds)")
+    _add_on_error_arg(b, " (FOLDER builds)")
     b.add_argument("--json", action="store_true", help="print what was built as JSON (with the images skipped)")
     _add_engine_args(b)
     b.set_defaults(func=cmd_memory_build)
@@ -717,7 +721,7 @@ def _memory_parsers(sub: "argparse._SubParsersAction") -> None:
     ma.add_argument("inputs", nargs="+", help="one FOLDER (a sub-folder per class), or image files with --label")
     ma.add_argument("--label", default=None, help="the class of the image files given")
     _add_encoder_args(ma, required=False)
-    ma.add_argument("--on-error", default="skip", choices=["skip", "stop"], help=ON_ERROR_HELP)
+    _add_on_error_arg(ma)
     _add_edit_output_args(ma, required=False)
     ma.set_defaults(func=cmd_memory_add)
     mr = msub.add_parser("remove", help="remove a class or entries by id (saved in place, or to -o)")
@@ -763,20 +767,15 @@ def _classify_parsers(sub: "argparse._SubParsersAction") -> None:
         action="store_true",
         help="print the results as a JSON list, one object per image (an image that failed: its error)",
     )
-    c.add_argument(
-        "--on-error",
-        default="skip",
-        choices=["skip", "stop"],
-        help=ON_ERROR_HELP + "; exit status 1 when any image failed",
-    )
+    _add_on_error_arg(c, "; exit status 1 when any image failed")
     _add_max_pixels_arg(c)
     c.set_defaults(func=cmd_classify)
 
     cb = sub.add_parser("classify-batch", help="label a folder or a list of paths/URIs: one Parquet row per image")
     cb.add_argument("src", help="a folder (recursive), a file listing one path or URI a line, or one image")
-    cb.add_argument("--memory", required=True)
+    cb.add_argument("--memory", required=True, help="a memory file (rar-edge memory build)")
     _add_encoder_args(cb, required=False)
-    cb.add_argument("-k", type=int, default=defaults.K)
+    cb.add_argument("-k", type=_at_least(1), default=defaults.K, help="classes retrieved (and ranked) per image")
     _add_ranker_args(cb)
     cb.add_argument(
         "-o",
@@ -814,12 +813,7 @@ def _eval_parsers(sub: "argparse._SubParsersAction") -> None:
     _add_ranker_args(e)
     _memory_args(e)
     e.add_argument("--json", default=None, metavar="FILE", help="write the results here ('-': stdout; default: stdout)")
-    e.add_argument(
-        "--on-error",
-        default="skip",
-        choices=["skip", "stop"],
-        help=ON_ERROR_HELP + "; skipped queries are listed in the JSON",
-    )
+    _add_on_error_arg(e, "; skipped queries are listed in the JSON")
     _add_max_pixels_arg(e)
     e.set_defaults(func=cmd_eval)
 
