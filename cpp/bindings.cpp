@@ -364,7 +364,7 @@ PYBIND11_MODULE(_native, m) {
           throw py::value_error("kernel family '" + name + "' is not available on this build/CPU");
         return std::string(rar::simd_name(rar::selected_simd()));
       },
-      py::arg("name"), "Testing hook: force a kernel family ('scalar', 'avx2', 'avx512', 'neon').");
+      py::arg("name"), "Testing hook: force a kernel family ('scalar', 'avx2', 'avx512', 'neon', 'neon_dot').");
   m.attr("ADAPTIVE_TARGET_AREA") = rar::kAdaptiveTargetArea;
   m.attr("ADAPTIVE_MIN_SCALE") = rar::kAdaptiveMinScale;
   m.attr("ADAPTIVE_MAX_SCALE") = rar::kAdaptiveMaxScale;

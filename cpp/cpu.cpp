@@ -2,6 +2,13 @@
 
 #include <atomic>
 
+#if defined(__aarch64__) && defined(__linux__)
+#include <sys/auxv.h>
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1 << 20)
+#endif
+#endif
+
 namespace rar {
 
 namespace {
@@ -26,6 +33,11 @@ CpuFeatures detect() {
   f.avx512vl = __builtin_cpu_supports("avx512vl");
 #elif defined(__aarch64__)
   f.neon = true;  // Advanced SIMD is part of the armv8-a baseline.
+#if defined(__linux__)
+  f.asimddp = (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
+#elif defined(__APPLE__)
+  f.asimddp = true;  // every Apple arm64 CPU has the dot-product instructions
+#endif
 #endif
   return f;
 }
@@ -35,6 +47,7 @@ bool cpu_supports(Simd s) {
   switch (s) {
     case Simd::scalar: return true;
     case Simd::neon: return f.neon;
+    case Simd::neon_dot: return f.neon && f.asimddp;
     case Simd::avx2: return f.avx2 && f.fma && f.f16c;
     case Simd::avx512: return f.avx512f && f.avx512bw && f.avx512vl && f.avx2 && f.fma && f.f16c;
   }
@@ -63,7 +76,7 @@ std::vector<Simd> compiled_simd() {
 #if defined(__x86_64__)
   return {Simd::scalar, Simd::avx2, Simd::avx512};
 #elif defined(__aarch64__)
-  return {Simd::scalar, Simd::neon};
+  return {Simd::scalar, Simd::neon, Simd::neon_dot};
 #else
   return {Simd::scalar};
 #endif
@@ -88,6 +101,7 @@ const char* simd_name(Simd s) {
   switch (s) {
     case Simd::scalar: return "scalar";
     case Simd::neon: return "neon";
+    case Simd::neon_dot: return "neon_dot";
     case Simd::avx2: return "avx2";
     case Simd::avx512: return "avx512";
   }
@@ -95,7 +109,7 @@ const char* simd_name(Simd s) {
 }
 
 bool simd_from_name(const std::string& name, Simd* out) {
-  for (Simd s : {Simd::scalar, Simd::neon, Simd::avx2, Simd::avx512})
+  for (Simd s : {Simd::scalar, Simd::neon, Simd::avx2, Simd::avx512, Simd::neon_dot})
     if (name == simd_name(s)) {
       *out = s;
       return true;
@@ -115,6 +129,7 @@ std::vector<std::string> cpu_feature_names() {
   if (f.avx512bw) v.push_back("avx512bw");
   if (f.avx512vl) v.push_back("avx512vl");
   if (f.neon) v.push_back("neon");
+  if (f.asimddp) v.push_back("asimddp");
   return v;
 }
 

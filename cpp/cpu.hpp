@@ -7,12 +7,14 @@
 
 namespace rar {
 
-enum class Simd { scalar = 0, neon = 1, avx2 = 2, avx512 = 3 };
+// neon_dot: NEON plus the Armv8.2 dot-product instructions (sdot; /proc/cpuinfo "asimddp": Jetson Orin's
+// Cortex-A78AE, Xavier's Carmel, Apple M-series). Within one architecture a larger value is the better family.
+enum class Simd { scalar = 0, neon = 1, avx2 = 2, avx512 = 3, neon_dot = 4 };
 
 struct CpuFeatures {
   bool sse2 = false, avx = false, avx2 = false, fma = false, f16c = false;
   bool avx512f = false, avx512bw = false, avx512vl = false;
-  bool neon = false;
+  bool neon = false, asimddp = false;
 };
 
 const CpuFeatures& cpu_features();

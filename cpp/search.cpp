@@ -397,6 +397,65 @@ void dots_neon_i8(const void* rows_v, std::size_t count, std::size_t dim, const 
     for (int a = 0; a < NQ; ++a) out[i * NQ + a] = tot[a];
   }
 }
+
+// int8 rows x int16 queries with the Armv8.2 dot-product instruction (`sdot`: four int8 products summed into
+// each int32 lane). Each query value is split as q = 256 * hi + lo with hi = (q + 128) >> 8 in [-64, 64] and
+// lo in [-128, 127] (|q| <= kQ16Max = 16383), both int8, so row . q = 256 * (row . hi) + (row . lo): the same
+// integer per chunk as dots_neon_i8 (|256 * row . hi| <= 256 * 1024 * 127 * 64 < 2^31), hence the same
+// float scores bit for bit, from 2 instructions per 16 values instead of 3 per 8.
+#if defined(__clang__)
+#define RAR_TARGET_DOTPROD __attribute__((target("dotprod")))
+#else
+#define RAR_TARGET_DOTPROD __attribute__((target("arch=armv8.2-a+dotprod")))  // what arm_neon.h asks of vdotq_s32
+#endif
+
+template <int NQ>
+RAR_TARGET_DOTPROD void dots_neon_dot_i8(const void* rows_v, std::size_t count, std::size_t dim,
+                                         const void* const* qv, float* out) {
+  const auto* rows = static_cast<const int8_t*>(rows_v);
+  const int16_t* q[NQ];
+  for (int a = 0; a < NQ; ++a) q[a] = static_cast<const int16_t*>(qv[a]);
+  // The split queries, made once per call (a call scores kBlock rows: the split costs < 1 % of it).
+  thread_local std::vector<int8_t> split;
+  split.resize(static_cast<std::size_t>(NQ) * 2 * dim);
+  const int8_t* hi[NQ];
+  const int8_t* lo[NQ];
+  for (int a = 0; a < NQ; ++a) {
+    int8_t* h = split.data() + static_cast<std::size_t>(2 * a) * dim;
+    int8_t* l = h + dim;
+    for (std::size_t j = 0; j < dim; ++j) {
+      const int v = q[a][j];
+      const int hv = (v + 128) >> 8;  // arithmetic shift: floor((v + 128) / 256)
+      h[j] = static_cast<int8_t>(hv);
+      l[j] = static_cast<int8_t>(v - 256 * hv);
+    }
+    hi[a] = h;
+    lo[a] = l;
+  }
+  for (std::size_t i = 0; i < count; ++i) {
+    const int8_t* v = rows + i * dim;
+    float tot[NQ] = {};
+    for (std::size_t c0 = 0; c0 < dim; c0 += kIntChunk) {
+      const std::size_t ce = std::min(dim, c0 + kIntChunk);
+      int32x4_t ah[NQ], al[NQ];
+      for (int a = 0; a < NQ; ++a) ah[a] = al[a] = vdupq_n_s32(0);
+      std::size_t j = c0;
+      for (; j + 16 <= ce; j += 16) {
+        const int8x16_t x = vld1q_s8(v + j);
+        for (int a = 0; a < NQ; ++a) {
+          ah[a] = vdotq_s32(ah[a], x, vld1q_s8(hi[a] + j));
+          al[a] = vdotq_s32(al[a], x, vld1q_s8(lo[a] + j));
+        }
+      }
+      for (int a = 0; a < NQ; ++a) {
+        int32_t r = 256 * vaddvq_s32(ah[a]) + vaddvq_s32(al[a]);
+        for (std::size_t t = j; t < ce; ++t) r += static_cast<int32_t>(v[t]) * q[a][t];
+        tot[a] += static_cast<float>(r);
+      }
+    }
+    for (int a = 0; a < NQ; ++a) out[i * NQ + a] = tot[a];
+  }
+}
 #endif  // __aarch64__
 
 // Kernel table: [storage][0: one query, 1: `group` queries at a time].
@@ -430,6 +489,8 @@ const Kernels& kernels_for(Simd s) {
   if (s == Simd::avx2) return avx2;
 #elif defined(__aarch64__)
   static const Kernels neon = RAR_KERNELS(neon_f32, neon_f16, dots_neon_i8, 4);
+  static const Kernels neon_dot = RAR_KERNELS(neon_f32, neon_f16, dots_neon_dot_i8, 4);
+  if (s == Simd::neon_dot) return neon_dot;
   if (s == Simd::neon) return neon;
 #endif
   (void)s;

@@ -24,7 +24,7 @@ __all__: list[str] = [
 
 def _set_simd(name: str) -> str:
     """
-    Testing hook: force a kernel family ('scalar', 'avx2', 'avx512', 'neon').
+    Testing hook: force a kernel family ('scalar', 'avx2', 'avx512', 'neon', 'neon_dot').
     """
 
 def build_info() -> dict:

@@ -231,7 +231,7 @@ SIMD_FAMILIES = _families()
 
 @pytest.fixture(params=SIMD_FAMILIES)
 def family(request):
-    """Runs the test once per kernel family (scalar, avx2, avx512 / neon), restoring the default after."""
+    """Runs the test once per kernel family (scalar, avx2, avx512 / neon, neon_dot), restoring the default after."""
     before = _native.build_info()["selected"]
     _native._set_simd(request.param)
     yield request.param

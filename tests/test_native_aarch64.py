@@ -51,14 +51,19 @@ def _parse(text: str) -> dict[str, dict[tuple, object]]:
 
 
 def test_neon_kernels_match_x86(tmp_path):
-    cross, qemu = shutil.which("aarch64-linux-gnu-g++"), shutil.which("qemu-aarch64")
+    cross = shutil.which("aarch64-linux-gnu-g++")
+    qemu = shutil.which("qemu-aarch64") or shutil.which("qemu-aarch64-static")
     if not (cross and qemu and shutil.which("g++")):
-        pytest.skip("needs g++, aarch64-linux-gnu-g++ and qemu-aarch64 (apt install g++-aarch64-linux-gnu qemu-user)")
+        pytest.skip(
+            "needs g++, aarch64-linux-gnu-g++ and qemu-aarch64 (apt install g++-aarch64-linux-gnu qemu-user or "
+            "qemu-user-static)"
+        )
     x86 = _parse(_build_and_run("g++", tmp_path / "x86", [], []))
     arm = _parse(_build_and_run(cross, tmp_path / "a64", [qemu], ["-static"]))
-    assert "neon" in arm and "scalar" in arm and "scalar" in x86
+    # qemu-user's default CPU ("max") has the dot-product instructions: all three aarch64 families run
+    assert {"scalar", "neon", "neon_dot"} <= set(arm) and "scalar" in x86
     ref = x86["scalar"]
-    assert len(ref) == 65
+    assert len(ref) == 97  # 80 search lines (4 storages x 2 dims x 2 thread counts x 5 queries) + 17
     for machine, results in (("x86-64", x86), ("aarch64", arm)):
         for fam, res in results.items():
             assert set(res) == set(ref), (machine, fam)
@@ -72,3 +77,9 @@ def test_neon_kernels_match_x86(tmp_path):
                     assert np.max(np.abs(got.astype(int) - want.astype(int))) <= 1, where
                 else:
                     assert np.max(np.abs(got - want)) <= 1e-6, where
+    # The sdot kernel sums the same integers per chunk as plain NEON's: its int8 scores are the same floats
+    int8 = [key for key in arm["neon"] if key[0] == "search" and key[1].startswith("i8")]
+    assert len(int8) == 40  # i8 and i8r, dims 512 and 77, 1 and 3 threads, 5 queries each
+    for key in int8:
+        assert arm["neon_dot"][key][0] == arm["neon"][key][0], key
+        assert np.array_equal(arm["neon_dot"][key][1], arm["neon"][key][1]), key

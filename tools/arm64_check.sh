@@ -137,7 +137,7 @@ n = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")
 n["passed"] = n["tests"] - n["failures"] - n["errors"] - n["skipped"]
 cases = list(suite.iter("testcase"))
 bad = [f"{c.get('classname')}::{c.get('name')}" for c in cases if c.find("failure") is not None or c.find("error") is not None]
-neon = [c for c in cases if re.search(r"[\[-]neon[\]-]", c.get("name", ""))
+neon = [c for c in cases if re.search(r"[\[-]neon(_dot)?[\]-]", c.get("name", ""))
         and not any(c.find(t) is not None for t in ("failure", "error", "skipped"))]
 def dry(name):
     try:

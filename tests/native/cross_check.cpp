@@ -46,7 +46,7 @@ uint16_t to_half(float f) {  // round to nearest even; the inputs here are norma
 void search_case(const char* fam, rar::Storage storage, bool rerank, std::size_t dim, int threads) {
   const std::size_t n = 2000;
   const int32_t n_classes = 37;
-  const std::size_t nq = 3;
+  const std::size_t nq = 5;  // one group of 4 (the multi-query kernels) and one single query
   const int k = 5;
   Lcg g(dim * 7 + 1);
   std::vector<float> rows(n * dim), queries(nq * dim);
