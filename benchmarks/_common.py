@@ -98,6 +98,62 @@ def clustered(
     return vec, labels, qs.astype(np.float32)
 
 
+def shared_photo_embeddings(encoder_dir: str | Path, *, cache_dir: str | Path = ".cache/bench") -> np.ndarray:
+    """Real embeddings of the shared photos: every Oxford flower and COCO128 photo and its mirror image.
+
+    (2 x (680 + 128) rows, the encoder's dim), float32 unit rows. Cached under cache_dir, keyed by the
+    encoder's fingerprint. Raises SystemExit when ../shared/data is absent.
+    """
+    from PIL import Image, ImageOps
+
+    from rar_edge.encoders import Encoder
+
+    data = shared_dir() / "data"
+    paths = sorted((data / "flowers17").glob("*/*.jpg")) + sorted((data / "coco128" / "images").rglob("*.jpg"))
+    if not paths:
+        raise SystemExit(f"no photos under {data}: the real-embedding data needs ../shared/data")
+    enc = Encoder(encoder_dir)
+    cache = Path(cache_dir) / f"shared_photos_{enc.fingerprint[:16]}_{len(paths)}.npy"
+    if cache.is_file():
+        return np.load(cache)
+    rows = []
+    for p in paths:
+        with Image.open(p) as im:
+            im = im.convert("RGB")
+            pair = [enc.preprocess(enc.decode(im)), enc.preprocess(enc.decode(ImageOps.mirror(im)))]
+        rows.append(enc.embed_pixels(np.stack(pair)))
+    base = np.concatenate(rows).astype(np.float32)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.save(cache, base)
+    return base
+
+
+def replicated(
+    base: np.ndarray, n: int, n_classes: int, *, n_queries: int, seed: int, sigma: float = 0.4
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Real embeddings replicated with noise: class c is base row c; its entries and the queries are that row
+    times exp(sigma * N(0, 1)) per value, renormalised. The multiplicative noise keeps the real rows' sign
+    pattern and sparsity (ReLU features stay non-negative and zeros stay zero); at sigma = 0.4 two replicas
+    of one row have cosine about exp(-sigma^2) = 0.85. Same return as `clustered`."""
+    if n_classes > len(base):
+        raise ValueError(f"{n_classes} classes need {n_classes} base rows, have {len(base)}")
+    rng = np.random.default_rng(seed)
+    cent = base[rng.permutation(len(base))[:n_classes]].astype(np.float32)
+    labels = np.concatenate([np.arange(n_classes), rng.integers(0, n_classes, max(n - n_classes, 0))])[:n]
+    labels = rng.permutation(labels).astype(np.int32)
+    dim = base.shape[1]
+
+    def noisy(lab: np.ndarray) -> np.ndarray:
+        x = cent[lab] * np.exp(sigma * rng.standard_normal((len(lab), dim), dtype=np.float32))
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    vec = np.empty((n, dim), np.float32)
+    for b in range(0, n, 65536):
+        vec[b : b + 65536] = noisy(labels[b : b + 65536])
+    qs = noisy(rng.integers(0, n_classes, n_queries))
+    return vec, labels, qs.astype(np.float32)
+
+
 def write_json(path: str | None, obj: dict) -> None:
     """Print obj as JSON and write it to path when given."""
     text = json.dumps(obj, indent=2, sort_keys=False)

@@ -1,7 +1,10 @@
 """Top-5 distinct classes for single queries: rar_edge's native exact search vs faiss, numpy and hnswlib.
 
-Data: clustered unit vectors (1k class centroids sharing a common direction + noise; never i.i.d. Gaussian),
-d=512, N in {1k, 10k, 100k} vectors over 1k classes, single queries drawn from the same clusters.
+Data (--data): `clustered` (default), unit vectors around 1k class centroids sharing a common direction +
+noise (never i.i.d. Gaussian), d=512; or `real`, the shared photos' MobileNet v1 embeddings (d=1024; every
+flower and COCO128 photo and its mirror image), one class per photo for 1k classes, entries and queries
+the class's row times log-normal noise (`_common.replicated`). N in {1k, 10k, 100k} (--sizes) over 1k
+classes, single queries drawn from the same classes.
 
 Methods (all single-threaded, timed in the same process, round-robin per query so that load from other
 processes hits them alike; latency p50/p90 over the queries):
@@ -39,7 +42,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import clustered, percentile_ms, write_json  # noqa: E402
+from _common import clustered, percentile_ms, replicated, shared_photo_embeddings, write_json  # noqa: E402
 
 K = 5
 N_CLASSES = 1000
@@ -83,6 +86,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1, help="queries per call (1: single queries)")
     ap.add_argument("--storages", nargs="+", help="native storages to time (default: all)")
     ap.add_argument("--no-numpy", action="store_true", help="skip the numpy method (it copies the vectors)")
+    ap.add_argument(
+        "--data",
+        choices=["clustered", "real"],
+        default="clustered",
+        help="clustered: synthetic, d=512, 1k classes; real: the shared photos' embeddings by --encoder (and their "
+        "mirror images), one class per photo (up to 1k), replicated with multiplicative noise",
+    )
+    ap.add_argument("--encoder", default=".cache/models/mobilenet", help="--data real: the encoder (MobileNet v1)")
+    ap.add_argument("--noise-sigma", type=float, default=0.4, help="--data real: the replicas' log-normal noise")
     args = ap.parse_args()
 
     import faiss
@@ -91,11 +103,19 @@ def main() -> None:
     from rar_edge.index.lookup import DEFAULT_STORAGE, STORAGES, VectorStore
 
     faiss.omp_set_num_threads(1)
+    base = shared_photo_embeddings(args.encoder) if args.data == "real" else None
+    n_classes = min(N_CLASSES, len(base)) if base is not None else N_CLASSES
+    dim = base.shape[1] if base is not None else DIM
     results: dict = {}
     for n in args.sizes:
-        vectors, labels, queries = clustered(n, N_CLASSES, DIM, n_queries=args.queries, seed=n)
+        if base is not None:
+            vectors, labels, queries = replicated(
+                base, n, n_classes, n_queries=args.queries, seed=n, sigma=args.noise_sigma
+            )
+        else:
+            vectors, labels, queries = clustered(n, n_classes, dim, n_queries=args.queries, seed=n)
         ref = exact_topk(vectors, labels, queries, K)
-        sizes = np.bincount(labels, minlength=N_CLASSES)
+        sizes = np.bincount(labels, minlength=n_classes)
         k_prime = int(np.sort(sizes)[-(K - 1) :].sum()) + 1
 
         batch = args.batch
@@ -105,9 +125,9 @@ def main() -> None:
         for storage in args.storages or STORAGES:
             store = VectorStore(vectors, storage=storage)
             if batch == 1:
-                methods[f"native/{storage}"] = lambda q, s=store: s.topk_classes(labels, N_CLASSES, q, K)[0][0]
+                methods[f"native/{storage}"] = lambda q, s=store: s.topk_classes(labels, n_classes, q, K)[0][0]
             else:
-                methods[f"native/{storage}"] = lambda q, s=store: s.topk_classes(labels, N_CLASSES, q, K)[0]
+                methods[f"native/{storage}"] = lambda q, s=store: s.topk_classes(labels, n_classes, q, K)[0]
             bytes_per_query[f"native/{storage}"] = store.nbytes + labels.nbytes
             # As many bytes in an array of its own, read in a plain loop (cached as much as the store is)
             n_words = bytes_per_query[f"native/{storage}"] // 8
@@ -115,7 +135,7 @@ def main() -> None:
             floors[f"floor/{storage}"] = lambda q, w=words: w.sum()
         bytes_per_query["faiss"] = vectors.nbytes
 
-        index = faiss.IndexFlatIP(DIM)
+        index = faiss.IndexFlatIP(dim)
         index.add(vectors)
 
         def faiss_query(q: np.ndarray) -> np.ndarray:
@@ -144,7 +164,7 @@ def main() -> None:
         if not args.no_hnsw and batch == 1:
             import hnswlib
 
-            hnsw = hnswlib.Index(space="ip", dim=DIM)
+            hnsw = hnswlib.Index(space="ip", dim=dim)
             hnsw.init_index(max_elements=n, M=16, ef_construction=200, random_seed=0)
             t0 = time.perf_counter()
             hnsw.add_items(vectors, np.arange(n), num_threads=args.hnsw_build_threads)
@@ -225,8 +245,10 @@ def main() -> None:
         "default_over_floor_min": {n: ratio(default, f"floor/{DEFAULT_STORAGE}", n, "min_ms") for n in timed},
         "results": results,
         "setup": {
-            "dim": DIM,
-            "classes": N_CLASSES,
+            "data": args.data,
+            **({"encoder": args.encoder, "noise_sigma": args.noise_sigma} if base is not None else {}),
+            "dim": dim,
+            "classes": n_classes,
             "k": K,
             "queries": args.queries,
             "batch": args.batch,
