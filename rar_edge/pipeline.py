@@ -323,8 +323,10 @@ class Pipeline:
                 "arrays...); for one image use classify"
             )
 
-        def prepare(image: ImageLike) -> tuple[Any, np.ndarray, dict[str, float]]:
-            return self._prepare(as_rgb(image, color))
+        def prepare(image: ImageLike) -> tuple[Any, np.ndarray, dict[str, float], ImageLike]:
+            # the RGB view (or, for a BGRA frame, copy) is made once and handed on as the ranker's source
+            rgb = as_rgb(image, color)
+            return (*self._prepare(rgb), rgb)
 
         def failed(index: int, image: Any, e: InvalidInputError) -> ImageError:
             # only the image's own errors (decode, colour order, size) are per-item; the rest stop the stream
@@ -338,11 +340,11 @@ class Pipeline:
             for i, image in enumerate(images):
                 t_all = time.perf_counter()
                 try:
-                    img, pixels, timings = prepare(image)
+                    img, pixels, timings, rgb = prepare(image)
                 except InvalidInputError as e:
                     yield failed(i, image, e)
                     continue
-                yield self._finish(img, pixels, k, timings, t_all, as_rgb(image, color))
+                yield self._finish(img, pixels, k, timings, t_all, rgb)
             return
         source = enumerate(images)
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rar_edge-prefetch")
@@ -361,14 +363,14 @@ class Pipeline:
                 i, image, fut = pending.popleft()
                 t0 = time.perf_counter()
                 try:
-                    img, pixels, timings = fut.result()
+                    img, pixels, timings, rgb = fut.result()
                 except InvalidInputError as e:
                     submit()
                     yield failed(i, image, e)
                     continue
                 timings["wait"] = _ms(t0)
                 submit()
-                yield self._finish(img, pixels, k, timings, t_all, as_rgb(image, color))
+                yield self._finish(img, pixels, k, timings, t_all, rgb)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
