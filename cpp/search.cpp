@@ -629,10 +629,37 @@ void rerank_query(const Kernels& ks, const VectorView& v, const int32_t* labels,
   // The last term bounds float rounding in both sums: d * 2^-23 * sum|f_j v_j| with |v_j| <= 128 * scale.
   const double d = static_cast<double>(v.dim);
   const double u = 0.5 * q.l1 + 0.5 * q.qscale * 127.0 * d + d * std::ldexp(1.0, -23) * 128.0 * q.l1 + 1e-7;
-  const float threshold = static_cast<float>(static_cast<double>(tau) - max_scale * u);
+  float threshold = static_cast<float>(static_cast<double>(tau) - max_scale * u);
   exact.assign(nc, neg_inf);
   const DotsFn dot = ks.fn[static_cast<int>(Storage::f32)][0];
   const void* qa[1] = {q.f};
+  // A second lower bound on the exact k-th class score, usually much higher (it has no max_scale * u in it):
+  // the float32 scores of the best int8 row of each of the 2k best approximate classes. They are k or more
+  // distinct classes' real scores, so k classes reach their k-th largest (docs/design-notes.md#rerank-seeds).
+  if (order.size() >= static_cast<std::size_t>(k) && threshold == threshold) {
+    const std::size_t seeds = std::min(order.size(), 2 * static_cast<std::size_t>(k));
+    std::partial_sort(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(seeds), order.end(),
+                      [&](int32_t a, int32_t b) { return approx_best[a] > approx_best[b]; });
+    // Each seed class's best row: the first row whose score is the class's maximum (one pass, stopping early).
+    std::vector<int32_t> slot(nc, -1);
+    for (std::size_t j = 0; j < seeds; ++j) slot[static_cast<std::size_t>(order[j])] = static_cast<int32_t>(j);
+    std::vector<float> seed_score;
+    seed_score.reserve(seeds);
+    for (std::size_t i = 0; i < v.n && seed_score.size() < seeds; ++i) {
+      const auto c = static_cast<std::size_t>(labels[i]);
+      if (slot[c] < 0 || row_scores[i] != approx_best[c]) continue;
+      slot[c] = -1;
+      float e;
+      dot(v.rerank + i * v.dim, 1, v.dim, qa, &e);
+      seed_score.push_back(e);
+    }
+    if (seed_score.size() >= static_cast<std::size_t>(k)) {
+      std::nth_element(seed_score.begin(), seed_score.begin() + (k - 1), seed_score.end(), std::greater<float>());
+      const float seeded = seed_score[static_cast<std::size_t>(k - 1)];
+      // finite only: rows holding inf or NaN (never in a memory) have no valid int8 bound to prune them with
+      if (std::isfinite(seeded) && seeded > threshold) threshold = seeded;
+    }
+  }
   for (std::size_t i = 0; i < v.n; ++i) {
     const float s = row_scores[i];
     if (!(s + static_cast<float>(v.scales[i] * u) >= threshold)) continue;
