@@ -235,6 +235,22 @@ def test_auto_backend_switches_by_size(monkeypatch):
     assert m.search(x[0], k=1)[0][0].label == labels[0]
 
 
+def test_auto_keeps_the_exact_scan_where_ef_cannot_reach_the_kth_class(monkeypatch):
+    """20 classes of 10: the 5th class's best row can rank 4 x 10 + 1 = 41st, beyond an ef of 40."""
+    import rar_edge.index.memory as mm
+
+    x, labels, _ = clustered()
+    monkeypatch.setattr(mm, "AUTO_HNSW_MIN_ENTRIES", 10)
+    assert make(x, labels, hnsw=HnswParams(ef=40)).active_backend == "exact"
+    assert make(x, labels, hnsw=HnswParams(ef=41)).active_backend == "hnsw"
+    m = make(x, labels, hnsw=HnswParams(ef=40))
+    assert m.info()["active_backend"] == "exact"
+    assert m._backend_for(m._engine.snapshot, k=4) == "hnsw"  # 3 x 10 + 1 = 31 rows suffice for k = 4
+    assert [c.label for c in m.search(x[0], k=5)[0]] == [
+        c.label for c in make(x, labels, backend="exact").search(x[0], k=5)[0]
+    ]
+
+
 def test_duplicate_vectors_do_not_duplicate_classes():
     v = np.tile(np.eye(6, dtype=np.float32)[:1], (5, 1))
     m = make(v, ["a", "a", "b", "b", "c"])

@@ -8,7 +8,8 @@ Back ends:
     ``exact``: the native fused scan (inner products + per-class max + top-k in one pass).
     ``hnsw``: hnswlib's graph index with explicit ``M`` / ``ef_construction`` / ``ef``; entries are
         fetched in growing batches until k distinct classes are found.
-    ``auto``: exact below `AUTO_HNSW_MIN_ENTRIES` entries, HNSW from there on.
+    ``auto``: exact below `AUTO_HNSW_MIN_ENTRIES` entries; from there on HNSW where its ``ef`` candidates can
+        reach the k-th class ((k - 1) x the largest class + 1 <= ef), else exact (docs/design-notes.md#auto-hnsw).
 
 Concurrency: any number of threads search while writers add and remove. Every search reads one
 immutable snapshot (the memory before or after a write, never a mix); writers take a lock among
@@ -34,7 +35,7 @@ import weakref
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -62,6 +63,11 @@ FORMAT_VERSION = 1
 #: Entries from which ``backend="auto"`` switches from the exact scan to HNSW (docs/design-notes.md#auto-hnsw).
 AUTO_HNSW_MIN_ENTRIES = 500_000
 BACKENDS = ("auto", "exact", "hnsw")
+
+
+def _largest_class(snap: _store.Snapshot) -> int:
+    """Live entries of the largest class (cached per snapshot)."""
+    return int(snap.code_counts().max(initial=0))
 
 
 @dataclass(frozen=True)
@@ -140,7 +146,7 @@ class Memory:
 
         def want_graph(n: int) -> bool:
             m = me()
-            return m is not None and m._backend_for(n) == "hnsw"
+            return m is not None and m._choose(n, lambda: _largest_class(m._engine.snapshot)) == "hnsw"
 
         self._engine = _store.Engine(
             self.dim,
@@ -350,13 +356,21 @@ class Memory:
 
     @property
     def active_backend(self) -> str:
-        """The back end searches use now ("exact" or "hnsw")."""
-        return self._backend_for(self.size)
+        """The back end searches use now ("exact" or "hnsw"), for k = `defaults.K`."""
+        return self._backend_for(self._engine.snapshot)
 
-    def _backend_for(self, n_entries: int) -> str:
-        if self.backend == "auto":
-            return "hnsw" if n_entries >= AUTO_HNSW_MIN_ENTRIES else "exact"
-        return self.backend
+    def _backend_for(self, snap: _store.Snapshot, k: int = defaults.K) -> str:
+        return self._choose(snap.n_live, lambda: _largest_class(snap), k)
+
+    def _choose(self, n_entries: int, largest_class: Callable[[], int], k: int = defaults.K) -> str:
+        if self.backend != "auto":
+            return self.backend
+        if n_entries < AUTO_HNSW_MIN_ENTRIES:
+            return "exact"
+        # The graph answers from its ef nearest rows, and the k-th class's best row can rank as low as the rows
+        # of the k - 1 classes above it plus one: with big classes it lies beyond ef, and the class is missed
+        # (measured: top-5-class recall 0.785 at 300k entries in 1k classes, docs/design-notes.md#auto-hnsw).
+        return "hnsw" if (max(k, 1) - 1) * largest_class() + 1 <= self.hnsw_params.ef else "exact"
 
     def encoder_folder(self) -> Path:
         """The encoder folder this memory records, if it is still there.
@@ -512,9 +526,7 @@ class Memory:
         if q.size and not np.all(np.any(q != 0, axis=1)):
             raise InvalidInputError("a query is all zeros: it has no direction to search")
         k = min(int(k), snap.n_live_classes)  # no more classes than there are (and no (Q, k) arrays beyond)
-        codes, scores = _store.search(
-            snap, q, k, use_hnsw=self._backend_for(snap.n_live) == "hnsw", ef=self.hnsw_params.ef
-        )
+        codes, scores = _store.search(snap, q, k, use_hnsw=self._backend_for(snap, k) == "hnsw", ef=self.hnsw_params.ef)
         names = snap.names
         return [
             [Candidate(names[c], s) for c, s in zip(crow, srow) if c > 0]
@@ -624,7 +636,7 @@ class Memory:
             arrays["q8.npy"] = (np.int8, (self.dim,), n, q8_parts)
             arrays["q8_scales.npy"] = (np.float32, (), n, sc_parts)
         blobs = {}
-        if self._backend_for(n) == "hnsw" and n:
+        if self._backend_for(snap) == "hnsw" and n:
             blobs["hnsw.bin"] = self._graph_bytes(snap)
         meta = {**self._meta(), "n_entries": n, "classes": [snap.names[c] for c in live], "next_id": snap.next_id}
         _files.write_file(path, meta, arrays, srcs, blobs)
@@ -820,7 +832,7 @@ class Memory:
             "dim": self.dim,
             "metric": "cosine",
             "backend": self.backend,
-            "active_backend": self._backend_for(snap.n_live),
+            "active_backend": self._backend_for(snap),
             "storage": self.storage,
             "hnsw": asdict(self.hnsw_params),
             "segments": len(snap.segments) + (1 if snap.tail.n else 0),
