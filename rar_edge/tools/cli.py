@@ -186,7 +186,8 @@ def _memory_args(p: argparse.ArgumentParser) -> None:
         "--backend",
         default="auto",
         choices=["auto", "exact", "hnsw"],
-        help="search: exact native scan, HNSW graph, or auto (HNSW from many entries on)",
+        help="search: exact native scan, HNSW graph, or auto (HNSW from 500k entries where its ef can reach the k-th "
+        "class, else exact)",
     )
     p.add_argument("--hnsw-m", type=_at_least(2), default=defaults.HNSW_M, help="HNSW graph degree")
     p.add_argument(
