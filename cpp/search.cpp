@@ -638,19 +638,23 @@ void rerank_query(const Kernels& ks, const VectorView& v, const int32_t* labels,
   // distinct classes' real scores, so k classes reach their k-th largest (docs/design-notes.md#rerank-seeds).
   if (order.size() >= static_cast<std::size_t>(k) && threshold == threshold) {
     const std::size_t seeds = std::min(order.size(), 2 * static_cast<std::size_t>(k));
-    std::partial_sort(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(seeds), order.end(),
-                      [&](int32_t a, int32_t b) { return approx_best[a] > approx_best[b]; });
-    // Each seed class's best row: the first row whose score is the class's maximum (one pass, stopping early).
-    std::vector<int32_t> slot(nc, -1);
-    for (std::size_t j = 0; j < seeds; ++j) slot[static_cast<std::size_t>(order[j])] = static_cast<int32_t>(j);
+    std::nth_element(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(seeds - 1), order.end(),
+                     [&](int32_t a, int32_t b) { return approx_best[a] > approx_best[b]; });
+    const float cutoff = approx_best[order[seeds - 1]];  // the 2k-th best approximate class score
+    // One pass, stopping once it has them: the first row of each class whose score is both at least the cutoff
+    // and its class's maximum. Every class above the cutoff has such a row, so `seeds` distinct classes exist.
+    std::vector<int32_t> seed_class;
     std::vector<float> seed_score;
+    seed_class.reserve(seeds);
     seed_score.reserve(seeds);
     for (std::size_t i = 0; i < v.n && seed_score.size() < seeds; ++i) {
-      const auto c = static_cast<std::size_t>(labels[i]);
-      if (slot[c] < 0 || row_scores[i] != approx_best[c]) continue;
-      slot[c] = -1;
+      const float s = row_scores[i];
+      if (!(s >= cutoff)) continue;
+      const int32_t c = labels[i];
+      if (s != approx_best[c] || std::find(seed_class.begin(), seed_class.end(), c) != seed_class.end()) continue;
       float e;
       dot(v.rerank + i * v.dim, 1, v.dim, qa, &e);
+      seed_class.push_back(c);
       seed_score.push_back(e);
     }
     if (seed_score.size() >= static_cast<std::size_t>(k)) {
