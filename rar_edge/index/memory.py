@@ -35,7 +35,7 @@ import weakref
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
@@ -63,11 +63,6 @@ FORMAT_VERSION = 1
 #: Entries from which ``backend="auto"`` switches from the exact scan to HNSW (docs/design-notes.md#auto-hnsw).
 AUTO_HNSW_MIN_ENTRIES = 500_000
 BACKENDS = ("auto", "exact", "hnsw")
-
-
-def _largest_class(snap: _store.Snapshot) -> int:
-    """Live entries of the largest class (cached per snapshot)."""
-    return int(snap.code_counts().max(initial=0))
 
 
 @dataclass(frozen=True)
@@ -146,7 +141,7 @@ class Memory:
 
         def want_graph(n: int) -> bool:
             m = me()
-            return m is not None and m._choose(n, lambda: _largest_class(m._engine.snapshot)) == "hnsw"
+            return m is not None and m._choose(n, m._engine.snapshot) == "hnsw"
 
         self._engine = _store.Engine(
             self.dim,
@@ -360,9 +355,11 @@ class Memory:
         return self._backend_for(self._engine.snapshot)
 
     def _backend_for(self, snap: _store.Snapshot, k: int = defaults.K) -> str:
-        return self._choose(snap.n_live, lambda: _largest_class(snap), k)
+        return self._choose(snap.n_live, snap, k)
 
-    def _choose(self, n_entries: int, largest_class: Callable[[], int], k: int = defaults.K) -> str:
+    def _choose(self, n_entries: int, snap: _store.Snapshot, k: int = defaults.K) -> str:
+        """The back end for n_entries live entries whose class sizes are snap's (a write's sealing asks before
+        its snapshot is published, with the entries it will have)."""
         if self.backend != "auto":
             return self.backend
         if n_entries < AUTO_HNSW_MIN_ENTRIES:
@@ -370,7 +367,8 @@ class Memory:
         # The graph answers from its ef nearest rows, and the k-th class's best row can rank as low as the rows
         # of the k - 1 classes above it plus one: with big classes it lies beyond ef, and the class is missed
         # (measured: top-5-class recall 0.785 at 300k entries in 1k classes, docs/design-notes.md#auto-hnsw).
-        return "hnsw" if (max(k, 1) - 1) * largest_class() + 1 <= self.hnsw_params.ef else "exact"
+        largest = int(snap.code_counts().max(initial=0))  # cached per snapshot
+        return "hnsw" if (max(k, 1) - 1) * largest + 1 <= self.hnsw_params.ef else "exact"
 
     def encoder_folder(self) -> Path:
         """The encoder folder this memory records, if it is still there.
